@@ -1,0 +1,46 @@
+# The two commands of the README. Both create .venv on first use.
+#   make demo   install Veil and run the main job on the embedded default
+#   make test   install the test extras, then lint, type-check and run the test suite
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch first, pinned: this CPU build lies on the machines' disks; any other torch request
+# would pull a CUDA build of several GB. pyproject.toml declares torch>=2.6, which it satisfies.
+TORCH  := torch==2.13.0
+PYTEST_ARGS ?= -m "not slow"
+
+.PHONY: demo test test-all lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/veil run examples/medical_diagnosis.toml --out runs/demo
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all:
+	$(MAKE) test PYTEST_ARGS=""
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/simulation.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache .hypothesis

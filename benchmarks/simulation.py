@@ -1,0 +1,133 @@
+"""Benchmark: federated rounds per second in Veil's in-process simulation, and against Flower.
+
+Setup (issue 2): N clients (10, 100, 1000), each holding 50 examples of SYNTHETIC two-class
+tabular data with 20 features, a logistic regression trained for one local epoch (batch size 32,
+SGD lr 0.1), FedAvg over all N clients every round, no evaluation inside the timed round. A round
+is timed from client selection to the new global model. The target is a 1000-client round in
+under 3 s on 2 cores.
+
+Peer: with `--flower-python PATH` (the interpreter of a separate venv holding Flower, see
+benchmarks/peers/README.md) the same setup runs on Flower's simulation engine in the same
+benchmark run, and the ratio Flower/Veil per round is reported.
+
+    python benchmarks/simulation.py [--quick] [--flower-python /path/to/flower-venv/bin/python]
+
+The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from veil.data import ClientData, make_synthetic_logistic
+from veil.federation import ClientRunner, FedAvg, FederatedServer, TrainingPlan, UpdatePipeline
+from veil.models import LogisticRegression, get_parameters
+from veil.transport import LocalTransport
+
+EXAMPLES_PER_CLIENT = 50
+FEATURES = 20
+PLAN = TrainingPlan(epochs=1, batch_size=32, learning_rate=0.1)
+PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "flower_simulation.py"
+
+
+def veil_rounds(n_clients: int, rounds: int, seed: int = 0) -> list[float]:
+    """Seconds per round for `rounds` rounds of an `n_clients` federation (after one warm-up)."""
+    data = make_synthetic_logistic(n_clients * EXAMPLES_PER_CLIENT, FEATURES, seed=seed)
+    empty_x = np.zeros((0, FEATURES), np.float32)
+    empty_y = np.zeros(0, np.int64)
+    pipeline = UpdatePipeline()
+    runners = {}
+    for i in range(n_clients):
+        rows = slice(i * EXAMPLES_PER_CLIENT, (i + 1) * EXAMPLES_PER_CLIENT)
+        name = f"client-{i}"
+        client = ClientData(name, data.features[rows], data.labels[rows], empty_x, empty_y)
+        runners[name] = ClientRunner(name, client, n_classes=2, pipeline=pipeline, seed=seed + i)
+    transport = LocalTransport(runners, lambda: LogisticRegression(FEATURES, 2), seed=seed)
+    torch.manual_seed(seed)
+    server = FederatedServer(
+        run_id="bench",
+        clients=list(runners),
+        parameters=get_parameters(LogisticRegression(FEATURES, 2)),
+        strategy=FedAvg(fraction_fit=1.0, fraction_evaluate=0.0),
+        gateway=transport,
+        plan=PLAN,
+        pipeline=pipeline,
+        seed=seed,
+    )
+    server.run_round(0, evaluate=False)  # warm-up: first-call costs inside torch
+    times = []
+    for rnd in range(1, rounds + 1):
+        start = time.perf_counter()
+        server.run_round(rnd, evaluate=False)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def flower_rounds(python: str, n_clients: int, rounds: int) -> dict[str, object]:
+    """Run the Flower peer script in its own venv; its last stdout line is JSON."""
+    proc = subprocess.run(
+        [python, str(PEER_SCRIPT), "--clients", str(n_clients), "--rounds", str(rounds)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=True,
+    )
+    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="10 and 100 clients, 3 rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per size")
+    parser.add_argument("--flower-python", help="python of a venv with flwr[simulation]==1.41")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)
+    sizes = [10, 100] if args.quick else [10, 100, 1000]
+    rounds = 3 if args.quick else args.rounds
+    rows = []
+    for n in sizes:
+        times = veil_rounds(n, rounds)
+        row: dict[str, object] = {
+            "clients": n,
+            "veil_round_s_median": round(statistics.median(times), 4),
+            "veil_round_s": [round(t, 4) for t in times],
+            "veil_rounds_per_s": round(1 / statistics.median(times), 3),
+        }
+        if args.flower_python:
+            peer = flower_rounds(args.flower_python, n, 3)
+            flower_median = float(peer["round_s_median"])  # type: ignore[arg-type]
+            row["flower_round_s_median"] = flower_median
+            row["flower_version"] = peer.get("flower_version")
+            row["flower_over_veil"] = round(flower_median / statistics.median(times), 1)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    largest = rows[-1]
+    summary = {
+        "benchmark": "simulation",
+        "data": "synthetic logistic, 20 features, 50 examples per client",
+        "model": "logistic regression, 1 local epoch, batch 32",
+        "quick": args.quick,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "results": rows,
+        "target": "1000-client round under 3 s",
+        "target_met": None if args.quick else bool(float(largest["veil_round_s_median"]) < 3.0),  # type: ignore[arg-type]
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""`veil`: the command line, a thin layer over the Python API.
+
+Exit status: 0 on success, 2 on invalid input (one line on stderr saying what is wrong and what to
+do; no traceback), 1 on an unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from veil import __version__
+from veil.config import load_config
+from veil.errors import StoreError, UserError
+from veil.report import ProgressDisplay, print_result
+from veil.run import RESULT_FILE, run
+from veil.store import DB_NAME, RunStore, RunSummary
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `veil` command; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except UserError as exc:
+        print(f"veil: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("veil: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="veil", description="Privacy-preserving machine learning across organisations."
+    )
+    parser.add_argument("--version", action="version", version=f"veil {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p_run = sub.add_parser("run", help="run one federation from a TOML config")
+    p_run.add_argument("config", type=Path, help="the run config (TOML)")
+    p_run.add_argument(
+        "--out", type=Path, help="run folder for result.json and veil.db (default: runs/NAME)"
+    )
+    p_run.add_argument("--quiet", action="store_true", help="no progress bar and no tables")
+    p_run.set_defaults(handler=_cmd_run)
+
+    p_runs = sub.add_parser("runs", help="list and show runs recorded in a run store")
+    runs_sub = p_runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    p_list = runs_sub.add_parser("list", help="list runs, newest first")
+    p_list.add_argument(
+        "where",
+        nargs="?",
+        type=Path,
+        default=Path("runs"),
+        help="a run folder, a folder of run folders, or a veil.db file (default: runs)",
+    )
+    p_list.set_defaults(handler=_cmd_runs_list)
+    p_show = runs_sub.add_parser("show", help="show one run's rounds and summary")
+    p_show.add_argument("run_id", help="the run id, as `veil runs list` prints it")
+    p_show.add_argument("--store", type=Path, default=Path("runs"), help="where to look")
+    p_show.add_argument("--json", action="store_true", help="print the run as JSON")
+    p_show.set_defaults(handler=_cmd_runs_show)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    out = args.out if args.out is not None else Path("runs") / config.name
+    if args.quiet:
+        result = run(config, out)
+    else:
+        console = Console(stderr=True)
+        with ProgressDisplay(config.federation.rounds, console=console) as display:
+            result = run(config, out, observers=[display])
+        print_result(result, _stdout_console())
+    path = out / RESULT_FILE
+    if not args.quiet:
+        print(f"result: {path}")
+    return 0
+
+
+def _stdout_console() -> Console:
+    # Rich assumes 80 columns when stdout is not a terminal, which would truncate the tables.
+    return Console(width=None if sys.stdout.isatty() else 120)
+
+
+def _stores(where: Path) -> list[Path]:
+    if where.is_file():
+        return [where]
+    if (where / DB_NAME).is_file():
+        return [where / DB_NAME]
+    if where.is_dir():
+        found = sorted(where.glob(f"*/{DB_NAME}"))
+        if found:
+            return found
+    raise StoreError(
+        f"no run store at '{where}': pass a run folder (one holding {DB_NAME}), "
+        "a folder of run folders, or a veil.db file"
+    )
+
+
+def _cmd_runs_list(args: argparse.Namespace) -> int:
+    summaries: list[RunSummary] = []
+    for db in _stores(args.where):
+        with RunStore.locate(db) as store:
+            summaries += store.list_runs()
+    summaries.sort(key=lambda s: (s.started_at, s.run_id), reverse=True)
+    table = Table(title=f"Runs in {args.where}", title_justify="left")
+    for column in ("run id", "name", "mode", "status", "rounds", "accuracy", "started"):
+        table.add_column(column)
+    for s in summaries:
+        acc = (s.final or {}).get("accuracy")
+        table.add_row(
+            s.run_id,
+            s.name,
+            s.mode,
+            s.status,
+            str(s.rounds),
+            f"{acc:.4f}" if acc is not None else "-",
+            s.started_at,
+        )
+    _stdout_console().print(table)
+    return 0
+
+
+def _cmd_runs_show(args: argparse.Namespace) -> int:
+    for db in _stores(args.store):
+        with RunStore.locate(db) as store:
+            try:
+                summary, config, rounds = store.get_run(args.run_id)
+            except StoreError:
+                continue
+        if args.json:
+            payload = {"summary": summary.__dict__, "config": config, "rounds": rounds}
+            print(json.dumps(payload, indent=2))
+            return 0
+        console = _stdout_console()
+        table = Table(title=f"Run {summary.run_id} ({summary.name}, {summary.status})")
+        keys = sorted({k for r in rounds for k in r["metrics"]})
+        for column in ("round", "clients", "dropped", *keys):
+            table.add_column(column, justify="right")
+        for r in rounds:
+            table.add_row(
+                str(r["round"]),
+                str(r["clients"]),
+                str(r["dropped"]),
+                *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "" for k in keys),
+            )
+        console.print(table)
+        console.print(f"final: {summary.final}")
+        return 0
+    raise StoreError(f"no run '{args.run_id}' under '{args.store}'; see `veil runs list`")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""Run configuration: one TOML file (or one `RunConfig` built in code) describes a whole run.
+
+Two top-level keys choose how a run executes (DESIGN.md §4): `mode` and `secure_aggregation`;
+everything else lives in sections. Every model forbids unknown keys, so a typo is an error, not a
+silently ignored setting. `load_config` turns any problem into a `ConfigError` whose message is
+one line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from veil.errors import ConfigError
+from veil.selection import sample_size
+
+DatasetName = Literal["breast_cancer", "digits", "german_credit", "csv", "synthetic_logistic"]
+Mode = Literal["simulation", "deployment", "ray"]
+Aggregation = Literal["plain", "secagg", "ckks", "tee"]
+
+#: What this version can execute; the other values of the contract are refused with a message.
+IMPLEMENTED_MODES: tuple[str, ...] = ("simulation",)
+IMPLEMENTED_AGGREGATIONS: tuple[str, ...] = ("plain",)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PartitionConfig(_Section):
+    """How the training examples are split among the clients."""
+
+    kind: Literal["iid", "dirichlet", "quantity"] = "iid"
+    #: Concentration of the Dirichlet prior: small values give skewed clients.
+    alpha: float = Field(0.5, gt=0)
+    min_examples: int = Field(2, ge=1)
+
+
+class DataConfig(_Section):
+    """Which data set, how it is split, and how features are scaled."""
+
+    dataset: DatasetName
+    #: CSV file (dataset = "csv" only); a relative path is relative to the config file.
+    path: Path | None = None
+    #: Target column of the CSV file.
+    target: str | None = None
+    #: Fraction held out as the server's test set, on which no client trains.
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    #: Fraction of each client's examples kept for its local (federated) evaluation.
+    validation_fraction: float = Field(0.2, ge=0, lt=1)
+    scaling: Literal["federated", "local", "none"] = "federated"
+    partition: PartitionConfig = PartitionConfig()
+
+    @model_validator(mode="after")
+    def _csv_needs_path_and_target(self) -> DataConfig:
+        if self.dataset == "csv":
+            if self.path is None:
+                raise ValueError("dataset = 'csv' needs path = 'FILE.csv' in [data]")
+            if not self.target:
+                raise ValueError("dataset = 'csv' needs target = 'COLUMN' in [data]")
+            if not self.path.is_file():
+                raise ValueError(
+                    f"data file not found: '{self.path}' (resolved to '{self.path.resolve()}'); "
+                    "check [data].path, which is relative to the config file"
+                )
+        elif self.path is not None or self.target is not None:
+            raise ValueError(f"path and target are for dataset = 'csv', not '{self.dataset}'")
+        return self
+
+
+class ModelConfig(_Section):
+    """The model every client trains: a plain `torch.nn.Module`."""
+
+    name: Literal["logistic", "mlp", "cnn"] = "mlp"
+    #: Hidden layer widths of the MLP.
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [64])
+    #: Output channels of the CNN's convolutions.
+    channels: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [16, 32])
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class FederationConfig(_Section):
+    """Rounds, client selection and local training."""
+
+    #: Number of organisations (clients) that hold data.
+    clients: int = Field(ge=1, le=1_000_000)
+    rounds: int = Field(ge=1)
+    #: Fraction of clients selected to train in each round.
+    fraction_fit: float = Field(1.0, gt=0, le=1)
+    #: Fraction of clients that evaluate the global model on their own data each round.
+    fraction_evaluate: float = Field(1.0, ge=0, le=1)
+    #: A round with fewer surviving clients leaves the global model unchanged.
+    min_clients: int = Field(1, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    #: Simulation only: probability that a selected client drops out of a round.
+    simulated_dropout: float = Field(0.0, ge=0, lt=1)
+    #: Also train the same model on the pooled training data, for comparison.
+    centralized_baseline: bool = False
+    #: Evaluate every this many rounds (the last round is always evaluated).
+    evaluate_every: int = Field(1, ge=1)
+    #: Threads torch may use in this process. Small models train fastest on one: with more, the
+    #: threads' synchronisation costs more than the arithmetic, badly so on a busy machine.
+    torch_threads: int = Field(1, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _enough_clients(self) -> FederationConfig:
+        if self.min_clients > self.clients:
+            raise ValueError(
+                f"min_clients = {self.min_clients} exceeds clients = {self.clients}; "
+                "lower min_clients or add clients"
+            )
+        selected = sample_size(self.fraction_fit, self.clients)
+        if selected < self.min_clients:
+            raise ValueError(
+                f"fraction_fit = {self.fraction_fit} selects {selected} of {self.clients} clients, "
+                f"fewer than min_clients = {self.min_clients}; raise fraction_fit"
+            )
+        return self
+
+
+class FedAvgConfig(_Section):
+    """FedAvg (McMahan et al. 2017): the example-weighted mean of client models."""
+
+    name: Literal["fedavg"] = "fedavg"
+
+
+class FedProxConfig(_Section):
+    """FedProx (Li et al. 2020): FedAvg whose clients add (mu/2)·||w - w_global||² to the loss."""
+
+    name: Literal["fedprox"]
+    mu: float = Field(0.01, gt=0)
+
+
+class FedOptConfig(_Section):
+    """Adaptive server optimisers of Reddi et al. 2021 (FedAdagrad, FedAdam, FedYogi)."""
+
+    name: Literal["fedadam", "fedyogi", "fedadagrad"]
+    server_learning_rate: float = Field(0.01, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    #: Adaptivity: the epsilon-like term in the denominator.
+    tau: float = Field(1e-3, gt=0)
+
+
+StrategyConfig = Annotated[FedAvgConfig | FedProxConfig | FedOptConfig, Field(discriminator="name")]
+
+
+class ReservedSection(_Section):
+    """A section kept for a capability not in this version: it accepts no keys yet."""
+
+
+class RunConfig(_Section):
+    """Everything one federated run needs. Build it in code or load it with `load_config`."""
+
+    name: str = Field("veil-run", min_length=1)
+    mode: Mode = "simulation"
+    secure_aggregation: Aggregation = "plain"
+    seed: int = Field(0, ge=0, lt=2**63)
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    federation: FederationConfig
+    strategy: StrategyConfig = FedAvgConfig()
+    privacy: ReservedSection = ReservedSection()
+    secagg: ReservedSection = ReservedSection()
+    deployment: ReservedSection = ReservedSection()
+
+    @model_validator(mode="after")
+    def _supported_here(self) -> RunConfig:
+        if self.mode not in IMPLEMENTED_MODES:
+            raise ValueError(
+                f"mode = '{self.mode}' is not available in this version of Veil; "
+                f"use one of {list(IMPLEMENTED_MODES)}"
+            )
+        if self.secure_aggregation not in IMPLEMENTED_AGGREGATIONS:
+            raise ValueError(
+                f"secure_aggregation = '{self.secure_aggregation}' is not available in this "
+                f"version of Veil; use one of {list(IMPLEMENTED_AGGREGATIONS)}"
+            )
+        if self.model.name == "cnn" and self.data.dataset != "digits":
+            raise ValueError("model name = 'cnn' needs image data: use dataset = 'digits'")
+        return self
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], *, source: str = "config") -> RunConfig:
+        """Validate a mapping (e.g. parsed TOML); raise `ConfigError` with a one-line message."""
+        try:
+            return cls.model_validate(dict(raw))
+        except ValidationError as exc:
+            raise ConfigError(f"{source}: {_one_line(exc)}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready mapping that `from_dict` accepts again."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a TOML run config.
+
+    A relative `[data].path` is resolved against the config file's folder. Every problem (missing
+    file, TOML syntax, unknown key, wrong type, impossible value) raises `ConfigError` with one line
+    that names the key and what is allowed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: '{path}'; pass the path of a TOML run config")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file; a run config is TOML text") from None
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str):
+        data["path"] = str(path.parent / Path(data["path"]).expanduser())
+    return RunConfig.from_dict(raw, source=str(path))
+
+
+_UNION_TAGS = {"fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"}
+
+
+def _one_line(exc: ValidationError) -> str:
+    """The first validation error as `key = value: what is wrong` (and how many more there are)."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = [str(part) for part in first["loc"] if str(part) not in _UNION_TAGS]
+    key = ".".join(loc)
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        where = f"[{'.'.join(loc[:-1])}]" if len(loc) > 1 else "the top level"
+        if loc[:1] and loc[0] in {"privacy", "secagg", "deployment"}:
+            msg = (
+                f"unknown key '{key}': [{loc[0]}] is reserved and takes no settings in this version"
+            )
+        else:
+            msg = f"unknown key '{key}' in {where}"
+            if allowed:
+                msg += f"; allowed keys: {', '.join(allowed)}"
+    elif kind == "missing":
+        msg = f"missing required key '{key}'"
+    else:
+        reason = first["msg"].removeprefix("Value error, ")
+        value = first.get("input")
+        if key and not isinstance(value, dict | list):
+            msg = f"{key} = {value!r}: {reason}"
+        elif key:
+            msg = f"{key}: {reason}"
+        else:
+            msg = reason
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return msg
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return sorted(model.model_fields)

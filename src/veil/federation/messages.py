@@ -1,0 +1,95 @@
+"""What the server and the clients say to each other, independent of how it is carried.
+
+Transports carry these messages; they import this module, never the other way round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from veil.tensors import NamedArrays, total_bytes
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How a client trains locally in one round (the same for every client of the round)."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    #: FedProx: weight of the proximal term (mu/2)·||w - w_global||²; 0 disables it.
+    proximal_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self}")
+        if min(self.learning_rate, self.momentum, self.weight_decay, self.proximal_mu) < 0:
+            raise ValueError(f"learning rate, momentum, weight decay and mu must be >= 0: {self}")
+
+
+@dataclass(frozen=True)
+class FitInstruction:
+    """Server → client: train from these global parameters."""
+
+    run_id: str
+    round: int
+    parameters: NamedArrays
+    plan: TrainingPlan
+
+    @property
+    def nbytes(self) -> int:
+        return total_bytes(self.parameters)
+
+
+@dataclass
+class FitResult:
+    """Client → server: the update (local minus global parameters) and its weight.
+
+    `update` is what the client pipeline produced: a plain difference, or later a clipped, noised,
+    quantised or masked one. `weight` is the aggregation weight (the number of training examples).
+    """
+
+    client: str
+    round: int
+    update: NamedArrays
+    weight: float
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return total_bytes(self.update)
+
+
+@dataclass(frozen=True)
+class EvaluateInstruction:
+    """Server → client: evaluate these parameters on your validation data."""
+
+    run_id: str
+    round: int
+    parameters: NamedArrays
+
+    @property
+    def nbytes(self) -> int:
+        return total_bytes(self.parameters)
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    """Client → server: metrics of the global model on the client's own validation data."""
+
+    client: str
+    round: int
+    num_examples: int
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ClientFailure:
+    """A selected client that returned nothing this round (dropped out, crashed, too late)."""
+
+    client: str
+    round: int
+    reason: str

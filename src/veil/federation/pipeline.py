@@ -1,0 +1,148 @@
+"""The update pipeline: the stages an update passes between local training and the global step.
+
+    client: train → [client stages: clip → noise → quantize → mask | encrypt] → send
+    server: receive → verify → sum (the aggregator) → [server stages: unmask | decrypt →
+            dequantize → noise] → strategy step
+
+Privacy mechanisms plug in as stages or as a different aggregator; strategies never see which ones
+ran. The aggregator accumulates updates one at a time, so the server holds one running sum rather
+than one copy of the model per client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from veil.federation.messages import FitResult
+from veil.tensors import NamedArrays, add_scaled_, check_compatible, zeros_like
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What a stage may know about the round it works in."""
+
+    run_id: str
+    round: int
+
+
+@dataclass
+class Aggregate:
+    """The server's view of a round: a weighted sum of updates, not the updates themselves."""
+
+    total: NamedArrays
+    weight: float
+    count: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def mean(self) -> NamedArrays:
+        """The weighted mean update, Σ wᵢ·Δᵢ / Σ wᵢ."""
+        if self.weight <= 0:
+            raise ValueError("the aggregate is empty: no update was accepted this round")
+        scale = np.float32(1.0 / self.weight)
+        return {name: arr * scale for name, arr in self.total.items()}
+
+
+class UpdateRejected(ValueError):
+    """An update that the server refuses (wrong names, shapes or dtype, non-finite values)."""
+
+
+class ClientStage(Protocol):
+    """A transformation of a client's update before it leaves the client."""
+
+    name: str
+
+    def apply(self, result: FitResult, context: RoundContext) -> FitResult: ...
+
+
+class ServerStage(Protocol):
+    """A transformation of the aggregate on the server, before the strategy's step."""
+
+    name: str
+
+    def apply(self, aggregate: Aggregate, context: RoundContext) -> Aggregate: ...
+
+
+class Accumulator(Protocol):
+    """One round's running aggregation: `add` each accepted update, then `finish` once."""
+
+    def add(self, result: FitResult) -> None: ...
+
+    def finish(self) -> Aggregate: ...
+
+
+class Aggregator(Protocol):
+    """How updates are summed: in the clear, or under masking / encryption."""
+
+    name: str
+
+    def start(self, reference: NamedArrays, context: RoundContext) -> Accumulator: ...
+
+
+class WeightedSum:
+    """Plain aggregation: Σ wᵢ·Δᵢ and Σ wᵢ in float32, after checking each update.
+
+    The server sees every individual update: this mode offers no confidentiality of updates.
+    """
+
+    name = "plain"
+
+    def start(self, reference: NamedArrays, context: RoundContext) -> Accumulator:
+        return _WeightedSumAccumulator(reference)
+
+
+class _WeightedSumAccumulator:
+    def __init__(self, reference: NamedArrays) -> None:
+        self._reference = reference
+        self._total = zeros_like(reference)
+        self._weight = 0.0
+        self._count = 0
+
+    def add(self, result: FitResult) -> None:
+        try:
+            check_compatible(self._reference, result.update)
+        except ValueError as exc:
+            raise UpdateRejected(str(exc)) from None
+        if not (np.isfinite(result.weight) and result.weight > 0):
+            raise UpdateRejected(f"weight must be a positive number, got {result.weight}")
+        for name, arr in result.update.items():
+            if not np.isfinite(arr).all():
+                raise UpdateRejected(f"parameter '{name}' contains NaN or Inf")
+        add_scaled_(self._total, result.update, result.weight)
+        self._weight += result.weight
+        self._count += 1
+
+    def finish(self) -> Aggregate:
+        return Aggregate(total=self._total, weight=self._weight, count=self._count)
+
+
+@dataclass
+class UpdatePipeline:
+    """Client stages, an aggregator and server stages, in the order the update meets them."""
+
+    client_stages: Sequence[ClientStage] = ()
+    aggregator: Aggregator = field(default_factory=WeightedSum)
+    server_stages: Sequence[ServerStage] = ()
+
+    def on_client(self, result: FitResult, context: RoundContext) -> FitResult:
+        """Run the client stages on a freshly trained update."""
+        for stage in self.client_stages:
+            result = stage.apply(result, context)
+        return result
+
+    def on_server(self, aggregate: Aggregate, context: RoundContext) -> Aggregate:
+        """Run the server stages on the round's aggregate."""
+        for stage in self.server_stages:
+            aggregate = stage.apply(aggregate, context)
+        return aggregate
+
+    def describe(self) -> list[str]:
+        """Stage names in order, for logs and reports."""
+        return [
+            *(f"client:{s.name}" for s in self.client_stages),
+            f"aggregate:{self.aggregator.name}",
+            *(f"server:{s.name}" for s in self.server_stages),
+        ]

@@ -1,0 +1,213 @@
+"""The server loop: select clients, send the global model, collect and aggregate, step, evaluate.
+
+The server talks to clients through a `ClientGateway`; transports (in-process simulation, gRPC,
+Ray) implement it, so the loop does not know how messages travel.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from veil.federation.messages import (
+    ClientFailure,
+    EvaluateInstruction,
+    EvaluateResult,
+    FitInstruction,
+    FitResult,
+    TrainingPlan,
+)
+from veil.federation.pipeline import RoundContext, UpdatePipeline, UpdateRejected
+from veil.federation.strategy import Strategy
+from veil.seeding import Purpose, numpy_rng
+from veil.tensors import NamedArrays
+
+
+class ClientGateway(Protocol):
+    """How the server reaches clients. Results may arrive in any order; a client that returns
+    nothing yields a `ClientFailure`."""
+
+    def fit(
+        self, clients: Sequence[str], instruction: FitInstruction
+    ) -> Iterator[FitResult | ClientFailure]: ...
+
+    def evaluate(
+        self, clients: Sequence[str], instruction: EvaluateInstruction
+    ) -> Iterator[EvaluateResult | ClientFailure]: ...
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round."""
+
+    round: int
+    selected: int
+    completed: int
+    dropped: int
+    applied: bool
+    metrics: dict[str, float]
+    bytes_up: int
+    bytes_down: int
+    duration_s: float
+    failures: list[ClientFailure] = field(default_factory=list)
+    epsilon: float | None = None
+
+
+class ServerObserver(Protocol):
+    """Hooks for progress display, run stores and checkpoints."""
+
+    def on_round_start(self, round_: int, selected: int) -> None: ...
+
+    def on_client_done(self, round_: int, client: str) -> None: ...
+
+    def on_round_end(
+        self, record: RoundRecord, parameters: NamedArrays, strategy: Strategy
+    ) -> None: ...
+
+
+#: Centralized evaluation on the server's held-out data: parameters -> metrics.
+Evaluator = Callable[[NamedArrays], dict[str, float]]
+
+
+class FederatedServer:
+    """Runs rounds of federated training to completion.
+
+    Selection and other server-side random choices are derived from `seed` and the round number,
+    so a run is reproducible and a resumed run selects what the uninterrupted one would have.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        clients: Sequence[str],
+        parameters: NamedArrays,
+        strategy: Strategy,
+        gateway: ClientGateway,
+        plan: TrainingPlan,
+        pipeline: UpdatePipeline | None = None,
+        min_clients: int = 1,
+        evaluate_every: int = 1,
+        evaluator: Evaluator | None = None,
+        observers: Sequence[ServerObserver] = (),
+        seed: int = 0,
+    ) -> None:
+        if not clients:
+            raise ValueError("a federation needs at least one client")
+        self.run_id = run_id
+        self.clients = list(clients)
+        self.parameters = parameters
+        self.strategy = strategy
+        self.gateway = gateway
+        self.plan = plan
+        self.pipeline = pipeline or UpdatePipeline()
+        self.min_clients = min_clients
+        self.evaluate_every = evaluate_every
+        self.evaluator = evaluator
+        self.observers = list(observers)
+        self.seed = seed
+
+    def run(self, rounds: int, *, start_round: int = 1) -> list[RoundRecord]:
+        """Run rounds `start_round` .. `rounds` and return their records."""
+        records = []
+        for rnd in range(start_round, rounds + 1):
+            records.append(
+                self.run_round(rnd, evaluate=rnd % self.evaluate_every == 0 or rnd == rounds)
+            )
+        return records
+
+    def run_round(self, rnd: int, *, evaluate: bool = True) -> RoundRecord:
+        """One round: fit, aggregate, step (if enough clients answered), evaluate."""
+        started = time.perf_counter()
+        context = RoundContext(self.run_id, rnd)
+        selected, plan = self.strategy.configure_fit(
+            rnd, self.clients, numpy_rng(self.seed, Purpose.SELECT_FIT, rnd), self.plan
+        )
+        for obs in self.observers:
+            obs.on_round_start(rnd, len(selected))
+        instruction = FitInstruction(self.run_id, rnd, self.parameters, plan)
+        bytes_down = instruction.nbytes * len(selected)
+        bytes_up = 0
+        failures: list[ClientFailure] = []
+        accumulator = self.pipeline.aggregator.start(self.parameters, context)
+        train_loss, train_weight = 0.0, 0.0
+        pending = set(selected)
+        for reply in self.gateway.fit(selected, instruction):
+            if reply.client not in pending:
+                # Not selected, or a second reply: never let one client count twice.
+                reason = "reply from a client that was not selected or has already replied"
+                failures.append(ClientFailure(reply.client, rnd, reason))
+                continue
+            pending.discard(reply.client)
+            if isinstance(reply, ClientFailure):
+                failures.append(reply)
+            elif reply.round != rnd:
+                failures.append(
+                    ClientFailure(reply.client, rnd, f"stale update for round {reply.round}")
+                )
+            else:
+                bytes_up += reply.nbytes
+                try:
+                    accumulator.add(reply)
+                except UpdateRejected as exc:
+                    failures.append(ClientFailure(reply.client, rnd, f"update rejected: {exc}"))
+                else:
+                    loss = reply.metrics.get("train_loss")
+                    if loss is not None and loss == loss:
+                        train_loss += loss * reply.num_examples
+                        train_weight += reply.num_examples
+            for obs in self.observers:
+                obs.on_client_done(rnd, reply.client)
+        aggregate = accumulator.finish()
+        applied = aggregate.count >= self.min_clients and aggregate.weight > 0
+        if applied:
+            aggregate = self.pipeline.on_server(aggregate, context)
+            self.parameters = self.strategy.update_global(self.parameters, aggregate)
+        metrics: dict[str, float] = {}
+        if train_weight:
+            metrics["train_loss"] = train_loss / train_weight
+        if evaluate:
+            eval_metrics, eval_bytes = self._evaluate(rnd)
+            metrics.update(eval_metrics)
+            bytes_down += eval_bytes
+        record = RoundRecord(
+            round=rnd,
+            selected=len(selected),
+            completed=aggregate.count,
+            dropped=len(selected) - aggregate.count,
+            applied=applied,
+            metrics=metrics,
+            bytes_up=bytes_up,
+            bytes_down=bytes_down,
+            duration_s=time.perf_counter() - started,
+            failures=failures,
+        )
+        for obs in self.observers:
+            obs.on_round_end(record, self.parameters, self.strategy)
+        return record
+
+    def _evaluate(self, rnd: int) -> tuple[dict[str, float], int]:
+        """Centralized and federated metrics of the current global model, and bytes sent."""
+        metrics: dict[str, float] = {}
+        if self.evaluator is not None:
+            metrics.update(self.evaluator(self.parameters))
+        chosen = self.strategy.configure_evaluate(
+            rnd, self.clients, numpy_rng(self.seed, Purpose.SELECT_EVALUATE, rnd)
+        )
+        if not chosen:
+            return metrics, 0
+        instruction = EvaluateInstruction(self.run_id, rnd, self.parameters)
+        sums: dict[str, float] = {}
+        weight = 0
+        for reply in self.gateway.evaluate(chosen, instruction):
+            if isinstance(reply, ClientFailure) or reply.num_examples == 0:
+                continue
+            weight += reply.num_examples
+            for key in ("loss", "accuracy"):
+                if key in reply.metrics:
+                    sums[key] = sums.get(key, 0.0) + reply.metrics[key] * reply.num_examples
+        if weight:
+            metrics.update({f"federated_{k}": v / weight for k, v in sums.items()})
+        return metrics, instruction.nbytes * len(chosen)

@@ -1,0 +1,126 @@
+"""Terminal output: a live progress bar during a run, then a per-round table and a summary."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from veil.federation import RoundRecord, Strategy
+from veil.result import Result
+from veil.tensors import NamedArrays
+
+
+class ProgressDisplay:
+    """A `ServerObserver` that shows rounds and the clients of the current round as progress bars.
+
+    Use it as a context manager around `veil.run(..., observers=[display])`.
+    """
+
+    def __init__(self, rounds: int, console: Console | None = None) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+            transient=False,
+        )
+        self._rounds = self._progress.add_task("rounds", total=rounds, info="")
+        self._clients = self._progress.add_task("clients", total=1, info="")
+
+    def __enter__(self) -> ProgressDisplay:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._progress.stop()
+
+    def on_round_start(self, round_: int, selected: int) -> None:
+        self._progress.reset(self._clients, total=selected, info=f"round {round_}")
+
+    def on_client_done(self, round_: int, client: str) -> None:
+        self._progress.advance(self._clients)
+
+    def on_round_end(
+        self, record: RoundRecord, parameters: NamedArrays, strategy: Strategy
+    ) -> None:
+        acc = record.metrics.get("accuracy")
+        info = f"accuracy {acc:.3f}" if acc is not None else ""
+        self._progress.update(self._rounds, advance=1, info=info)
+
+
+def rounds_table(result: Result) -> Table:
+    """One row per round: clients, dropouts, metrics, ε and traffic. Skipped rounds are dim."""
+    table = Table(
+        title=f"Run {result.run_id}: {result.name}", title_justify="left", box=box.SIMPLE_HEAD
+    )
+    columns = {
+        "train_loss": "train loss",
+        "loss": "test loss",
+        "accuracy": "test acc",
+        "auc": "test AUC",
+        "federated_accuracy": "fed acc",
+    }
+    keys = [k for k in columns if any(k in r.metrics for r in result.rounds)]
+    headers = ["round", "clients", "dropped", *(columns[k] for k in keys), "ε", "kB up", "kB down"]
+    for column in (*headers, "s"):
+        table.add_column(column, justify="right")
+    for r in result.rounds:
+        cells = [str(r.round), str(r.clients), str(r.dropped)]
+        cells += [f"{r.metrics[k]:.4f}" if k in r.metrics else "" for k in keys]
+        cells += [
+            f"{r.epsilon:.3f}" if r.epsilon is not None else "-",
+            f"{r.bytes_up / 1e3:.1f}",
+            f"{r.bytes_down / 1e3:.1f}",
+            f"{r.duration_s:.2f}",
+        ]
+        table.add_row(*cells, style=None if r.applied else "dim")
+    return table
+
+
+def summary_table(result: Result) -> Table:
+    """The final metrics, the baseline, the privacy record and the cost of the run."""
+    table = Table(title="Summary", show_header=False, title_justify="left", box=box.SIMPLE)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for key, value in result.final.items():
+        table.add_row(f"final {key}", f"{value:.4f}")
+    if result.centralized_baseline is not None:
+        table.add_row(
+            "centralized baseline accuracy", f"{result.centralized_baseline.accuracy:.4f}"
+        )
+    p = result.privacy
+    if p.epsilon is None:
+        table.add_row("privacy", "no differential privacy: the model is not DP-protected")
+    else:
+        table.add_row("privacy", f"({p.epsilon:.3f}, {p.delta:g})-DP per {p.unit}, {p.accountant}")
+    table.add_row("aggregation", _aggregation_note(p.aggregation))
+    table.add_row(
+        "communication",
+        f"{result.communication.bytes_up / 1e6:.2f} MB up, "
+        f"{result.communication.bytes_down / 1e6:.2f} MB down",
+    )
+    table.add_row("time", f"{result.timing.total_s:.1f} s")
+    return table
+
+
+def _aggregation_note(aggregation: str) -> str:
+    if aggregation == "plain":
+        return "plain: the server sees every client's update"
+    return aggregation
+
+
+def print_result(result: Result, console: Console) -> None:
+    """The per-round table and the summary."""
+    console.print(rounds_table(result))
+    console.print(summary_table(result))

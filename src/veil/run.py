@@ -1,0 +1,304 @@
+"""`veil.run`: one federated run from a config, wired to a transport, a run store and a result.
+
+This is the Python API behind `veil run`; the CLI is a thin layer over it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from veil.config import FedAvgConfig, FedOptConfig, FedProxConfig, RunConfig, load_config
+from veil.data import FederatedData, build_federated_data, load_dataset
+from veil.federation import (
+    ClientRunner,
+    FedAvg,
+    FederatedServer,
+    FedOpt,
+    FedProx,
+    RoundRecord,
+    ServerObserver,
+    Strategy,
+    TrainingPlan,
+    UpdatePipeline,
+)
+from veil.federation.server import Evaluator
+from veil.federation.training import as_tensors, evaluate, train_epochs
+from veil.models import build_model, get_parameters, set_parameters
+from veil.result import Baseline, Communication, PrivacyRecord, Result, RoundResult, Timing
+from veil.seeding import Purpose, derive_seed, torch_generator
+from veil.store import DB_NAME, Checkpoint, RunStore, atomic_write_text, save_checkpoint
+from veil.tensors import NamedArrays
+from veil.transport import LocalTransport
+
+RESULT_FILE = "result.json"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+def run(
+    config: RunConfig | str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    observers: Sequence[ServerObserver] = (),
+) -> Result:
+    """Run one federation to completion and return its `Result`.
+
+    `config` is a `RunConfig` or the path of a TOML file. With `out_dir`, the run writes
+    `out_dir/result.json`, records its rounds in `out_dir/veil.db` as they finish, and checkpoints
+    the global model after every round. `observers` receive round events (e.g. a progress bar).
+    """
+    if not isinstance(config, RunConfig):
+        config = load_config(config)
+    with _torch_threads(config.federation.torch_threads):
+        return _run(config, out_dir, observers)
+
+
+def _run(
+    config: RunConfig, out_dir: str | Path | None, observers: Sequence[ServerObserver]
+) -> Result:
+    started = time.perf_counter()
+    run_id = new_run_id()
+    out = Path(out_dir) if out_dir is not None else None
+    store = RunStore(out / DB_NAME) if out is not None else None
+
+    fed = _federated_data(config)
+    plan = _training_plan(config)
+    initial = get_parameters(_model(config, fed, seed=derive_seed(config.seed, Purpose.MODEL_INIT)))
+
+    pipeline = UpdatePipeline()
+    runners = {
+        client.name: ClientRunner(
+            client.name,
+            client,
+            n_classes=fed.n_classes,
+            pipeline=pipeline,
+            seed=derive_seed(config.seed, Purpose.LOCAL_TRAINING, index),
+        )
+        for index, client in enumerate(fed.clients)
+    }
+    transport = LocalTransport(
+        runners,
+        lambda: _model(config, fed),
+        dropout=config.federation.simulated_dropout,
+        seed=config.seed,
+    )
+    recorder = _Recorder(run_id, store, out / CHECKPOINT_FILE if out else None)
+    server = FederatedServer(
+        run_id=run_id,
+        clients=list(runners),
+        parameters=initial,
+        strategy=build_strategy(config),
+        gateway=transport,
+        plan=plan,
+        pipeline=pipeline,
+        min_clients=config.federation.min_clients,
+        evaluate_every=config.federation.evaluate_every,
+        evaluator=_test_evaluator(config, fed),
+        observers=[recorder, *observers],
+        seed=config.seed,
+    )
+    if store is not None:
+        store.start_run(
+            run_id,
+            name=config.name,
+            mode=config.mode,
+            config=config.to_dict(),
+            out_dir=str(out.resolve()) if out else None,
+        )
+    try:
+        records = server.run(config.federation.rounds)
+        final = _test_evaluator(config, fed)(server.parameters)
+        baseline = (
+            _centralized_baseline(config, fed, initial)
+            if config.federation.centralized_baseline
+            else None
+        )
+        result = Result(
+            run_id=run_id,
+            name=config.name,
+            mode=config.mode,
+            final=final,
+            centralized_baseline=Baseline(**baseline) if baseline else None,
+            rounds=[_round_result(r) for r in records],
+            privacy=PrivacyRecord(aggregation=config.secure_aggregation),
+            communication=Communication(
+                bytes_up=sum(r.bytes_up for r in records),
+                bytes_down=sum(r.bytes_down for r in records),
+            ),
+            timing=Timing(total_s=time.perf_counter() - started),
+            pipeline=pipeline.describe(),
+            strategy=server.strategy.name,
+            clients=len(runners),
+            dataset={"name": fed.dataset_name, "synthetic": fed.synthetic},
+        )
+    except BaseException:
+        if store is not None:
+            store.finish_run(run_id, status="failed", final=None)
+            store.close()
+        raise
+    if out is not None:
+        atomic_write_text(out / RESULT_FILE, result.to_json())
+    if store is not None:
+        store.finish_run(run_id, status="finished", final=final)
+        store.close()
+    return result
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus 6 random hex digits."""
+    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def build_strategy(config: RunConfig) -> Strategy:
+    """The strategy object that `config.strategy` describes."""
+    s = config.strategy
+    fractions = {
+        "fraction_fit": config.federation.fraction_fit,
+        "fraction_evaluate": config.federation.fraction_evaluate,
+    }
+    if isinstance(s, FedProxConfig):
+        return FedProx(mu=s.mu, **fractions)
+    if isinstance(s, FedOptConfig):
+        return FedOpt(
+            s.name,
+            server_learning_rate=s.server_learning_rate,
+            beta1=s.beta1,
+            beta2=s.beta2,
+            tau=s.tau,
+            **fractions,
+        )
+    assert isinstance(s, FedAvgConfig)
+    return FedAvg(**fractions)
+
+
+def _federated_data(config: RunConfig) -> FederatedData:
+    d = config.data
+    dataset = load_dataset(d.dataset, path=d.path, target=d.target)
+    return build_federated_data(
+        dataset,
+        n_clients=config.federation.clients,
+        partition=d.partition.kind,
+        alpha=d.partition.alpha,
+        test_fraction=d.test_fraction,
+        validation_fraction=d.validation_fraction,
+        scaling=d.scaling,
+        seed=derive_seed(config.seed, Purpose.PARTITION),
+        min_examples=d.partition.min_examples,
+    )
+
+
+def _model(config: RunConfig, fed: FederatedData, seed: int | None = None) -> nn.Module:
+    return build_model(
+        config.model,
+        n_features=fed.n_features,
+        n_classes=fed.n_classes,
+        image_shape=fed.image_shape,
+        seed=seed,
+    )
+
+
+def _training_plan(config: RunConfig) -> TrainingPlan:
+    f = config.federation
+    return TrainingPlan(
+        epochs=f.local_epochs,
+        batch_size=f.batch_size,
+        learning_rate=f.learning_rate,
+        momentum=f.momentum,
+        weight_decay=f.weight_decay,
+    )
+
+
+def _test_evaluator(config: RunConfig, fed: FederatedData) -> Evaluator:
+    model = _model(config, fed)
+    x, y = as_tensors(fed.x_test, fed.y_test)
+
+    def evaluate_on_test(parameters: NamedArrays) -> dict[str, float]:
+        set_parameters(model, parameters)
+        return evaluate(model, x, y, fed.n_classes)
+
+    return evaluate_on_test
+
+
+def _centralized_baseline(
+    config: RunConfig, fed: FederatedData, initial: NamedArrays
+) -> dict[str, float]:
+    """The same model, initial weights and epoch budget, trained on the pooled training data."""
+    model = _model(config, fed)
+    set_parameters(model, initial)
+    x, y = as_tensors(*fed.pooled_train())
+    plan = _training_plan(config)
+    epochs = config.federation.rounds * config.federation.local_epochs
+    train_epochs(
+        model,
+        x,
+        y,
+        TrainingPlan(**{**asdict(plan), "epochs": epochs}),
+        torch_generator(config.seed, Purpose.BASELINE),
+    )
+    xt, yt = as_tensors(fed.x_test, fed.y_test)
+    return evaluate(model, xt, yt, fed.n_classes)
+
+
+def _round_result(record: RoundRecord) -> RoundResult:
+    return RoundResult(
+        round=record.round,
+        clients=record.completed,
+        dropped=record.dropped,
+        metrics=record.metrics,
+        epsilon=record.epsilon,
+        applied=record.applied,
+        bytes_up=record.bytes_up,
+        bytes_down=record.bytes_down,
+        duration_s=record.duration_s,
+        failures=[{"client": f.client, "reason": f.reason} for f in record.failures],
+    )
+
+
+class _Recorder:
+    """Writes each finished round to the run store and the checkpoint file."""
+
+    def __init__(self, run_id: str, store: RunStore | None, checkpoint: Path | None) -> None:
+        self.run_id = run_id
+        self.store = store
+        self.checkpoint = checkpoint
+
+    def on_round_start(self, round_: int, selected: int) -> None:
+        pass
+
+    def on_client_done(self, round_: int, client: str) -> None:
+        pass
+
+    def on_round_end(
+        self, record: RoundRecord, parameters: NamedArrays, strategy: Strategy
+    ) -> None:
+        if self.store is not None:
+            self.store.record_round(self.run_id, _round_result(record).model_dump())
+        if self.checkpoint is not None:
+            save_checkpoint(
+                self.checkpoint,
+                Checkpoint(
+                    run_id=self.run_id,
+                    round=record.round,
+                    parameters=parameters,
+                    strategy_state=strategy.state(),
+                    meta={"strategy": strategy.name},
+                ),
+            )

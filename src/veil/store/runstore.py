@@ -1,0 +1,198 @@
+"""The run store: runs, rounds and their metrics in one SQLite database (`RUN_DIR/veil.db`).
+
+Each round is committed as it finishes, so a crashed run still shows what it did. The database is
+the embedded default of DESIGN.md §7; later the privacy ledger and attestation evidence live here.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from veil.errors import StoreError
+
+DB_NAME = "veil.db"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id      TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    mode        TEXT NOT NULL,
+    status      TEXT NOT NULL CHECK (status IN ('running', 'finished', 'failed')),
+    started_at  TEXT NOT NULL,
+    finished_at TEXT,
+    config      TEXT NOT NULL,
+    final       TEXT,
+    out_dir     TEXT
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    run_id     TEXT NOT NULL REFERENCES runs(run_id),
+    round      INTEGER NOT NULL,
+    clients    INTEGER NOT NULL,
+    dropped    INTEGER NOT NULL,
+    applied    INTEGER NOT NULL,
+    metrics    TEXT NOT NULL,
+    epsilon    REAL,
+    bytes_up   INTEGER NOT NULL,
+    bytes_down INTEGER NOT NULL,
+    duration_s REAL NOT NULL,
+    failures   TEXT NOT NULL,
+    PRIMARY KEY (run_id, round)
+);
+"""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One row of `veil runs list`."""
+
+    run_id: str
+    name: str
+    mode: str
+    status: str
+    started_at: str
+    finished_at: str | None
+    rounds: int
+    final: dict[str, Any] | None
+    out_dir: str | None
+
+
+class RunStore:
+    """A SQLite database of runs. Open one per process; every write commits at once."""
+
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise StoreError(f"no run store at '{self.path}'; pass a run folder or a veil.db file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StoreError(f"'{self.path}' is not a Veil run store ({exc})") from None
+
+    @classmethod
+    def locate(cls, where: str | Path) -> RunStore:
+        """Open an existing store given a run folder or the database file itself."""
+        where = Path(where)
+        return cls(where / DB_NAME if where.is_dir() else where, create=False)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._db:
+            yield self._db
+
+    def start_run(
+        self, run_id: str, *, name: str, mode: str, config: dict[str, Any], out_dir: str | None
+    ) -> None:
+        """Record a new run as running."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO runs (run_id, name, mode, status, started_at, config, out_dir) "
+                "VALUES (?, ?, ?, 'running', ?, ?, ?)",
+                (run_id, name, mode, _now(), json.dumps(config, sort_keys=True), out_dir),
+            )
+
+    def record_round(self, run_id: str, record: dict[str, Any]) -> None:
+        """Insert (or replace, on resume) one round of a run."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO rounds (run_id, round, clients, dropped, applied, metrics,"
+                " epsilon, bytes_up, bytes_down, duration_s, failures)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    record["round"],
+                    record["clients"],
+                    record["dropped"],
+                    int(record.get("applied", True)),
+                    json.dumps(record["metrics"], sort_keys=True),
+                    record.get("epsilon"),
+                    record.get("bytes_up", 0),
+                    record.get("bytes_down", 0),
+                    record.get("duration_s", 0.0),
+                    json.dumps(record.get("failures", [])),
+                ),
+            )
+
+    def finish_run(self, run_id: str, *, status: str, final: dict[str, Any] | None) -> None:
+        """Mark a run finished or failed, with its final metrics."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE runs SET status = ?, finished_at = ?, final = ? WHERE run_id = ?",
+                (status, _now(), json.dumps(final) if final is not None else None, run_id),
+            )
+
+    def list_runs(self) -> list[RunSummary]:
+        """All runs, newest first."""
+        rows = self._db.execute(
+            "SELECT r.*, (SELECT COUNT(*) FROM rounds WHERE rounds.run_id = r.run_id) AS n_rounds"
+            " FROM runs r ORDER BY started_at DESC, run_id DESC"
+        ).fetchall()
+        return [_summary(row) for row in rows]
+
+    def get_run(self, run_id: str) -> tuple[RunSummary, dict[str, Any], list[dict[str, Any]]]:
+        """A run's summary, config and rounds; `StoreError` naming the known runs if absent."""
+        row = self._db.execute(
+            "SELECT r.*, (SELECT COUNT(*) FROM rounds WHERE rounds.run_id = r.run_id) AS n_rounds"
+            " FROM runs r WHERE run_id = ?",
+            (run_id,),
+        ).fetchone()
+        if row is None:
+            known = [r.run_id for r in self.list_runs()[:5]]
+            hint = f"; known runs: {', '.join(known)}" if known else "; the store has no runs"
+            raise StoreError(f"no run '{run_id}' in '{self.path}'{hint}")
+        rounds = [
+            {
+                "round": r["round"],
+                "clients": r["clients"],
+                "dropped": r["dropped"],
+                "applied": bool(r["applied"]),
+                "metrics": json.loads(r["metrics"]),
+                "epsilon": r["epsilon"],
+                "bytes_up": r["bytes_up"],
+                "bytes_down": r["bytes_down"],
+                "duration_s": r["duration_s"],
+            }
+            for r in self._db.execute(
+                "SELECT * FROM rounds WHERE run_id = ? ORDER BY round", (run_id,)
+            )
+        ]
+        return _summary(row), json.loads(row["config"]), rounds
+
+
+def _summary(row: sqlite3.Row) -> RunSummary:
+    return RunSummary(
+        run_id=row["run_id"],
+        name=row["name"],
+        mode=row["mode"],
+        status=row["status"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        rounds=row["n_rounds"],
+        final=json.loads(row["final"]) if row["final"] else None,
+        out_dir=row["out_dir"],
+    )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

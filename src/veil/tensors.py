@@ -1,0 +1,54 @@
+"""Named float32 arrays: the form in which model parameters and updates travel.
+
+A `NamedArrays` maps a parameter name (as `torch.nn.Module.named_parameters` gives it) to a NumPy
+array. NumPy rather than torch so that every transport, privacy stage and store can handle them
+without importing torch, and so that the bytes on the wire are the raw little-endian buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[np.float32]
+NamedArrays = dict[str, Array]
+
+
+def total_bytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """The payload size of `arrays` in bytes (what a transport would send, headers excluded)."""
+    return sum(int(a.nbytes) for a in arrays.values())
+
+
+def zeros_like(arrays: Mapping[str, np.ndarray]) -> NamedArrays:
+    """Float32 zeros with the names and shapes of `arrays`."""
+    return {name: np.zeros(a.shape, dtype=np.float32) for name, a in arrays.items()}
+
+
+def check_compatible(reference: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]) -> None:
+    """Raise `ValueError` unless `other` has exactly the names, shapes and dtype of `reference`."""
+    missing = sorted(set(reference) - set(other))
+    extra = sorted(set(other) - set(reference))
+    if missing or extra:
+        raise ValueError(f"parameter names differ: missing {missing}, unexpected {extra}")
+    for name, ref in reference.items():
+        arr = other[name]
+        if arr.shape != ref.shape:
+            raise ValueError(f"parameter '{name}' has shape {arr.shape}, expected {ref.shape}")
+        if arr.dtype != np.float32:
+            raise ValueError(f"parameter '{name}' has dtype {arr.dtype}, expected float32")
+
+
+def add_scaled_(target: NamedArrays, other: Mapping[str, np.ndarray], scale: float) -> None:
+    """In place: target += scale * other (names must match)."""
+    for name, arr in target.items():
+        if scale == 1.0:
+            arr += other[name]
+        else:
+            arr += np.float32(scale) * other[name]
+
+
+def l2_norm(arrays: Mapping[str, np.ndarray]) -> float:
+    """The Euclidean norm of all arrays taken together as one flat vector."""
+    return float(np.sqrt(sum(float(np.dot(a.ravel(), a.ravel())) for a in arrays.values())))

@@ -1,0 +1,68 @@
+"""In-process simulation: many clients on one machine, without one OS process each.
+
+Clients run one after another through a single model instance, so memory grows with the data, not
+with the number of clients. Optional simulated dropout makes a selected client return nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+from torch import nn
+
+from veil.federation.client import ClientRunner
+from veil.federation.messages import (
+    ClientFailure,
+    EvaluateInstruction,
+    EvaluateResult,
+    FitInstruction,
+    FitResult,
+)
+from veil.seeding import Purpose, numpy_rng
+
+
+class LocalTransport:
+    """A `ClientGateway` that calls `ClientRunner`s in the server's own process."""
+
+    def __init__(
+        self,
+        runners: Mapping[str, ClientRunner],
+        model_factory: Callable[[], nn.Module],
+        *,
+        dropout: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.runners = dict(runners)
+        self._index = {name: i for i, name in enumerate(self.runners)}
+        self._model = model_factory()
+        self.dropout = dropout
+        self.seed = seed
+
+    def fit(
+        self, clients: Sequence[str], instruction: FitInstruction
+    ) -> Iterator[FitResult | ClientFailure]:
+        for name in clients:
+            if self._drops_out(name, instruction.round):
+                yield ClientFailure(name, instruction.round, "simulated dropout")
+            else:
+                yield self._runner(name).fit(self._model, instruction)
+
+    def evaluate(
+        self, clients: Sequence[str], instruction: EvaluateInstruction
+    ) -> Iterator[EvaluateResult | ClientFailure]:
+        for name in clients:
+            yield self._runner(name).evaluate(self._model, instruction)
+
+    def _runner(self, name: str) -> ClientRunner:
+        try:
+            return self.runners[name]
+        except KeyError:
+            raise ValueError(f"unknown client '{name}'") from None
+
+    def _drops_out(self, name: str, round_: int) -> bool:
+        if self.dropout == 0:
+            return False
+        rng = numpy_rng(self.seed, Purpose.DROPOUT, round_, self._index[name])
+        return bool(rng.random() < self.dropout)
