@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from veil import __version__
+from veil.commands import privacy as privacy_commands
 from veil.config import load_config
 from veil.errors import StoreError, UserError
 from veil.report import ProgressDisplay, print_result
@@ -70,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     p_show.add_argument("--store", type=Path, default=Path("runs"), help="where to look")
     p_show.add_argument("--json", action="store_true", help="print the run as JSON")
     p_show.set_defaults(handler=_cmd_runs_show)
+    privacy_commands.register(sub)
     return parser
 
 

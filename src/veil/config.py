@@ -98,6 +98,9 @@ class FederationConfig(_Section):
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(0.05, gt=0)
+    #: Multiply the clients' learning rate by this after every round (1: constant). Under DP a
+    #: decaying rate leaves less noise in the final model.
+    learning_rate_decay: float = Field(1.0, gt=0, le=1)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     #: Simulation only: probability that a selected client drops out of a round.
@@ -153,6 +156,53 @@ class FedOptConfig(_Section):
 StrategyConfig = Annotated[FedAvgConfig | FedProxConfig | FedOptConfig, Field(discriminator="name")]
 
 
+class PrivacyConfig(_Section):
+    """Differential privacy: the unit protected, the target (ε, δ), the mechanism, the ledger.
+
+    `unit = "record"`: every organisation runs DP-SGD on its own records (Abadi et al. 2016) and
+    is accounted separately. `unit = "client"`: DP-FedAvg (McMahan et al. 2018) protects whole
+    organisations: updates are clipped on the clients and noised once on the server.
+    """
+
+    unit: Literal["record", "client"]
+    epsilon: float = Field(gt=0)
+    delta: float = Field(gt=0, lt=1)
+    #: σ, the noise standard deviation in units of the clipping norm, or "calibrate" to take the
+    #: smallest σ whose accounted ε meets the target.
+    noise_multiplier: Annotated[float, Field(gt=0)] | Literal["calibrate"] = "calibrate"
+    #: C: per-example gradient norm bound (record) or per-client update norm bound (client).
+    clip_norm: float = Field(1.0, gt=0)
+    #: Client level only: adapt C towards this quantile of update norms (Andrew et al. 2021).
+    target_quantile: float | None = Field(None, gt=0, lt=1)
+    clip_learning_rate: float = Field(0.2, gt=0)
+    #: Noise on the count of unclipped clients; default: expected clients per round / 20.
+    clip_count_stddev: float | None = Field(None, gt=0)
+    neighbouring: Literal["add_or_remove", "replace"] = "add_or_remove"
+    #: Production mode refuses seeded noise. Only tests turn it off.
+    production: bool = True
+    #: Tests only: a seed for the noise and sampling randomness (refused in production mode).
+    noise_seed: int | None = Field(None, ge=0)
+    #: SQLite privacy ledger to charge before the run starts (relative to the config file).
+    ledger: Path | None = None
+    #: The data set's id in the ledger (default: the run's name); record level charges
+    #: "ID/CLIENT" for each organisation.
+    dataset_id: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PrivacyConfig:
+        if self.unit == "record" and self.target_quantile is not None:
+            raise ValueError(
+                "target_quantile (adaptive clipping) applies to unit = 'client'; "
+                "remove it or use unit = 'client'"
+            )
+        if self.production and self.noise_seed is not None:
+            raise ValueError(
+                "noise_seed is refused in production mode: seeded noise can be reproduced and "
+                "removed; remove noise_seed, or set production = false for a test run"
+            )
+        return self
+
+
 class ReservedSection(_Section):
     """A section kept for a capability not in this version: it accepts no keys yet."""
 
@@ -168,7 +218,7 @@ class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     federation: FederationConfig
     strategy: StrategyConfig = FedAvgConfig()
-    privacy: ReservedSection = ReservedSection()
+    privacy: PrivacyConfig | None = None
     secagg: ReservedSection = ReservedSection()
     deployment: ReservedSection = ReservedSection()
 
@@ -184,6 +234,19 @@ class RunConfig(_Section):
                 f"secure_aggregation = '{self.secure_aggregation}' is not available in this "
                 f"version of Veil; use one of {list(IMPLEMENTED_AGGREGATIONS)}"
             )
+        if self.privacy is not None:
+            if self.data.scaling == "federated":
+                raise ValueError(
+                    "data.scaling = 'federated' sends exact per-client feature sums, which the "
+                    "differential-privacy guarantee does not cover; with [privacy] use "
+                    "scaling = 'local' or 'none'"
+                )
+            if self.federation.fraction_evaluate > 0 and self.data.validation_fraction > 0:
+                raise ValueError(
+                    "federated evaluation releases exact metrics of the clients' validation "
+                    "records, which [privacy] does not cover; set federation.fraction_evaluate "
+                    "= 0 or data.validation_fraction = 0"
+                )
         if self.model.name == "cnn" and self.data.dataset != "digits":
             raise ValueError("model name = 'cnn' needs image data: use dataset = 'digits'")
         return self
@@ -217,9 +280,10 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file; a run config is TOML text") from None
-    data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str):
-        data["path"] = str(path.parent / Path(data["path"]).expanduser())
+    for section, key in (("data", "path"), ("privacy", "ledger")):
+        table = raw.get(section)
+        if isinstance(table, dict) and isinstance(table.get(key), str):
+            table[key] = str((path.parent / Path(table[key]).expanduser()).resolve())
     return RunConfig.from_dict(raw, source=str(path))
 
 
@@ -236,7 +300,7 @@ def _one_line(exc: ValidationError) -> str:
     if kind == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
         where = f"[{'.'.join(loc[:-1])}]" if len(loc) > 1 else "the top level"
-        if loc[:1] and loc[0] in {"privacy", "secagg", "deployment"}:
+        if loc[:1] and loc[0] in {"secagg", "deployment"}:
             msg = (
                 f"unknown key '{key}': [{loc[0]}] is reserved and takes no settings in this version"
             )

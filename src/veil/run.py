@@ -31,8 +31,11 @@ from veil.federation import (
     UpdatePipeline,
 )
 from veil.federation.server import Evaluator
+from veil.federation.strategy import PoissonSource
 from veil.federation.training import as_tensors, evaluate, train_epochs
 from veil.models import build_model, get_parameters, set_parameters
+from veil.privacy.dp.ledger import TOLERANCE, BudgetExceeded, PrivacyLedger
+from veil.privacy.dp.policy import ClientLevelPrivacy, RecordLevelPrivacy
 from veil.result import Baseline, Communication, PrivacyRecord, Result, RoundResult, Timing
 from veil.seeding import Purpose, derive_seed, torch_generator
 from veil.store import DB_NAME, Checkpoint, RunStore, atomic_write_text, save_checkpoint
@@ -73,7 +76,11 @@ def _run(
     plan = _training_plan(config)
     initial = get_parameters(_model(config, fed, seed=derive_seed(config.seed, Purpose.MODEL_INIT)))
 
-    pipeline = UpdatePipeline()
+    privacy = _privacy_policy(config, fed, plan)
+    pipeline = UpdatePipeline(
+        client_stages=privacy.client_stages if isinstance(privacy, ClientLevelPrivacy) else [],
+        server_stages=privacy.server_stages if isinstance(privacy, ClientLevelPrivacy) else [],
+    )
     runners = {
         client.name: ClientRunner(
             client.name,
@@ -81,6 +88,9 @@ def _run(
             n_classes=fed.n_classes,
             pipeline=pipeline,
             seed=derive_seed(config.seed, Purpose.LOCAL_TRAINING, index),
+            trainer=privacy.trainer(client.name, index)
+            if isinstance(privacy, RecordLevelPrivacy)
+            else None,
         )
         for index, client in enumerate(fed.clients)
     }
@@ -95,16 +105,21 @@ def _run(
         run_id=run_id,
         clients=list(runners),
         parameters=initial,
-        strategy=build_strategy(config),
+        strategy=build_strategy(
+            config,
+            poisson_source=privacy.sampler if isinstance(privacy, ClientLevelPrivacy) else None,
+        ),
         gateway=transport,
         plan=plan,
         pipeline=pipeline,
         min_clients=config.federation.min_clients,
+        learning_rate_decay=config.federation.learning_rate_decay,
         evaluate_every=config.federation.evaluate_every,
         evaluator=_test_evaluator(config, fed),
-        observers=[recorder, *observers],
+        observers=[*([privacy] if privacy else []), recorder, *observers],
         seed=config.seed,
     )
+    charges = _charge_ledger(config, privacy, run_id)
     if store is not None:
         store.start_run(
             run_id,
@@ -128,7 +143,9 @@ def _run(
             final=final,
             centralized_baseline=Baseline(**baseline) if baseline else None,
             rounds=[_round_result(r) for r in records],
-            privacy=PrivacyRecord(aggregation=config.secure_aggregation),
+            privacy=PrivacyRecord.model_validate(privacy.privacy_record(config.secure_aggregation))
+            if privacy
+            else PrivacyRecord(aggregation=config.secure_aggregation),
             communication=Communication(
                 bytes_up=sum(r.bytes_up for r in records),
                 bytes_down=sum(r.bytes_down for r in records),
@@ -146,6 +163,7 @@ def _run(
         raise
     if out is not None:
         atomic_write_text(out / RESULT_FILE, result.to_json())
+    _mark_released(config, charges)
     if store is not None:
         store.finish_run(run_id, status="finished", final=final)
         store.close()
@@ -167,15 +185,17 @@ def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
-def build_strategy(config: RunConfig) -> Strategy:
+def build_strategy(config: RunConfig, *, poisson_source: PoissonSource | None = None) -> Strategy:
     """The strategy object that `config.strategy` describes."""
     s = config.strategy
-    fractions = {
-        "fraction_fit": config.federation.fraction_fit,
-        "fraction_evaluate": config.federation.fraction_evaluate,
-    }
+    fractions = config.federation.fraction_fit, config.federation.fraction_evaluate
     if isinstance(s, FedProxConfig):
-        return FedProx(mu=s.mu, **fractions)
+        return FedProx(
+            mu=s.mu,
+            fraction_fit=fractions[0],
+            fraction_evaluate=fractions[1],
+            poisson_source=poisson_source,
+        )
     if isinstance(s, FedOptConfig):
         return FedOpt(
             s.name,
@@ -183,10 +203,76 @@ def build_strategy(config: RunConfig) -> Strategy:
             beta1=s.beta1,
             beta2=s.beta2,
             tau=s.tau,
-            **fractions,
+            fraction_fit=fractions[0],
+            fraction_evaluate=fractions[1],
+            poisson_source=poisson_source,
         )
     assert isinstance(s, FedAvgConfig)
-    return FedAvg(**fractions)
+    return FedAvg(
+        fraction_fit=fractions[0], fraction_evaluate=fractions[1], poisson_source=poisson_source
+    )
+
+
+PrivacyPolicy = RecordLevelPrivacy | ClientLevelPrivacy
+
+
+def _privacy_policy(
+    config: RunConfig, fed: FederatedData, plan: TrainingPlan
+) -> PrivacyPolicy | None:
+    p = config.privacy
+    if p is None:
+        return None
+    if p.unit == "record":
+        return RecordLevelPrivacy.plan(
+            p,
+            clients=[(c.name, c.n_train) for c in fed.clients],
+            training=plan,
+            rounds=config.federation.rounds,
+        )
+    return ClientLevelPrivacy.plan(
+        p,
+        n_clients=len(fed.clients),
+        fraction_fit=config.federation.fraction_fit,
+        rounds=config.federation.rounds,
+    )
+
+
+def _charge_ledger(config: RunConfig, privacy: PrivacyPolicy | None, run_id: str) -> list[int]:
+    """Charge every planned ε before the run starts (all budgets checked first)."""
+    p = config.privacy
+    if p is None or privacy is None or p.ledger is None:
+        return []
+    charges = privacy.charges(p.dataset_id or config.name)
+    with PrivacyLedger(p.ledger) as ledger:
+        for c in charges:
+            budget = ledger.budget(c.dataset_id)
+            if c.epsilon > budget.epsilon_remaining + TOLERANCE or (
+                c.delta > budget.delta_remaining + TOLERANCE
+            ):
+                raise BudgetExceeded(
+                    c.dataset_id,
+                    requested=(c.epsilon, c.delta),
+                    remaining=(budget.epsilon_remaining, budget.delta_remaining),
+                )
+        return [
+            ledger.charge(
+                c.dataset_id,
+                epsilon=c.epsilon,
+                delta=c.delta,
+                who=config.name,
+                what=f"federated training run {run_id}",
+                mechanism="dp-sgd" if p.unit == "record" else "dp-fedavg",
+                parameters=c.parameters,
+            ).id
+            for c in charges
+        ]
+
+
+def _mark_released(config: RunConfig, charge_ids: list[int]) -> None:
+    if charge_ids and config.privacy is not None and config.privacy.ledger is not None:
+        with PrivacyLedger(config.privacy.ledger) as ledger:
+            for charge_id in charge_ids:
+                ledger.mark_released(charge_id)
 
 
 def _federated_data(config: RunConfig) -> FederatedData:

@@ -13,7 +13,7 @@ from veil.federation.messages import (
     FitResult,
 )
 from veil.federation.pipeline import RoundContext, UpdatePipeline
-from veil.federation.training import as_tensors, evaluate, train_epochs
+from veil.federation.training import LocalTrainer, SGDTrainer, as_tensors, evaluate
 from veil.models import get_parameters, set_parameters
 from veil.seeding import Purpose, torch_generator
 
@@ -33,8 +33,10 @@ class ClientRunner:
         n_classes: int,
         pipeline: UpdatePipeline,
         seed: int,
+        trainer: LocalTrainer | None = None,
     ) -> None:
         self.name = name
+        self.trainer: LocalTrainer = trainer or SGDTrainer()
         self.n_classes = n_classes
         self.pipeline = pipeline
         self.seed = seed
@@ -50,7 +52,7 @@ class ClientRunner:
         global_params = instruction.parameters
         set_parameters(model, global_params)
         generator = torch_generator(self.seed, Purpose.LOCAL_TRAINING, instruction.round)
-        loss = train_epochs(model, self._x_train, self._y_train, instruction.plan, generator)
+        stats = self.trainer.train(model, self._x_train, self._y_train, instruction.plan, generator)
         local = get_parameters(model)
         update = {name: local[name] - global_params[name] for name in global_params}
         result = FitResult(
@@ -59,9 +61,10 @@ class ClientRunner:
             update=update,
             weight=float(self.num_train_examples),
             num_examples=self.num_train_examples,
-            metrics={"train_loss": loss},
+            metrics={} if stats.loss is None else {"train_loss": stats.loss},
         )
-        return self.pipeline.on_client(result, RoundContext(instruction.run_id, instruction.round))
+        context = RoundContext(instruction.run_id, instruction.round, instruction.plan)
+        return self.pipeline.on_client(result, context)
 
     def evaluate(self, model: nn.Module, instruction: EvaluateInstruction) -> EvaluateResult:
         """Evaluate the global parameters on the client's own validation split."""

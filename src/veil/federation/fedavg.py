@@ -8,7 +8,7 @@ import numpy as np
 
 from veil.federation.messages import TrainingPlan
 from veil.federation.pipeline import Aggregate
-from veil.federation.strategy import Strategy
+from veil.federation.strategy import PoissonSource, Strategy
 from veil.tensors import NamedArrays
 
 
@@ -31,9 +31,18 @@ class FedProx(FedAvg):
     name = "fedprox"
 
     def __init__(
-        self, *, mu: float, fraction_fit: float = 1.0, fraction_evaluate: float = 1.0
+        self,
+        *,
+        mu: float,
+        fraction_fit: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        poisson_source: PoissonSource | None = None,
     ) -> None:
-        super().__init__(fraction_fit=fraction_fit, fraction_evaluate=fraction_evaluate)
+        super().__init__(
+            fraction_fit=fraction_fit,
+            fraction_evaluate=fraction_evaluate,
+            poisson_source=poisson_source,
+        )
         if mu <= 0:
             raise ValueError(f"FedProx needs mu > 0, got {mu}; use FedAvg for mu = 0")
         self.mu = mu

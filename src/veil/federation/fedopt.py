@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 
 from veil.federation.pipeline import Aggregate
-from veil.federation.strategy import Strategy
+from veil.federation.strategy import PoissonSource, Strategy
 from veil.tensors import NamedArrays
 
 Variant = Literal["fedadagrad", "fedadam", "fedyogi"]
@@ -31,8 +31,13 @@ class FedOpt(Strategy):
         tau: float = 1e-3,
         fraction_fit: float = 1.0,
         fraction_evaluate: float = 1.0,
+        poisson_source: PoissonSource | None = None,
     ) -> None:
-        super().__init__(fraction_fit=fraction_fit, fraction_evaluate=fraction_evaluate)
+        super().__init__(
+            fraction_fit=fraction_fit,
+            fraction_evaluate=fraction_evaluate,
+            poisson_source=poisson_source,
+        )
         if variant not in ("fedadagrad", "fedadam", "fedyogi"):
             raise ValueError(f"unknown variant {variant!r}: use fedadagrad, fedadam or fedyogi")
         self.name = variant

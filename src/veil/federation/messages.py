@@ -21,6 +21,8 @@ class TrainingPlan:
     weight_decay: float = 0.0
     #: FedProx: weight of the proximal term (mu/2)·||w - w_global||²; 0 disables it.
     proximal_mu: float = 0.0
+    #: Client-level DP: the norm each client clips its whole update to (None: no clipping).
+    update_clip_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -57,10 +59,13 @@ class FitResult:
     weight: float
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    #: Scalars the server may learn only as a sum over clients (e.g. adaptive clipping's
+    #: "was my update unclipped" bit); they travel with the update through the aggregator.
+    sums: dict[str, float] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return total_bytes(self.update)
+        return total_bytes(self.update) + 8 * len(self.sums)
 
 
 @dataclass(frozen=True)

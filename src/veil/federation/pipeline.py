@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from veil.federation.messages import FitResult
+from veil.federation.messages import FitResult, TrainingPlan
 from veil.tensors import NamedArrays, add_scaled_, check_compatible, zeros_like
 
 
@@ -27,6 +27,8 @@ class RoundContext:
 
     run_id: str
     round: int
+    #: The round's training plan (on the client side; None on the server).
+    plan: TrainingPlan | None = None
 
 
 @dataclass
@@ -36,7 +38,8 @@ class Aggregate:
     total: NamedArrays
     weight: float
     count: int
-    metrics: dict[str, float] = field(default_factory=dict)
+    #: Σ over accepted clients of each `FitResult.sums` entry.
+    sums: dict[str, float] = field(default_factory=dict)
 
     def mean(self) -> NamedArrays:
         """The weighted mean update, Σ wᵢ·Δᵢ / Σ wᵢ."""
@@ -100,6 +103,7 @@ class _WeightedSumAccumulator:
         self._total = zeros_like(reference)
         self._weight = 0.0
         self._count = 0
+        self._sums: dict[str, float] = {}
 
     def add(self, result: FitResult) -> None:
         try:
@@ -111,12 +115,16 @@ class _WeightedSumAccumulator:
         for name, arr in result.update.items():
             if not np.isfinite(arr).all():
                 raise UpdateRejected(f"parameter '{name}' contains NaN or Inf")
+        if not all(np.isfinite(v) for v in result.sums.values()):
+            raise UpdateRejected("a summed scalar is NaN or Inf")
         add_scaled_(self._total, result.update, result.weight)
         self._weight += result.weight
         self._count += 1
+        for key, value in result.sums.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
 
     def finish(self) -> Aggregate:
-        return Aggregate(total=self._total, weight=self._weight, count=self._count)
+        return Aggregate(total=self._total, weight=self._weight, count=self._count, sums=self._sums)
 
 
 @dataclass
@@ -138,6 +146,14 @@ class UpdatePipeline:
         for stage in self.server_stages:
             aggregate = stage.apply(aggregate, context)
         return aggregate
+
+    def configure_plan(self, plan: TrainingPlan) -> TrainingPlan:
+        """Let server stages set what clients must know this round (e.g. a clipping norm)."""
+        for stage in self.server_stages:
+            configure = getattr(stage, "configure_plan", None)
+            if configure is not None:
+                plan = configure(plan)
+        return plan
 
     def describe(self) -> list[str]:
         """Stage names in order, for logs and reports."""

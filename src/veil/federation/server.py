@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from veil.federation.messages import (
@@ -53,6 +53,8 @@ class RoundRecord:
     duration_s: float
     failures: list[ClientFailure] = field(default_factory=list)
     epsilon: float | None = None
+    #: The clients asked to train (all may have touched their data, even those that failed).
+    selected_clients: list[str] = field(default_factory=list)
 
 
 class ServerObserver(Protocol):
@@ -89,6 +91,7 @@ class FederatedServer:
         plan: TrainingPlan,
         pipeline: UpdatePipeline | None = None,
         min_clients: int = 1,
+        learning_rate_decay: float = 1.0,
         evaluate_every: int = 1,
         evaluator: Evaluator | None = None,
         observers: Sequence[ServerObserver] = (),
@@ -104,6 +107,9 @@ class FederatedServer:
         self.plan = plan
         self.pipeline = pipeline or UpdatePipeline()
         self.min_clients = min_clients
+        if not 0 < learning_rate_decay <= 1:
+            raise ValueError(f"learning_rate_decay must be in (0, 1], got {learning_rate_decay}")
+        self.learning_rate_decay = learning_rate_decay
         self.evaluate_every = evaluate_every
         self.evaluator = evaluator
         self.observers = list(observers)
@@ -122,9 +128,14 @@ class FederatedServer:
         """One round: fit, aggregate, step (if enough clients answered), evaluate."""
         started = time.perf_counter()
         context = RoundContext(self.run_id, rnd)
+        base = self.plan
+        if self.learning_rate_decay != 1.0:
+            rate = base.learning_rate * self.learning_rate_decay ** max(rnd - 1, 0)
+            base = replace(base, learning_rate=rate)
         selected, plan = self.strategy.configure_fit(
-            rnd, self.clients, numpy_rng(self.seed, Purpose.SELECT_FIT, rnd), self.plan
+            rnd, self.clients, numpy_rng(self.seed, Purpose.SELECT_FIT, rnd), base
         )
+        plan = self.pipeline.configure_plan(plan)
         for obs in self.observers:
             obs.on_round_start(rnd, len(selected))
         instruction = FitInstruction(self.run_id, rnd, self.parameters, plan)
@@ -183,6 +194,7 @@ class FederatedServer:
             bytes_down=bytes_down,
             duration_s=time.perf_counter() - started,
             failures=failures,
+            selected_clients=list(selected),
         )
         for obs in self.observers:
             obs.on_round_end(record, self.parameters, self.strategy)

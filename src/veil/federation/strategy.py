@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from veil.federation.messages import TrainingPlan
 from veil.federation.pipeline import Aggregate
@@ -18,23 +20,42 @@ from veil.selection import sample_size
 from veil.tensors import NamedArrays
 
 
+class PoissonSource(Protocol):
+    """Uniform draws for Poisson client sampling (a `veil.privacy.dp.randomness.RandomSource`)."""
+
+    def uniform(self, size: int) -> npt.NDArray[np.float64]: ...
+
+
 class Strategy(ABC):
     """Base class: uniform sampling without replacement, and the verbs a server calls."""
 
     name: str = "strategy"
 
-    def __init__(self, *, fraction_fit: float = 1.0, fraction_evaluate: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        fraction_fit: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        poisson_source: PoissonSource | None = None,
+    ) -> None:
         if not 0 < fraction_fit <= 1:
             raise ValueError(f"fraction_fit must be in (0, 1], got {fraction_fit}")
         if not 0 <= fraction_evaluate <= 1:
             raise ValueError(f"fraction_evaluate must be in [0, 1], got {fraction_evaluate}")
         self.fraction_fit = fraction_fit
         self.fraction_evaluate = fraction_evaluate
+        #: With a source, clients are Poisson-sampled (each independently with probability
+        #: fraction_fit), as client-level DP accounting assumes; otherwise exactly
+        #: ceil(fraction_fit · n) clients are drawn without replacement.
+        self.poisson_source = poisson_source
 
     def configure_fit(
         self, round_: int, clients: Sequence[str], rng: np.random.Generator, plan: TrainingPlan
     ) -> tuple[list[str], TrainingPlan]:
         """The clients that train in this round, and the plan they follow."""
+        if self.poisson_source is not None and self.fraction_fit < 1:
+            draws = self.poisson_source.uniform(len(clients))
+            return [c for c, u in zip(clients, draws, strict=True) if u < self.fraction_fit], plan
         return _sample(clients, self.fraction_fit, rng), plan
 
     def configure_evaluate(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -16,6 +18,49 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from veil.federation.messages import TrainingPlan
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What local training reports: the mean loss (None where reporting it would leak) and the
+    number of optimiser steps taken."""
+
+    loss: float | None
+    steps: int
+
+
+class LocalTrainer(Protocol):
+    """How a client trains in place; DP-SGD is another implementation."""
+
+    #: Human-readable name, for logs and result.json.
+    name: str
+
+    def train(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        plan: TrainingPlan,
+        generator: torch.Generator,
+    ) -> TrainStats: ...
+
+
+class SGDTrainer:
+    """Plain mini-batch SGD through `train_epochs`: no privacy protection of the records."""
+
+    name = "sgd"
+
+    def train(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        plan: TrainingPlan,
+        generator: torch.Generator,
+    ) -> TrainStats:
+        loss = train_epochs(model, x, y, plan, generator)
+        steps = plan.epochs * math.ceil(int(x.shape[0]) / plan.batch_size)
+        return TrainStats(loss=loss, steps=steps)
 
 
 def train_epochs(
@@ -52,12 +97,12 @@ def train_epochs(
             for p in params:
                 p.grad = None
             loss.backward()  # type: ignore[no-untyped-call]
-            _sgd_step(params, velocity, plan)
+            sgd_step(params, velocity, plan)
     return total / batches
 
 
 @torch.no_grad()
-def _sgd_step(
+def sgd_step(
     params: Sequence[torch.Tensor], velocity: Sequence[torch.Tensor], plan: TrainingPlan
 ) -> None:
     """SGD with optional momentum and weight decay (the update rule of `torch.optim.SGD`).

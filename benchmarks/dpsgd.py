@@ -1,0 +1,167 @@
+"""Benchmark: training samples per second, non-private vs Veil DP-SGD vs Opacus, same run.
+
+Models: the MLP on breast-cancer-shaped SYNTHETIC tabular data (30 features, 2 classes) and the
+small CNN on scikit-learn's 8x8 digits (real data). Each method trains the same model from the
+same initial weights for the same number of epochs with expected batch size 64 on one thread;
+throughput is examples visited per second of training. Opacus (hooks mode, Poisson sampling
+through its DPDataLoader, `pip install -e .[bench]`) is skipped when not installed.
+
+Targets (issue 4): Veil DP-SGD at most 2x slower than non-private on the MLP; never slower than
+Opacus.
+
+    python benchmarks/dpsgd.py [--quick]
+
+The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+from veil.federation.messages import TrainingPlan
+from veil.federation.training import train_epochs
+from veil.models import MLP, SmallCNN
+from veil.privacy.dp.dpsgd import DPSGDTrainer
+from veil.privacy.dp.randomness import SecureRandom
+
+BATCH = 64
+SIGMA, CLIP = 1.0, 1.0
+
+
+def synthetic_tabular(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SYNTHETIC data: 30 standard-normal features, labels from a fixed linear rule."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 30)).astype(np.float32)
+    y = (x @ rng.standard_normal(30) > 0).astype(np.int64)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    d = load_digits()
+    return torch.from_numpy(d.data.astype(np.float32) / 16), torch.from_numpy(d.target)
+
+
+Trainer = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], None]
+
+
+def measure(
+    fn: Trainer, initial: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, repeats: int
+) -> float:
+    """Median seconds of `fn` training a fresh copy of `initial`."""
+    times = []
+    for _ in range(repeats):
+        model = copy.deepcopy(initial)
+        start = time.perf_counter()
+        fn(model, x, y, epochs)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
+    plan = TrainingPlan(epochs=epochs, batch_size=BATCH, learning_rate=0.05)
+    train_epochs(model, x, y, plan, torch.Generator().manual_seed(0))
+
+
+def run_veil(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
+    plan = TrainingPlan(epochs=epochs, batch_size=BATCH, learning_rate=0.05)
+    trainer = DPSGDTrainer(noise_multiplier=SIGMA, clip_norm=CLIP, source=SecureRandom())
+    trainer.train(model, x, y, plan, torch.Generator())
+
+
+def run_opacus(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
+    from opacus import PrivacyEngine
+
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=BATCH, shuffle=True
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = PrivacyEngine()
+        model, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=SIGMA,
+            max_grad_norm=CLIP,
+            poisson_sampling=True,
+            grad_sample_mode="hooks",
+        )
+        loss_fn = nn.CrossEntropyLoss()
+        for _ in range(epochs):
+            for xb, yb in loader:
+                optimizer.zero_grad()
+                loss_fn(model(xb), yb).backward()
+                optimizer.step()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer epochs and repeats")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    epochs, repeats = (1, 2) if args.quick else (3, 5)
+    try:
+        import opacus
+
+        opacus_version: str | None = opacus.__version__
+    except ImportError:
+        opacus_version = None
+    cases = {
+        "mlp": (lambda: MLP(30, [64], 2), synthetic_tabular(4000)),
+        "cnn": (lambda: SmallCNN((1, 8, 8), 10), digits()),
+    }
+    results = {}
+    for name, (factory, (x, y)) in cases.items():
+        torch.manual_seed(0)
+        initial = factory()
+        methods: dict[str, Trainer] = {
+            "non_private": run_plain,
+            "veil_dpsgd": run_veil,
+        }
+        if opacus_version:
+            methods["opacus_hooks"] = run_opacus
+        row: dict[str, float] = {}
+        for method, fn in methods.items():
+            seconds = measure(fn, initial, x, y, epochs, repeats)
+            row[f"{method}_samples_per_s"] = round(epochs * len(x) / seconds, 1)
+        row["veil_slowdown_vs_non_private"] = round(
+            row["non_private_samples_per_s"] / row["veil_dpsgd_samples_per_s"], 2
+        )
+        if opacus_version:
+            row["opacus_slowdown_vs_non_private"] = round(
+                row["non_private_samples_per_s"] / row["opacus_hooks_samples_per_s"], 2
+            )
+            row["veil_speedup_vs_opacus"] = round(
+                row["veil_dpsgd_samples_per_s"] / row["opacus_hooks_samples_per_s"], 2
+            )
+        results[name] = row
+        print(name, json.dumps(row), file=sys.stderr)
+    summary = {
+        "benchmark": "dpsgd",
+        "quick": args.quick,
+        "torch": torch.__version__,
+        "opacus": opacus_version,
+        "batch": BATCH,
+        "epochs": epochs,
+        "results": results,
+        "target_mlp_slowdown_le_2": results["mlp"]["veil_slowdown_vs_non_private"] <= 2.0,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

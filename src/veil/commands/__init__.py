@@ -1,0 +1,1 @@
+"""Subcommands of `veil`, each module adding its own parsers with `register(sub)`."""

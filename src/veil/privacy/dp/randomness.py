@@ -1,0 +1,107 @@
+"""Where DP noise gets its randomness: the operating system's CSPRNG, or (tests only) a seed.
+
+Noise that protects people must not be predictable: an attacker who can reproduce the generator's
+state can subtract the noise. `SecureRandom` draws every bit from `os.urandom` (getrandom(2) on
+Linux). `SeededRandom` is reproducible and exists for tests; `require_secure` refuses it wherever
+`production` is set, and every noise-adding component calls it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from veil.errors import ConfigError
+
+_TWO_PI = 2.0 * math.pi
+_2_POW_53 = float(1 << 53)
+
+
+class RandomSource(Protocol):
+    """The randomness a mechanism may use."""
+
+    #: True for a reproducible (test) source.
+    seeded: bool
+
+    def randbelow(self, n: int) -> int:
+        """A uniform integer in [0, n), exactly (for discrete samplers)."""
+        ...
+
+    def standard_normal(self, size: int) -> npt.NDArray[np.float64]:
+        """`size` independent N(0, 1) draws."""
+        ...
+
+    def uniform(self, size: int) -> npt.NDArray[np.float64]:
+        """`size` independent uniform draws in [0, 1) (53-bit resolution)."""
+        ...
+
+
+class SecureRandom:
+    """Randomness from the operating system's CSPRNG.
+
+    Gaussian draws use the Box–Muller transform on 53-bit uniforms built from `os.urandom`
+    bytes; the uniforms exclude 0 so the logarithm is finite.
+    """
+
+    seeded = False
+
+    def randbelow(self, n: int) -> int:
+        return secrets.randbelow(n)
+
+    def uniform(self, size: int) -> npt.NDArray[np.float64]:
+        raw = np.frombuffer(os.urandom(8 * size), dtype=np.uint64)
+        return (raw >> np.uint64(11)).astype(np.float64) / _2_POW_53
+
+    def standard_normal(self, size: int) -> npt.NDArray[np.float64]:
+        pairs = (size + 1) // 2
+        raw = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs)
+        u1 = ((raw[0] >> np.uint64(11)).astype(np.float64) + 1.0) / _2_POW_53  # (0, 1]
+        u2 = (raw[1] >> np.uint64(11)).astype(np.float64) / _2_POW_53  # [0, 1)
+        radius = np.sqrt(-2.0 * np.log(u1))
+        angle = _TWO_PI * u2
+        out = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])
+        return out[:size]
+
+
+class SeededRandom:
+    """A reproducible source for tests. Never use it for a release: see `require_secure`."""
+
+    seeded = True
+
+    def __init__(self, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+
+    def randbelow(self, n: int) -> int:
+        if n <= 0:
+            raise ValueError("n must be positive")
+        if n < 2**63:
+            return int(self._rng.integers(0, n))
+        # Arbitrary precision: rejection sampling on random bits.
+        bits = n.bit_length()
+        while True:
+            value = int.from_bytes(self._rng.bytes((bits + 7) // 8), "little") >> (
+                (8 - bits % 8) % 8
+            )
+            if value < n:
+                return value
+
+    def standard_normal(self, size: int) -> npt.NDArray[np.float64]:
+        return self._rng.standard_normal(size)
+
+    def uniform(self, size: int) -> npt.NDArray[np.float64]:
+        return self._rng.random(size)
+
+
+def require_secure(source: RandomSource, *, production: bool, what: str) -> None:
+    """Refuse a seeded source in production mode, naming what would have used it."""
+    if production and source.seeded:
+        raise ConfigError(
+            f"{what}: a seeded random source is refused in production mode, because seeded noise "
+            "can be reproduced and removed; drop the noise seed, or set production = false "
+            "for a test run"
+        )
