@@ -36,7 +36,6 @@ from veil.models import MLP, SmallCNN
 from veil.privacy.dp.dpsgd import DPSGDTrainer
 from veil.privacy.dp.randomness import SecureRandom
 
-BATCH = 64
 SIGMA, CLIP = 1.0, 1.0
 
 
@@ -57,16 +56,33 @@ Trainer = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], None]
 
 
 def measure(
-    fn: Trainer, initial: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, repeats: int
-) -> float:
-    """Median seconds of `fn` training a fresh copy of `initial`."""
-    times = []
+    methods: dict[str, Trainer],
+    initial: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    repeats: int,
+) -> dict[str, list[float]]:
+    """Seconds per repeat of each method, run in turn (A B C A B C ...) so that drifts in the
+    machine's speed hit every method alike; each trains a fresh copy of `initial`."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for fn in methods.values():  # warm-up: first-call costs inside torch and Opacus
+        fn(copy.deepcopy(initial), x[:256], y[:256], 1)
     for _ in range(repeats):
-        model = copy.deepcopy(initial)
-        start = time.perf_counter()
-        fn(model, x, y, epochs)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in methods.items():
+            model = copy.deepcopy(initial)
+            start = time.perf_counter()
+            fn(model, x, y, epochs)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def paired_ratio(slow: list[float], fast: list[float]) -> float:
+    """Median over repeats of slow/fast, pairing the runs of the same repeat."""
+    return round(statistics.median(s / f for s, f in zip(slow, fast, strict=True)), 2)
+
+
+BATCH = 64  # the expected batch size; --batch changes it
 
 
 def run_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
@@ -110,7 +126,10 @@ def run_opacus(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer epochs and repeats")
+    parser.add_argument("--batch", type=int, default=64, help="expected batch size (64)")
     args = parser.parse_args(argv)
+    global BATCH
+    BATCH = args.batch
     torch.set_num_threads(1)
     epochs, repeats = (1, 2) if args.quick else (3, 5)
     try:
@@ -133,20 +152,19 @@ def main(argv: list[str] | None = None) -> int:
         }
         if opacus_version:
             methods["opacus_hooks"] = run_opacus
-        row: dict[str, float] = {}
-        for method, fn in methods.items():
-            seconds = measure(fn, initial, x, y, epochs, repeats)
-            row[f"{method}_samples_per_s"] = round(epochs * len(x) / seconds, 1)
-        row["veil_slowdown_vs_non_private"] = round(
-            row["non_private_samples_per_s"] / row["veil_dpsgd_samples_per_s"], 2
+        times = measure(methods, initial, x, y, epochs, repeats)
+        row: dict[str, float] = {
+            f"{method}_samples_per_s": round(epochs * len(x) / statistics.median(t), 1)
+            for method, t in times.items()
+        }
+        row["veil_slowdown_vs_non_private"] = paired_ratio(
+            times["veil_dpsgd"], times["non_private"]
         )
         if opacus_version:
-            row["opacus_slowdown_vs_non_private"] = round(
-                row["non_private_samples_per_s"] / row["opacus_hooks_samples_per_s"], 2
+            row["opacus_slowdown_vs_non_private"] = paired_ratio(
+                times["opacus_hooks"], times["non_private"]
             )
-            row["veil_speedup_vs_opacus"] = round(
-                row["veil_dpsgd_samples_per_s"] / row["opacus_hooks_samples_per_s"], 2
-            )
+            row["veil_speedup_vs_opacus"] = paired_ratio(times["opacus_hooks"], times["veil_dpsgd"])
         results[name] = row
         print(name, json.dumps(row), file=sys.stderr)
     summary = {

@@ -112,13 +112,18 @@ def test_ledger_is_charged_before_the_run_and_refuses_overspending(tmp_path: Pat
         assert ledger.budget("hospitals/client-0").epsilon_spent == spent
 
 
-def test_medical_dp_example_reaches_093(tmp_path: Path) -> None:
+def test_medical_dp_example_reaches_093() -> None:
     # Seeded noise (tests only) makes the check deterministic; the example itself draws its
-    # noise from the OS CSPRNG (mean 0.944 over 12 draws, see the example's header).
+    # noise from a CSPRNG, so the claim is checked as a mean over three noise draws (over 12
+    # draws: mean 0.950, lowest 0.930; see the example's header).
     raw = load_config(EXAMPLES / "medical_diagnosis_dp.toml").to_dict()
     assert raw["privacy"]["epsilon"] == 1.0 and raw["privacy"]["delta"] == 1e-5
     assert raw["privacy"]["production"] is True
-    raw["privacy"].update(production=False, noise_seed=0)
-    result = veil.run(RunConfig.from_dict(raw), tmp_path)
-    assert result.final["accuracy"] >= 0.93
-    assert result.privacy.epsilon is not None and 0.9 < result.privacy.epsilon <= 1.0
+    accuracies = []
+    for seed in range(3):
+        raw["privacy"].update(production=False, noise_seed=seed)
+        result = veil.run(RunConfig.from_dict(raw))
+        assert result.privacy.epsilon is not None and 0.9 < result.privacy.epsilon <= 1.0
+        accuracies.append(result.final["accuracy"])
+    assert sum(accuracies) / 3 >= 0.93
+    assert min(accuracies) >= 0.9

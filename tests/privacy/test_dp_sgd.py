@@ -20,7 +20,7 @@ class NeverSample(SeededRandom):
     """Seeded noise, but no example is ever sampled: every batch is empty."""
 
     def uniform(self, size: int) -> npt.NDArray[np.float64]:
-        return np.ones(size)
+        return np.full(size, 1 - 1e-15)  # the largest draws: every gap overshoots n
 
 
 def data(n: int, d: int, k: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

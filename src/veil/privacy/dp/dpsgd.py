@@ -37,8 +37,29 @@ def poisson_schedule(n_examples: int, expected_batch_size: int, epochs: int) -> 
 
 
 def poisson_batch(source: RandomSource, n_examples: int, sampling_rate: float) -> np.ndarray:
-    """Indices of one Poisson-sampled batch: each example independently with probability q."""
-    return np.flatnonzero(source.uniform(n_examples) < sampling_rate)
+    """Indices of one Poisson-sampled batch: each example independently with probability q.
+
+    Drawn as the gaps between successive members, which are i.i.d. Geometric(q) in a Bernoulli
+    process, so a batch costs about q·n random draws instead of n.
+    """
+    if sampling_rate >= 1:
+        return np.arange(n_examples)
+    if n_examples <= 0:
+        return np.zeros(0, dtype=np.int64)
+    expected = sampling_rate * n_examples
+    log_miss = math.log1p(-sampling_rate)
+    position = -1
+    chunks = []
+    while True:
+        k = int(expected + 4 * math.sqrt(expected) + 16)
+        u = 1.0 - source.uniform(k)  # in (0, 1]
+        gaps = np.floor(np.log(u) / log_miss).astype(np.int64) + 1
+        positions = position + np.cumsum(gaps)
+        inside = positions[positions < n_examples]
+        chunks.append(inside)
+        if inside.size < k:
+            return np.concatenate(chunks)
+        position = int(positions[-1])
 
 
 class DPSGDTrainer:
@@ -87,14 +108,16 @@ class DPSGDTrainer:
             else:
                 sums = {}
             noise = torch.from_numpy(self.source.standard_normal(total).astype(np.float32))
-            for i, (name, chunk) in enumerate(zip(names, torch.split(noise, sizes), strict=True)):
+            # grad = (Σ clipped + N(0, σ²C²)) / (q·n), the noise drawn as one block.
+            noise.mul_(std / expected_batch)
+            for i, chunk in enumerate(torch.split(noise, sizes)):
                 p = params[i]
-                g = chunk.reshape(p.shape).mul_(std)
-                if name in sums:
-                    g += sums[name]
-                g /= expected_batch
+                g = chunk.view(p.shape)
+                summed = sums.get(names[i])
+                if summed is not None:
+                    g.add_(summed, alpha=1.0 / expected_batch)
                 if anchor:
-                    g += plan.proximal_mu * (p.detach() - anchor[i])
+                    g.add_(p.detach() - anchor[i], alpha=plan.proximal_mu)
                 p.grad = g
             sgd_step(params, velocity, plan)
         return TrainStats(loss=None, steps=steps)

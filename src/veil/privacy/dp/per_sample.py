@@ -30,6 +30,16 @@ from torch.func import functional_call, grad, vmap
 _RULE_LAYERS = (nn.Linear, nn.Conv2d)
 
 
+@dataclass(frozen=True)
+class _Layer:
+    """A layer with a per-sample rule and the full names of its trainable parameters."""
+
+    module: nn.Module
+    linear: bool
+    weight: str | None
+    bias: str | None
+
+
 @dataclass
 class ClippedBatch:
     """The clipped gradient sum of one batch, per trainable parameter name, and diagnostics."""
@@ -37,7 +47,6 @@ class ClippedBatch:
     grads: dict[str, torch.Tensor]
     #: Per-sample gradient norms before clipping (diagnostics; never leaves the client).
     norms: torch.Tensor
-    loss_sum: float
 
 
 class PerSampleClipper:
@@ -52,26 +61,52 @@ class PerSampleClipper:
         #: Per-example loss (reduction "none"); default cross-entropy.
         self.loss = loss or (lambda out, y: F.cross_entropy(out, y, reduction="none"))
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self._owners = self._rule_owners()
-        self.method = "layer-rules" if self._owners is not None else "torch.func"
+        self._plan = self._rule_plan()
+        self.method = "layer-rules" if self._plan is not None else "torch.func"
+        self._records: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        # Hooks stay registered (cheap when idle) rather than being added on every batch.
+        self._handles = [
+            layer.module.register_forward_hook(self._record) for layer in self._plan or []
+        ]
 
-    def _rule_owners(self) -> dict[str, nn.Module] | None:
-        """The supported layer owning each trainable parameter, or None if any has none."""
-        owners: dict[str, nn.Module] = {}
+    def _record(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
+        if self._records is not None:
+            self._records[module].append((inputs[0].detach(), output))  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Remove the forward hooks from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _rule_plan(self) -> list[_Layer] | None:
+        """One entry per layer with trainable parameters, or None if a layer has no rule."""
+        plan: list[_Layer] = []
         for module_name, module in self.model.named_modules():
-            for pname, p in module.named_parameters(recurse=False):
-                if not p.requires_grad:
-                    continue
-                if not isinstance(module, _RULE_LAYERS) or pname not in ("weight", "bias"):
-                    return None
-                if isinstance(module, nn.Conv2d) and module.groups != 1:
-                    return None
-                owners[f"{module_name}.{pname}" if module_name else pname] = module
-        return owners
+            trainable = {
+                pname: f"{module_name}.{pname}" if module_name else pname
+                for pname, p in module.named_parameters(recurse=False)
+                if p.requires_grad
+            }
+            if not trainable:
+                continue
+            if not isinstance(module, _RULE_LAYERS) or set(trainable) - {"weight", "bias"}:
+                return None
+            if isinstance(module, nn.Conv2d) and module.groups != 1:
+                return None
+            plan.append(
+                _Layer(
+                    module,
+                    isinstance(module, nn.Linear),
+                    trainable.get("weight"),
+                    trainable.get("bias"),
+                )
+            )
+        return plan
 
     def clipped_sum(self, x: torch.Tensor, y: torch.Tensor, clip_norm: float) -> ClippedBatch:
         """Clip every example's gradient to `clip_norm` and sum them; `x` must be non-empty."""
-        if self._owners is not None:
+        if self._plan is not None:
             result = self._with_rules(x, y, clip_norm)
             if result is not None:
                 return result
@@ -80,53 +115,53 @@ class PerSampleClipper:
     # -- layer rules ---------------------------------------------------------------------
 
     def _with_rules(self, x: torch.Tensor, y: torch.Tensor, clip: float) -> ClippedBatch | None:
-        assert self._owners is not None
-        layers = list(dict.fromkeys(self._owners.values()))
-        records: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in layers}
-
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            records[module].append((inputs[0].detach(), output))
-
-        handles = [m.register_forward_hook(hook) for m in layers]
+        assert self._plan is not None
+        plan = self._plan
+        records: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {
+            layer.module: [] for layer in plan
+        }
+        self._records = records
         try:
             losses = self.loss(self.model(x), y)
         finally:
-            for h in handles:
-                h.remove()
+            self._records = None
         if any(len(r) != 1 for r in records.values()):
             return None  # a layer ran twice (weight sharing) or not at all: use torch.func
-        outputs = [records[m][0][1] for m in layers]
-        grads_out = torch.autograd.grad(losses.sum(), outputs)
+        grads_out = torch.autograd.grad(
+            losses.sum(), [records[layer.module][0][1] for layer in plan]
+        )
         batch = x.shape[0]
         sq_norms = torch.zeros(batch, dtype=torch.float32)
-        # Per layer: either (activation, output-grad) for the ghost rule, or per-sample grads.
-        ghost: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-        samples: dict[nn.Module, dict[str, torch.Tensor]] = {}
-        for module, g in zip(layers, grads_out, strict=True):
-            a = records[module][0][0]
-            if isinstance(module, nn.Linear) and a.dim() == 2:
-                ghost[module] = (a, g)
-                if module.weight.requires_grad:
-                    sq_norms += a.pow(2).sum(1) * g.pow(2).sum(1)
-                if module.bias is not None and module.bias.requires_grad:
-                    sq_norms += g.pow(2).sum(1)
+        # Per layer: (activation, output-grad) for the ghost rule, or per-sample gradients.
+        parts: list[tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]] = []
+        for layer, g in zip(plan, grads_out, strict=True):
+            a = records[layer.module][0][0]
+            if layer.linear and a.dim() == 2:
+                parts.append((a, g))
+                weight_sq = (a * a).sum(1) if layer.weight else 0.0
+                sq_norms += (g * g).sum(1) * (weight_sq + (1.0 if layer.bias else 0.0))
             else:
-                samples[module] = _per_sample_layer_grads(module, a, g)
-                for name, tensor in samples[module].items():
-                    if getattr(module, name).requires_grad:
-                        sq_norms += tensor.reshape(batch, -1).pow(2).sum(1)
+                per = _per_sample_layer_grads(layer.module, a, g)
+                parts.append(per)
+                for attr, name in (("weight", layer.weight), ("bias", layer.bias)):
+                    if name is not None:
+                        sq_norms += per[attr].reshape(batch, -1).pow(2).sum(1)
         norms = sq_norms.sqrt()
         factors = (clip / (norms + 1e-6)).clamp(max=1.0)
         out: dict[str, torch.Tensor] = {}
-        for pname, module in self._owners.items():
-            attr = pname.rsplit(".", 1)[-1]
-            if module in ghost:
-                a, g = ghost[module]
+        for layer, part in zip(plan, parts, strict=True):
+            if isinstance(part, tuple):
+                a, g = part
                 scaled = g * factors[:, None]
-                out[pname] = scaled.T @ a if attr == "weight" else scaled.sum(0)
+                if layer.weight:
+                    out[layer.weight] = scaled.T @ a
+                if layer.bias:
+                    out[layer.bias] = scaled.sum(0)
             else:
-                out[pname] = torch.einsum("b,b...->...", factors, samples[module][attr])
-        return ClippedBatch(out, norms, float(losses.detach().sum()))
+                for attr, name in (("weight", layer.weight), ("bias", layer.bias)):
+                    if name is not None:
+                        out[name] = torch.einsum("b,b...->...", factors, part[attr])
+        return ClippedBatch(out, norms)
 
     # -- torch.func fallback ---------------------------------------------------------------
 
@@ -146,9 +181,7 @@ class PerSampleClipper:
         norms = torch.as_tensor(sq).sqrt()
         factors = (clip / (norms + 1e-6)).clamp(max=1.0)
         grads = {n: torch.einsum("b,b...->...", factors, t) for n, t in per.items()}
-        with torch.no_grad():
-            loss_sum = float(self.loss(self.model(x), y).sum())
-        return ClippedBatch(grads, norms, loss_sum)
+        return ClippedBatch(grads, norms)
 
 
 def _per_sample_layer_grads(

@@ -1,21 +1,21 @@
 """Where DP noise gets its randomness: the operating system's CSPRNG, or (tests only) a seed.
 
 Noise that protects people must not be predictable: an attacker who can reproduce the generator's
-state can subtract the noise. `SecureRandom` draws every bit from `os.urandom` (getrandom(2) on
-Linux). `SeededRandom` is reproducible and exists for tests; `require_secure` refuses it wherever
-`production` is set, and every noise-adding component calls it.
+state can subtract the noise. `SecureRandom` draws its bits from a CSPRNG keyed by `os.urandom`
+(getrandom(2) on Linux). `SeededRandom` is reproducible and exists for tests; `require_secure`
+refuses it wherever `production` is set, and every noise-adding component calls it.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import secrets
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from veil.crypto.drbg import SecureByteStream
 from veil.errors import ConfigError
 
 _TWO_PI = 2.0 * math.pi
@@ -42,24 +42,31 @@ class RandomSource(Protocol):
 
 
 class SecureRandom:
-    """Randomness from the operating system's CSPRNG.
+    """Cryptographically secure randomness: AES-256-CTR keyed and re-keyed from the OS CSPRNG
+    (`veil.crypto.drbg.SecureByteStream`); exact integers from `secrets`.
 
-    Gaussian draws use the Box–Muller transform on 53-bit uniforms built from `os.urandom`
-    bytes; the uniforms exclude 0 so the logarithm is finite.
+    Gaussian draws use the Box–Muller transform on 53-bit uniforms; the uniforms exclude 0 so
+    the logarithm is finite and the tails reach about 8.6σ.
     """
 
     seeded = False
+
+    def __init__(self) -> None:
+        self._stream = SecureByteStream()
+
+    def _bytes(self, n: int) -> bytes:
+        return self._stream.read(n)
 
     def randbelow(self, n: int) -> int:
         return secrets.randbelow(n)
 
     def uniform(self, size: int) -> npt.NDArray[np.float64]:
-        raw = np.frombuffer(os.urandom(8 * size), dtype=np.uint64)
+        raw = np.frombuffer(self._bytes(8 * size), dtype=np.uint64)
         return (raw >> np.uint64(11)).astype(np.float64) / _2_POW_53
 
     def standard_normal(self, size: int) -> npt.NDArray[np.float64]:
         pairs = (size + 1) // 2
-        raw = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs)
+        raw = np.frombuffer(self._bytes(16 * pairs), dtype=np.uint64).reshape(2, pairs)
         u1 = ((raw[0] >> np.uint64(11)).astype(np.float64) + 1.0) / _2_POW_53  # (0, 1]
         u2 = (raw[1] >> np.uint64(11)).astype(np.float64) / _2_POW_53  # [0, 1)
         radius = np.sqrt(-2.0 * np.log(u1))

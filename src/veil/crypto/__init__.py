@@ -1,0 +1,1 @@
+"""Safe recipes over `cryptography`: the only place in Veil that touches primitives directly."""
