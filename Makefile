@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # torch first, pinned: this CPU build lies on the machines' disks; any other torch request
 # would pull a CUDA build of several GB. pyproject.toml declares torch>=2.6, which it satisfies.
 TORCH  := torch==2.13.0
-PYTEST_ARGS ?= -m "not slow"
+PYTEST_ARGS ?= -m "not slow" -n 2
 
 .PHONY: demo test test-all lint bench clean
 
@@ -26,7 +26,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/veil run examples/medical_diagnosis.toml --out runs/demo
+	$(BIN)/veil run examples/medical_diagnosis_dp.toml --out runs/demo
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests benchmarks

@@ -99,19 +99,55 @@ def summary_table(result: Result) -> Table:
         table.add_row(
             "centralized baseline accuracy", f"{result.centralized_baseline.accuracy:.4f}"
         )
-    p = result.privacy
-    if p.epsilon is None:
-        table.add_row("privacy", "no differential privacy: the model is not DP-protected")
-    else:
-        table.add_row("privacy", f"({p.epsilon:.3f}, {p.delta:g})-DP per {p.unit}, {p.accountant}")
-    table.add_row("aggregation", _aggregation_note(p.aggregation))
+    table.add_row("aggregation", _aggregation_note(result.privacy.aggregation))
     table.add_row(
         "communication",
-        f"{result.communication.bytes_up / 1e6:.2f} MB up, "
-        f"{result.communication.bytes_down / 1e6:.2f} MB down",
+        f"{_size(result.communication.bytes_up)} up, {_size(result.communication.bytes_down)} down",
     )
     table.add_row("time", f"{result.timing.total_s:.1f} s")
     return table
+
+
+def privacy_table(result: Result) -> Table:
+    """The privacy record: what is guaranteed, to whom, and the numbers to recompute it."""
+    p = result.privacy
+    extra = p.model_extra or {}
+    table = Table(title="Privacy record", show_header=False, title_justify="left", box=box.SIMPLE)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    if p.epsilon is None or p.delta is None:
+        table.add_row("guarantee", "none: no differential privacy, the model is not DP-protected")
+        return table
+    unit = "one record of one organisation" if p.unit == "record" else "one whole organisation"
+    table.add_row("guarantee", f"(ε = {p.epsilon:.3f}, δ = {p.delta:g})-DP for {unit}")
+    target = extra.get("target")
+    if isinstance(target, dict):
+        table.add_row("target", f"ε ≤ {target.get('epsilon')}, δ = {target.get('delta')}")
+    rdp = extra.get("epsilon_rdp")
+    cross_check = f"; RDP cross-check ε = {rdp:.3f}" if isinstance(rdp, float) else ""
+    table.add_row("accountant", f"{p.accountant}{cross_check}")
+    if p.mechanism is not None:
+        m = p.mechanism
+        table.add_row(
+            "mechanism",
+            f"σ = {m.noise_multiplier:.4g}, C = {m.clip_norm:.4g}, "
+            f"q = {m.sampling_rate:.4g}, steps = {m.steps}",
+        )
+    for org in extra.get("per_organisation", []):
+        mech = org["mechanism"]
+        table.add_row(
+            f"  {org['name']}",
+            f"ε = {org['epsilon']:.3f} (σ = {mech['noise_multiplier']:.3f}, "
+            f"q = {mech['sampling_rate']:.3f}, steps = {mech['steps']})",
+        )
+    return table
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 def _aggregation_note(aggregation: str) -> str:
@@ -124,3 +160,4 @@ def print_result(result: Result, console: Console) -> None:
     """The per-round table and the summary."""
     console.print(rounds_table(result))
     console.print(summary_table(result))
+    console.print(privacy_table(result))
