@@ -59,6 +59,8 @@ def test_strategy_sections_select_their_model(tmp_path: Path) -> None:
         ("rounds = 2", "rounds = 2\nmin_clients = 5", "min_clients = 5 exceeds clients = 3"),
         ("[federation]", "[secagg]\nepsilon = 1.0\n[federation]", "[secagg] is reserved"),
         ("clients = 3", "clients = 3\nclients = 4", "invalid TOML"),
+        ("[federation]", '[strategy]\nname = "scaffold"\n[federation]', "use one of 'fedavg'"),
+        ("[federation]", '[model]\nname = "logistic"\nhidden = [8]\n[federation]', "hidden"),
     ],
     ids=[
         "zero-clients",
@@ -69,6 +71,8 @@ def test_strategy_sections_select_their_model(tmp_path: Path) -> None:
         "min-clients",
         "reserved",
         "toml-syntax",
+        "strategy-name",
+        "unused-model-key",
     ],
 )
 def test_invalid_configs_give_one_line_naming_the_key(

@@ -95,6 +95,7 @@ def test_partial_participation_and_dropout_are_counted() -> None:
     result = veil.run(small_config(clients=10, fraction_fit=0.5, simulated_dropout=0.3, rounds=6))
     selected = [r.clients + r.dropped for r in result.rounds]
     assert selected == [5] * 6
+    assert [r.selected for r in result.rounds] == selected
     assert sum(r.dropped for r in result.rounds) > 0
     assert all(len(r.failures) == r.dropped for r in result.rounds)
 

@@ -32,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))
+    except BrokenPipeError:
+        # The reader went away (e.g. `veil runs show ... | head`): not an error of ours.
+        sys.stderr.close()
+        return 0
     except UserError as exc:
         print(f"veil: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

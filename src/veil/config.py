@@ -75,6 +75,14 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """The model every client trains: a plain `torch.nn.Module`."""
 
+    @model_validator(mode="after")
+    def _keys_fit_the_model(self) -> ModelConfig:
+        defaults = {"hidden": [64], "channels": [16, 32]}
+        for key, owner in (("hidden", "mlp"), ("channels", "cnn")):
+            if self.name != owner and getattr(self, key) != defaults[key]:
+                raise ValueError(f"{key} applies to name = '{owner}', not '{self.name}'; remove it")
+        return self
+
     name: Literal["logistic", "mlp", "cnn"] = "mlp"
     #: Hidden layer widths of the MLP.
     hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [64])
@@ -308,6 +316,9 @@ def _one_line(exc: ValidationError) -> str:
             msg = f"unknown key '{key}' in {where}"
             if allowed:
                 msg += f"; allowed keys: {', '.join(allowed)}"
+    elif kind == "union_tag_invalid":
+        tags = first.get("ctx", {}).get("expected_tags", "")
+        msg = f"{key}.name = {first.get('ctx', {}).get('tag')!r}: use one of {tags}"
     elif kind == "missing":
         msg = f"missing required key '{key}'"
     else:

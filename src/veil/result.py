@@ -17,8 +17,12 @@ class _Open(BaseModel):
 
 class RoundResult(_Open):
     round: int
+    #: Clients whose update was aggregated.
     clients: int
+    #: Selected clients whose update was not aggregated (dropped out, too late, or refused).
     dropped: int
+    #: Clients selected for the round (clients + dropped).
+    selected: int = 0
     metrics: dict[str, float]
     epsilon: float | None = None
     applied: bool = True

@@ -70,7 +70,6 @@ def _run(
     started = time.perf_counter()
     run_id = new_run_id()
     out = Path(out_dir) if out_dir is not None else None
-    store = RunStore(out / DB_NAME) if out is not None else None
 
     fed = _federated_data(config)
     plan = _training_plan(config)
@@ -100,7 +99,7 @@ def _run(
         dropout=config.federation.simulated_dropout,
         seed=config.seed,
     )
-    recorder = _Recorder(run_id, store, out / CHECKPOINT_FILE if out else None)
+    recorder = _Recorder(run_id, None, out / CHECKPOINT_FILE if out else None)
     server = FederatedServer(
         run_id=run_id,
         clients=list(runners),
@@ -119,7 +118,10 @@ def _run(
         observers=[*([privacy] if privacy else []), recorder, *observers],
         seed=config.seed,
     )
+    # Everything that can refuse the run has run by now: only then touch the run folder.
     charges = _charge_ledger(config, privacy, run_id)
+    store = RunStore(out / DB_NAME) if out is not None else None
+    recorder.store = store
     if store is not None:
         store.start_run(
             run_id,
@@ -346,6 +348,7 @@ def _centralized_baseline(
 def _round_result(record: RoundRecord) -> RoundResult:
     return RoundResult(
         round=record.round,
+        selected=record.selected,
         clients=record.completed,
         dropped=record.dropped,
         metrics=record.metrics,

@@ -172,6 +172,7 @@ class RunStore:
                 "bytes_up": r["bytes_up"],
                 "bytes_down": r["bytes_down"],
                 "duration_s": r["duration_s"],
+                "failures": json.loads(r["failures"]),
             }
             for r in self._db.execute(
                 "SELECT * FROM rounds WHERE run_id = ? ORDER BY round", (run_id,)
