@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from veil import __version__
+from veil.commands import deploy as deploy_commands
+from veil.commands import pki as pki_commands
 from veil.commands import privacy as privacy_commands
 from veil.config import load_config
 from veil.errors import StoreError, UserError
@@ -76,13 +78,21 @@ def _parser() -> argparse.ArgumentParser:
     p_show.add_argument("--json", action="store_true", help="print the run as JSON")
     p_show.set_defaults(handler=_cmd_runs_show)
     privacy_commands.register(sub)
+    deploy_commands.register(sub)
+    pki_commands.register(sub)
     return parser
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     out = args.out if args.out is not None else Path("runs") / config.name
-    if args.quiet:
+    if config.mode == "deployment":
+        from veil.deployment import run_deployment
+
+        result = run_deployment(config, out, config_path=args.config)
+        if not args.quiet:
+            print_result(result, _stdout_console())
+    elif args.quiet:
         result = run(config, out)
     else:
         console = Console(stderr=True)

@@ -23,7 +23,7 @@ Mode = Literal["simulation", "deployment", "ray"]
 Aggregation = Literal["plain", "secagg", "ckks", "tee"]
 
 #: What this version can execute; the other values of the contract are refused with a message.
-IMPLEMENTED_MODES: tuple[str, ...] = ("simulation",)
+IMPLEMENTED_MODES: tuple[str, ...] = ("simulation", "deployment")
 IMPLEMENTED_AGGREGATIONS: tuple[str, ...] = ("plain",)
 
 
@@ -211,6 +211,21 @@ class PrivacyConfig(_Section):
         return self
 
 
+class DeploymentConfig(_Section):
+    """Real processes: one server, one process per organisation, gRPC with mutual TLS."""
+
+    #: Where the server listens; port 0 picks a free port.
+    address: str = "127.0.0.1:0"
+    #: Seconds a round waits for clients' results; later ones are dropped from the round.
+    round_deadline_s: float = Field(60.0, gt=0)
+    #: Refuse updates whose L2 norm exceeds this (None: no bound).
+    max_update_norm: float | None = Field(None, gt=0)
+    #: Seconds a client keeps retrying to reach the server before it gives up.
+    reconnect_timeout_s: float = Field(120.0, gt=0)
+    #: Seconds `veil run` waits for the whole deployment before killing it.
+    timeout_s: float = Field(1800.0, gt=0)
+
+
 class ReservedSection(_Section):
     """A section kept for a capability not in this version: it accepts no keys yet."""
 
@@ -228,7 +243,7 @@ class RunConfig(_Section):
     strategy: StrategyConfig = FedAvgConfig()
     privacy: PrivacyConfig | None = None
     secagg: ReservedSection = ReservedSection()
-    deployment: ReservedSection = ReservedSection()
+    deployment: DeploymentConfig = DeploymentConfig()
 
     @model_validator(mode="after")
     def _supported_here(self) -> RunConfig:
@@ -242,6 +257,14 @@ class RunConfig(_Section):
                 f"secure_aggregation = '{self.secure_aggregation}' is not available in this "
                 f"version of Veil; use one of {list(IMPLEMENTED_AGGREGATIONS)}"
             )
+        if self.mode == "deployment":
+            if self.privacy is not None:
+                raise ValueError(
+                    "[privacy] is not available with mode = 'deployment' in this version; "
+                    "use mode = 'simulation' for differentially private runs"
+                )
+            if self.federation.simulated_dropout > 0:
+                raise ValueError("simulated_dropout applies to mode = 'simulation' only")
         if self.privacy is not None:
             if self.data.scaling == "federated":
                 raise ValueError(
@@ -308,7 +331,7 @@ def _one_line(exc: ValidationError) -> str:
     if kind == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
         where = f"[{'.'.join(loc[:-1])}]" if len(loc) > 1 else "the top level"
-        if loc[:1] and loc[0] in {"secagg", "deployment"}:
+        if loc[:1] and loc[0] in {"secagg"}:
             msg = (
                 f"unknown key '{key}': [{loc[0]}] is reserved and takes no settings in this version"
             )

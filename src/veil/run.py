@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -30,7 +30,7 @@ from veil.federation import (
     TrainingPlan,
     UpdatePipeline,
 )
-from veil.federation.server import Evaluator
+from veil.federation.server import ClientGateway, Evaluator
 from veil.federation.strategy import PoissonSource
 from veil.federation.training import as_tensors, evaluate, train_epochs
 from veil.models import build_model, get_parameters, set_parameters
@@ -64,14 +64,25 @@ def run(
         return _run(config, out_dir, observers)
 
 
+#: Builds the gateway to real clients: (run id, initial parameters) -> gateway.
+GatewayFactory = Callable[[str, NamedArrays], ClientGateway]
+
+
 def _run(
-    config: RunConfig, out_dir: str | Path | None, observers: Sequence[ServerObserver]
+    config: RunConfig,
+    out_dir: str | Path | None,
+    observers: Sequence[ServerObserver],
+    *,
+    fed: FederatedData | None = None,
+    gateway_factory: GatewayFactory | None = None,
 ) -> Result:
+    """One run. Simulation builds the data and an in-process transport; a deployment server
+    passes `fed` (test data and client names only) and a factory for its network gateway."""
     started = time.perf_counter()
     run_id = new_run_id()
     out = Path(out_dir) if out_dir is not None else None
 
-    fed = _federated_data(config)
+    fed = fed if fed is not None else _federated_data(config)
     plan = _training_plan(config)
     initial = get_parameters(_model(config, fed, seed=derive_seed(config.seed, Purpose.MODEL_INIT)))
 
@@ -93,12 +104,16 @@ def _run(
         )
         for index, client in enumerate(fed.clients)
     }
-    transport = LocalTransport(
-        runners,
-        lambda: _model(config, fed),
-        dropout=config.federation.simulated_dropout,
-        seed=config.seed,
-    )
+    gateway: ClientGateway
+    if gateway_factory is None:
+        gateway = LocalTransport(
+            runners,
+            lambda: _model(config, fed),
+            dropout=config.federation.simulated_dropout,
+            seed=config.seed,
+        )
+    else:
+        gateway = gateway_factory(run_id, initial)
     recorder = _Recorder(run_id, None, out / CHECKPOINT_FILE if out else None)
     server = FederatedServer(
         run_id=run_id,
@@ -108,7 +123,7 @@ def _run(
             config,
             poisson_source=privacy.sampler if isinstance(privacy, ClientLevelPrivacy) else None,
         ),
-        gateway=transport,
+        gateway=gateway,
         plan=plan,
         pipeline=pipeline,
         min_clients=config.federation.min_clients,
@@ -135,7 +150,7 @@ def _run(
         final = _test_evaluator(config, fed)(server.parameters)
         baseline = (
             _centralized_baseline(config, fed, initial)
-            if config.federation.centralized_baseline
+            if config.federation.centralized_baseline and gateway_factory is None
             else None
         )
         result = Result(

@@ -7,11 +7,13 @@ denominator, so one client changes the mean by at most C/(qN)). Clients are Pois
 rate q, which the accountant composes as a subsampled Gaussian per round.
 
 Adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy 2021, "Differentially Private Learning
-with Adaptive Clipping"): each client also sends bᵢ = 1[‖Δᵢ‖ ≤ C] as a sum-only scalar; the
-server releases Σbᵢ with noise N(0, σ_b²) and moves C geometrically towards the target quantile
-γ: C ← C·exp(−η(b̃ − γ)). Both releases are one Gaussian mechanism with noise multiplier
-z = (z_Δ⁻² + (2σ_b)⁻²)^(−1/2), so the update noise is raised to z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2)
-to keep the accounted z.
+with Adaptive Clipping"): each client also sends bᵢ − ½ with bᵢ = 1[‖Δᵢ‖ ≤ C] as a sum-only
+scalar (centred, so one client moves the sum by at most ½); the server releases the sum with
+noise N(0, σ_b²), estimates the unclipped fraction b̃ = noisy sum / (qN) + ½ and moves C
+geometrically towards the target quantile γ: C ← C·exp(−η(b̃ − γ)). Both releases together are
+one Gaussian mechanism with noise multiplier z = (z_Δ⁻² + (2σ_b)⁻²)^(−1/2) (the bit's
+sensitivity is ½), so the update noise is raised to z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) to keep the
+accounted z.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class ClipUpdate:
         norm = l2_norm(result.update)
         factor = np.float32(min(1.0, clip / norm) if norm > 0 else 1.0)
         update = {name: arr * factor for name, arr in result.update.items()}
-        sums = {**result.sums, UNCLIPPED: 1.0 if norm <= clip else 0.0}
+        sums = {**result.sums, UNCLIPPED: 0.5 if norm <= clip else -0.5}
         return replace(result, update=update, weight=1.0, sums=sums, metrics={})
 
 
@@ -84,6 +86,8 @@ class GaussianSumNoise:
             else noise_multiplier
         )
         self.clip_history: list[float] = [clip_norm]
+        #: The clipping norm the last aggregated round used (before adapting it).
+        self.last_clip_norm = clip_norm
 
     def configure_plan(self, plan: TrainingPlan) -> TrainingPlan:
         return replace(plan, update_clip_norm=self.clip_norm)
@@ -99,10 +103,11 @@ class GaussianSumNoise:
             total[name] = (arr + chunk).astype(np.float32)
             offset += size
         sums = dict(aggregate.sums)
-        unclipped = sums.pop(UNCLIPPED, 0.0)
+        centred = sums.pop(UNCLIPPED, 0.0)
+        self.last_clip_norm = self.clip_norm
         if self.target_quantile is not None:
-            noisy = unclipped + float(self.source.standard_normal(1)[0]) * self.count_stddev
-            fraction = noisy / self.expected_clients
+            noisy = centred + float(self.source.standard_normal(1)[0]) * self.count_stddev
+            fraction = noisy / self.expected_clients + 0.5
             self.clip_norm *= math.exp(-self.clip_learning_rate * (fraction - self.target_quantile))
             self.clip_history.append(self.clip_norm)
         return Aggregate(

@@ -62,7 +62,7 @@ def _noise_multiplier(
                 neighbouring=config.neighbouring,
             )
         except ConfigError as exc:
-            raise ConfigError(f"privacy: {who}: {exc}") from None
+            raise ConfigError(f"privacy: {who}: {str(exc).removeprefix('privacy: ')}") from None
     sigma = float(config.noise_multiplier)
     achieved = report(sigma, sampling_rate, steps, config.delta, neighbouring=config.neighbouring)
     if achieved.epsilon > config.epsilon * (1 + _SLACK):
@@ -242,15 +242,18 @@ class ClientLevelPrivacy(_Observer):
             config, sampling_rate=fraction_fit, steps=rounds, who="the federation"
         )
         expected = fraction_fit * n_clients
-        stage = GaussianSumNoise(
-            noise_multiplier=sigma,
-            clip_norm=config.clip_norm,
-            expected_clients=expected,
-            source=random_source(config, 0),
-            target_quantile=config.target_quantile,
-            clip_learning_rate=config.clip_learning_rate,
-            clip_count_stddev=config.clip_count_stddev,
-        )
+        try:
+            stage = GaussianSumNoise(
+                noise_multiplier=sigma,
+                clip_norm=config.clip_norm,
+                expected_clients=expected,
+                source=random_source(config, 0),
+                target_quantile=config.target_quantile,
+                clip_learning_rate=config.clip_learning_rate,
+                clip_count_stddev=config.clip_count_stddev,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"privacy: {exc}") from None
         return cls(
             config=config,
             sampling_rate=fraction_fit,
@@ -277,7 +280,7 @@ class ClientLevelPrivacy(_Observer):
         self.steps += 1
         self.epsilon = max(self.epsilon, self.accountant.epsilon(self.config.delta))
         record.epsilon = self.epsilon
-        record.metrics["clip_norm"] = self.server_stage.clip_history[-1]
+        record.metrics["clip_norm"] = self.server_stage.last_clip_norm
 
     def charges(self, dataset_id: str) -> list[Charge]:
         eps = report(

@@ -1,0 +1,105 @@
+"""`veil server`, `veil client` and `veil status`: the processes of a real deployment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import grpc
+
+from veil.crypto import pki
+from veil.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("server", help="run the federation server (mutual TLS)")
+    p.add_argument("config", type=Path)
+    p.add_argument("--run-dir", type=Path, required=True, help="where result.json and veil.db go")
+    p.add_argument("--pki", type=Path, required=True, help="the federation's PKI folder")
+    p.add_argument("--test-data", type=Path, required=True, help="the server's test set (.npz)")
+    p.add_argument("--address", help="host:port to listen on (default from [deployment])")
+    p.add_argument("--port-file", type=Path, help="write the chosen port here once listening")
+    p.add_argument("--insecure-dev", action="store_true", help="plaintext: development only")
+    p.set_defaults(handler=_cmd_server)
+
+    p = sub.add_parser("client", help="run one organisation's client (mutual TLS)")
+    p.add_argument("config", type=Path)
+    p.add_argument("--name", required=True, help="this node's name, as in its certificate")
+    p.add_argument("--data", type=Path, required=True, help="this organisation's data (.npz)")
+    p.add_argument("--pki", type=Path, required=True, help="folder holding nodes/NAME/ and ca.crt")
+    p.add_argument("--server", required=True, help="the server's host:port")
+    p.add_argument("--insecure-dev", action="store_true", help="plaintext: development only")
+    p.set_defaults(handler=_cmd_client)
+
+    p = sub.add_parser("status", help="show a running server's round and clients")
+    p.add_argument("--server", required=True, help="host:port")
+    p.add_argument("--pki", type=Path, required=True, help="PKI folder")
+    p.add_argument("--name", required=True, help="a node name whose certificate to present")
+    p.set_defaults(handler=_cmd_status)
+
+
+def _warn_insecure() -> None:
+    print(
+        "veil: WARNING: --insecure-dev: plaintext channel without mutual TLS; anyone on the "
+        "network can read and forge this traffic. Never use it with real data.",
+        file=sys.stderr,
+    )
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from veil.deployment import configure_logging, load, serve
+
+    if args.insecure_dev:
+        _warn_insecure()
+    configure_logging()
+    serve(
+        load(args.config),
+        run_dir=args.run_dir,
+        pki_dir=args.pki,
+        test_data=args.test_data,
+        address=args.address,
+        insecure=args.insecure_dev,
+        port_file=args.port_file,
+    )
+    return 0
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from veil.deployment import configure_logging, load, serve_client
+
+    if args.insecure_dev:
+        _warn_insecure()
+    configure_logging()
+    try:
+        serve_client(
+            load(args.config),
+            name=args.name,
+            data=args.data,
+            pki_dir=args.pki,
+            server=args.server,
+            insecure=args.insecure_dev,
+        )
+    except grpc.RpcError as exc:
+        raise UserError(f"the server refused or cannot be reached: {exc.details()}") from None
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from veil.transport.grpc import veil_pb2 as pb
+    from veil.transport.grpc import veil_pb2_grpc as pb_grpc
+    from veil.transport.grpc.client import ClientCredentials, open_channel
+
+    files = pki.node_files(args.pki, args.name)
+    creds = ClientCredentials(
+        files.cert.read_bytes(), files.key.read_bytes(), files.ca_cert.read_bytes()
+    )
+    with open_channel(args.server, creds) as channel:
+        try:
+            stub = pb_grpc.FederationStub(channel)  # type: ignore[no-untyped-call]
+            reply = stub.Status(pb.StatusRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            raise UserError(f"cannot reach the server at {args.server}: {exc.details()}") from None
+    print(json.dumps(json.loads(reply.json), indent=2))
+    return 0

@@ -1,0 +1,343 @@
+"""Deployment: one server process and one process per organisation, gRPC with mutual TLS.
+
+- `serve`: the server process (`veil server`): the same federation loop as simulation, talking to
+  clients through `GrpcGateway`; writes `result.json`, `veil.db` and checkpoints to its run folder.
+- `serve_client`: one organisation's process (`veil client`): trains on its own data file.
+- `run_deployment`: what `veil run` does with `mode = "deployment"`: issues certificates into the
+  run folder, writes each organisation's share of the data, starts the server and the clients as
+  real processes on 127.0.0.1 (free ports chosen automatically), waits for them, collects their
+  logs under `RUN/logs/`, and returns the same `Result` as simulation.
+
+Data files are NumPy `.npz` archives read with `allow_pickle=False`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from veil.config import RunConfig, load_config
+from veil.crypto import pki
+from veil.crypto.identity import IdentityKey, IdentityPublicKey
+from veil.data import ClientData, FederatedData
+from veil.errors import UserError
+from veil.federation.client import ClientRunner
+from veil.federation.pipeline import UpdatePipeline
+from veil.models import build_model
+from veil.result import Result
+from veil.run import RESULT_FILE, _federated_data, _run, _torch_threads
+from veil.seeding import Purpose, derive_seed
+from veil.tensors import NamedArrays
+from veil.transport.grpc.client import ClientCredentials, open_channel, run_client
+from veil.transport.grpc.server import GrpcGateway, ServerCredentials
+
+SERVER_NAME = "server"
+TEST_FILE = "server-test.npz"
+
+
+class DeploymentError(UserError):
+    """A deployment could not start or did not finish."""
+
+
+# -- data files ----------------------------------------------------------------------------
+
+
+def write_client_data(path: Path, client: ClientData, *, index: int, fed: FederatedData) -> None:
+    """One organisation's prepared data (what it would hold in a real deployment)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        path,
+        x_train=client.x_train,
+        y_train=client.y_train,
+        x_val=client.x_val,
+        y_val=client.y_val,
+        meta=np.frombuffer(json.dumps(_shape_meta(fed) | {"index": index}).encode(), np.uint8),
+    )
+
+
+def write_server_data(path: Path, fed: FederatedData) -> None:
+    """The server's held-out test set, the client names and the data's shape."""
+    meta = _shape_meta(fed) | {"clients": [c.name for c in fed.clients]}
+    np.savez(
+        path,
+        x_test=fed.x_test,
+        y_test=fed.y_test,
+        meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+    )
+
+
+def _shape_meta(fed: FederatedData) -> dict[str, Any]:
+    return {
+        "dataset": fed.dataset_name,
+        "synthetic": fed.synthetic,
+        "n_features": fed.n_features,
+        "n_classes": fed.n_classes,
+        "image_shape": list(fed.image_shape) if fed.image_shape else None,
+    }
+
+
+def _load_npz(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    if not path.is_file():
+        raise DeploymentError(f"data file not found: '{path}'")
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    meta = json.loads(arrays.pop("meta").tobytes().decode())
+    return arrays, meta
+
+
+def _image_shape(meta: dict[str, Any]) -> tuple[int, int, int] | None:
+    shape = meta.get("image_shape")
+    return (int(shape[0]), int(shape[1]), int(shape[2])) if shape else None
+
+
+# -- server ----------------------------------------------------------------------------------
+
+
+def serve(
+    config: RunConfig,
+    *,
+    run_dir: Path,
+    pki_dir: Path,
+    test_data: Path,
+    address: str | None = None,
+    insecure: bool = False,
+    port_file: Path | None = None,
+) -> Result:
+    """Run the federation as the server process; returns when the run is finished."""
+    arrays, meta = _load_npz(test_data)
+    names = list(meta["clients"])
+    empty = np.zeros((0, int(meta["n_features"])), np.float32)
+    fed = FederatedData(
+        dataset_name=meta["dataset"],
+        synthetic=bool(meta["synthetic"]),
+        n_features=int(meta["n_features"]),
+        n_classes=int(meta["n_classes"]),
+        image_shape=_image_shape(meta),
+        feature_names=(),
+        class_names=(),
+        clients=[
+            ClientData(n, empty, np.zeros(0, np.int64), empty, np.zeros(0, np.int64)) for n in names
+        ],
+        x_test=arrays["x_test"],
+        y_test=arrays["y_test"],
+        scaling=config.data.scaling,
+    )
+    identities = {n: IdentityPublicKey.load(pki.node_files(pki_dir, n).identity_pub) for n in names}
+    credentials = None if insecure else _server_credentials(pki_dir)
+    holder: dict[str, GrpcGateway] = {}
+
+    def factory(run_id: str, initial: NamedArrays) -> GrpcGateway:
+        gateway = GrpcGateway(
+            run_id=run_id,
+            identities=identities,
+            reference=initial,
+            deadline_s=config.deployment.round_deadline_s,
+            max_update_norm=config.deployment.max_update_norm,
+        )
+        port = gateway.start(address or config.deployment.address, credentials)
+        if port_file is not None:
+            port_file.write_text(str(port))
+        holder["gateway"] = gateway
+        return gateway
+
+    try:
+        with _torch_threads(config.federation.torch_threads):
+            result = _run(config, run_dir, [], fed=fed, gateway_factory=factory)
+    finally:
+        gateway = holder.get("gateway")
+        if gateway is not None:
+            gateway.finish()
+            gateway.stop()
+    return result
+
+
+def _server_credentials(pki_dir: Path) -> ServerCredentials:
+    files = pki.node_files(pki_dir, SERVER_NAME)
+    return ServerCredentials(
+        certificate=files.cert.read_bytes(),
+        private_key=files.key.read_bytes(),
+        ca_certificate=files.ca_cert.read_bytes(),
+        revoked=pki.revoked_serials(pki_dir),
+    )
+
+
+# -- client ----------------------------------------------------------------------------------
+
+
+def serve_client(
+    config: RunConfig,
+    *,
+    name: str,
+    data: Path,
+    pki_dir: Path,
+    server: str,
+    insecure: bool = False,
+) -> int:
+    """Run one organisation until the server ends the run; returns the number of tasks done."""
+    arrays, meta = _load_npz(data)
+    client = ClientData(
+        name, arrays["x_train"], arrays["y_train"], arrays["x_val"], arrays["y_val"]
+    )
+    runner = ClientRunner(
+        name,
+        client,
+        n_classes=int(meta["n_classes"]),
+        pipeline=UpdatePipeline(),
+        seed=derive_seed(config.seed, Purpose.LOCAL_TRAINING, int(meta.get("index", 0))),
+    )
+    model = build_model(
+        config.model,
+        n_features=int(meta["n_features"]),
+        n_classes=int(meta["n_classes"]),
+        image_shape=_image_shape(meta),
+    )
+    files = pki.node_files(pki_dir, name)
+    credentials = (
+        None
+        if insecure
+        else ClientCredentials(
+            certificate=files.cert.read_bytes(),
+            private_key=files.key.read_bytes(),
+            ca_certificate=files.ca_cert.read_bytes(),
+        )
+    )
+    channel = open_channel(server, credentials)
+    try:
+        with _torch_threads(config.federation.torch_threads):
+            return run_client(
+                channel,
+                runner,
+                model,
+                IdentityKey.load(files.identity_key),
+                reconnect_timeout_s=config.deployment.reconnect_timeout_s,
+            )
+    finally:
+        channel.close()
+
+
+# -- one command on loopback -----------------------------------------------------------------
+
+
+def run_deployment(config: RunConfig, out: Path, *, config_path: Path) -> Result:
+    """Issue certificates, start a server and one process per organisation on 127.0.0.1, wait
+    for them, collect their logs, and return the server's result."""
+    out.mkdir(parents=True, exist_ok=True)
+    pki_dir, data_dir, logs = out / "pki", out / "data", out / "logs"
+    fed = _federated_data(config)
+    names = [c.name for c in fed.clients]
+    if not (pki_dir / "ca.crt").is_file():
+        pki.init_ca(pki_dir)
+    for name, role in [(SERVER_NAME, "server"), *((n, "client") for n in names)]:
+        if not (pki_dir / "nodes" / name / "node.crt").is_file():
+            pki.issue(pki_dir, name, role=role)  # type: ignore[arg-type]
+    for index, client in enumerate(fed.clients):
+        write_client_data(data_dir / f"{client.name}.npz", client, index=index, fed=fed)
+    write_server_data(data_dir / TEST_FILE, fed)
+    logs.mkdir(exist_ok=True)
+    port_file = out / "server.port"
+    port_file.unlink(missing_ok=True)
+    veil = [sys.executable, "-m", "veil.cli"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs: list[subprocess.Popen[bytes]] = []
+    deadline = time.monotonic() + config.deployment.timeout_s
+    try:
+        server = _spawn(
+            [
+                *veil,
+                "server",
+                str(config_path),
+                "--run-dir",
+                str(out),
+                "--pki",
+                str(pki_dir),
+                "--test-data",
+                str(data_dir / TEST_FILE),
+                "--address",
+                "127.0.0.1:0",
+                "--port-file",
+                str(port_file),
+            ],
+            logs / "server.log",
+            env,
+        )
+        procs.append(server)
+        port = _wait_for_port(port_file, server, deadline)
+        for name in names:
+            procs.append(
+                _spawn(
+                    [
+                        *veil,
+                        "client",
+                        str(config_path),
+                        "--name",
+                        name,
+                        "--data",
+                        str(data_dir / f"{name}.npz"),
+                        "--pki",
+                        str(pki_dir),
+                        "--server",
+                        f"localhost:{port}",
+                    ],
+                    logs / f"{name}.log",
+                    env,
+                )
+            )
+        code = server.wait(timeout=max(1.0, deadline - time.monotonic()))
+        if code != 0:
+            raise DeploymentError(
+                f"the server exited with status {code}; see {logs / 'server.log'}"
+            )
+        for proc in procs[1:]:
+            try:
+                proc.wait(timeout=max(1.0, min(30.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    except subprocess.TimeoutExpired:
+        raise DeploymentError(
+            f"the deployment did not finish within {config.deployment.timeout_s:g} s; "
+            f"see the logs in {logs}"
+        ) from None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return Result.model_validate_json((out / RESULT_FILE).read_text())
+
+
+def _spawn(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    handle = open(log_path, "ab")  # noqa: SIM115 - the child owns it
+    try:
+        return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    finally:
+        handle.close()
+
+
+def _wait_for_port(port_file: Path, server: subprocess.Popen[bytes], deadline: float) -> int:
+    while time.monotonic() < deadline:
+        if port_file.is_file() and port_file.read_text().strip():
+            return int(port_file.read_text())
+        if server.poll() is not None:
+            raise DeploymentError(f"the server exited with status {server.returncode} at start")
+        time.sleep(0.05)
+    raise DeploymentError("the server did not start listening in time")
+
+
+def configure_logging() -> None:
+    """JSON-lines logs on stderr for server and client processes."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def load(config_path: Path) -> RunConfig:
+    config = load_config(config_path)
+    if config.mode != "deployment":
+        config = RunConfig.from_dict({**config.to_dict(), "mode": "deployment"})
+    return config

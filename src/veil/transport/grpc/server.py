@@ -1,0 +1,359 @@
+"""The server side of the deployment transport: a `ClientGateway` served over gRPC.
+
+Clients long-poll `GetTask`; the federation loop (on its own thread) puts a task in a client's
+mailbox and waits for its `Upload` until the round's deadline. Every upload must come over a
+connection whose certificate names the client (mutual TLS), carry the nonce of that client's
+current task (so a replayed or stale upload is refused), be signed with the client's Ed25519
+identity key, and pass the update checks (names, shapes, dtypes, finite values, norm bound).
+The reason for a refusal goes back to the client and into the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent import futures
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+from cryptography import x509
+
+from veil.crypto.identity import IdentityPublicKey, SignatureRejected
+from veil.federation.messages import (
+    ClientFailure,
+    EvaluateInstruction,
+    EvaluateResult,
+    FitInstruction,
+    FitResult,
+)
+from veil.tensors import NamedArrays, check_compatible, l2_norm
+from veil.transport.grpc import veil_pb2 as pb
+from veil.transport.grpc import veil_pb2_grpc as pb_grpc
+from veil.transport.grpc.codec import MalformedMessage, decode, encode
+
+log = logging.getLogger("veil.server")
+
+#: gRPC keeps a connection alive with pings; without them an idle long-poll may be cut.
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+@dataclass
+class _Task:
+    kind: str  # "fit" | "evaluate" | "done"
+    round: int
+    nonce: str
+    meta: dict[str, Any]
+    arrays: NamedArrays
+
+
+@dataclass
+class _ClientState:
+    task: _Task | None = None
+    last_seen: float = 0.0
+    used_nonces: set[str] = field(default_factory=set)
+
+
+@dataclass
+class ServerCredentials:
+    """PEM bytes for mutual TLS, and the serials of revoked client certificates."""
+
+    certificate: bytes
+    private_key: bytes
+    ca_certificate: bytes
+    revoked: frozenset[int] = frozenset()
+
+
+class GrpcGateway(pb_grpc.FederationServicer):
+    """Serves clients over gRPC and implements the federation's `ClientGateway`."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        identities: Mapping[str, IdentityPublicKey],
+        reference: NamedArrays,
+        deadline_s: float,
+        max_update_norm: float | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.identities = dict(identities)
+        self.reference = reference
+        self.deadline_s = deadline_s
+        self.max_update_norm = max_update_norm
+        self._clients = {name: _ClientState() for name in identities}
+        self._lock = threading.Condition()
+        self._results: queue.Queue[FitResult | EvaluateResult | ClientFailure] = queue.Queue()
+        self._round = 0
+        self._deadline = 0.0
+        self._revoked: frozenset[int] = frozenset()
+        self._secure = False
+        self._server: grpc.Server | None = None
+        self._on_event = on_event or (lambda event: None)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self, address: str, credentials: ServerCredentials | None) -> int:
+        """Listen on `address` (port 0: any free port); returns the port. Without credentials
+        the channel is plaintext: development only."""
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max(8, 2 * len(self._clients) + 4)),
+            options=[*CHANNEL_OPTIONS, ("grpc.max_receive_message_length", 8 << 20)],
+        )
+        pb_grpc.add_FederationServicer_to_server(self, server)  # type: ignore[no-untyped-call]
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            self._secure = True
+            self._revoked = credentials.revoked
+            creds = grpc.ssl_server_credentials(
+                [(credentials.private_key, credentials.certificate)],
+                root_certificates=credentials.ca_certificate,
+                require_client_auth=True,
+            )
+            port = server.add_secure_port(address, creds)
+        server.start()
+        self._server = server
+        return int(port)
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        if self._server is not None:
+            self._server.stop(grace_s).wait()
+
+    def finish(self, linger_s: float = 5.0) -> None:
+        """Tell every client the run is over, and give them a moment to hear it."""
+        with self._lock:
+            for state in self._clients.values():
+                state.task = _Task("done", self._round, "", {"run_id": self.run_id}, {})
+            self._lock.notify_all()
+        end = time.monotonic() + linger_s
+        while time.monotonic() < end:
+            with self._lock:
+                if all(s.task is None for s in self._clients.values()):
+                    return
+            time.sleep(0.05)
+
+    # -- ClientGateway ---------------------------------------------------------------------
+
+    def fit(
+        self, clients: Sequence[str], instruction: FitInstruction
+    ) -> Iterator[FitResult | ClientFailure]:
+        meta = {"run_id": instruction.run_id, "plan": asdict(instruction.plan)}
+        yield from self._dispatch(  # type: ignore[misc]
+            "fit", clients, instruction.round, meta, instruction.parameters
+        )
+
+    def evaluate(
+        self, clients: Sequence[str], instruction: EvaluateInstruction
+    ) -> Iterator[EvaluateResult | ClientFailure]:
+        meta = {"run_id": instruction.run_id}
+        yield from self._dispatch(  # type: ignore[misc]
+            "evaluate", clients, instruction.round, meta, instruction.parameters
+        )
+
+    def _dispatch(
+        self,
+        kind: str,
+        clients: Sequence[str],
+        round_: int,
+        meta: dict[str, Any],
+        arrays: NamedArrays,
+    ) -> Iterator[FitResult | EvaluateResult | ClientFailure]:
+        with self._lock:
+            self._round = round_
+            self._deadline = time.monotonic() + self.deadline_s
+            for name in clients:
+                nonce = secrets.token_hex(16)
+                task_meta = {**meta, "round": round_, "nonce": nonce, "client": name}
+                self._clients[name].task = _Task(kind, round_, nonce, task_meta, arrays)
+            self._lock.notify_all()
+        pending = set(clients)
+        while pending:
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                reply = self._results.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                continue
+            if reply.client in pending and reply.round == round_:
+                pending.discard(reply.client)
+                yield reply
+        with self._lock:
+            for name in clients:
+                task = self._clients[name].task
+                if task is not None and task.round == round_ and task.kind == kind:
+                    self._clients[name].task = None
+                    self._clients[name].used_nonces.add(task.nonce)
+        for name in sorted(pending):
+            self._event("dropped", client=name, round=round_, reason="missed the deadline")
+            yield ClientFailure(name, round_, f"no {kind} result within {self.deadline_s:g} s")
+
+    # -- RPCs ------------------------------------------------------------------------------
+
+    def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        name = self._authenticate(request.client, context)
+        wait = min(max(request.wait_s, 0.0), 30.0)
+        end = time.monotonic() + wait
+        with self._lock:
+            state = self._clients[name]
+            state.last_seen = time.time()
+            while state.task is None and time.monotonic() < end:
+                self._lock.wait(timeout=max(0.0, end - time.monotonic()))
+            task = state.task
+            if task is not None and task.kind == "done":
+                state.task = None
+        if task is None:
+            yield from encode("wait", {"run_id": self.run_id})
+            return
+        yield from encode(task.kind, task.meta, task.arrays)
+
+    def Upload(
+        self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext
+    ) -> pb.UploadReply:
+        name = self._authenticate(None, context)
+        try:
+            message = decode(request_iterator, max_bytes=_limit(self.reference))
+        except MalformedMessage as exc:
+            return self._refuse(name, f"malformed upload: {exc}")
+        meta = message.meta
+        if meta.get("client") != name:
+            return self._refuse(name, f"upload names client {meta.get('client')!r}")
+        try:
+            self.identities[name].verify(message.signature, message.signed_payload())
+        except SignatureRejected:
+            return self._refuse(name, "signature does not verify with the client's identity key")
+        with self._lock:
+            state = self._clients[name]
+            task = state.task
+            nonce = meta.get("nonce")
+            if nonce in state.used_nonces:
+                return self._refuse(name, "replayed upload (nonce already used)")
+            if task is None or nonce != task.nonce:
+                return self._refuse(name, "stale or unknown task (no open task with this nonce)")
+            if message.kind != f"{task.kind}_result" or meta.get("round") != task.round:
+                return self._refuse(name, f"a {message.kind} does not answer a {task.kind} task")
+            state.used_nonces.add(task.nonce)
+            state.task = None
+            state.last_seen = time.time()
+        if message.kind == "fit_result":
+            problem = self._check_update(message.arrays)
+            if problem:
+                self._results.put(ClientFailure(name, task.round, f"update rejected: {problem}"))
+                return self._refuse(name, f"update rejected: {problem}")
+            self._results.put(
+                FitResult(
+                    client=name,
+                    round=task.round,
+                    update={k: v.astype(np.float32, copy=False) for k, v in message.arrays.items()},
+                    weight=float(meta["weight"]),
+                    num_examples=int(meta["num_examples"]),
+                    metrics={k: float(v) for k, v in meta.get("metrics", {}).items()},
+                    sums={k: float(v) for k, v in meta.get("sums", {}).items()},
+                )
+            )
+        else:
+            self._results.put(
+                EvaluateResult(
+                    client=name,
+                    round=task.round,
+                    num_examples=int(meta["num_examples"]),
+                    metrics={k: float(v) for k, v in meta.get("metrics", {}).items()},
+                )
+            )
+        self._event("accepted", client=name, round=task.round, kind=message.kind)
+        return pb.UploadReply(accepted=True, reason="")
+
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        self._authenticate(None, context, allow_any=True)
+        now = time.time()
+        with self._lock:
+            status = {
+                "run_id": self.run_id,
+                "round": self._round,
+                "deadline_in_s": max(0.0, self._deadline - time.monotonic()),
+                "clients": {
+                    name: {
+                        "connected": now - s.last_seen < 45,
+                        "last_seen_s_ago": round(now - s.last_seen, 1) if s.last_seen else None,
+                        "task": s.task.kind if s.task else None,
+                    }
+                    for name, s in self._clients.items()
+                },
+            }
+        return pb.StatusReply(json=json.dumps(status))
+
+    # -- checks ----------------------------------------------------------------------------
+
+    def _authenticate(
+        self, claimed: str | None, context: grpc.ServicerContext, *, allow_any: bool = False
+    ) -> str:
+        if self._secure:
+            auth = context.auth_context()
+            pem = (auth.get("x509_pem_cert") or [b""])[0]
+            try:
+                cert = x509.load_pem_x509_certificate(pem)
+            except ValueError:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
+            names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+            name = str(names[0].value) if names else ""
+            if cert.serial_number in self._revoked:
+                self._event("refused", client=name, reason="revoked certificate")
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
+            if claimed and claimed != name:
+                context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"certificate is for '{name}', request claims '{claimed}'",
+                )
+        else:
+            name = claimed or ""
+        if allow_any:
+            return name
+        if name not in self._clients:
+            self._event("refused", client=name, reason="unknown client")
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"client '{name}' is not in this federation"
+            )
+        return name
+
+    def _check_update(self, arrays: Mapping[str, np.ndarray]) -> str | None:
+        for name, arr in arrays.items():
+            if arr.dtype != np.float32:
+                return f"parameter '{name}' has dtype {arr.dtype}, expected float32"
+        try:
+            check_compatible(self.reference, arrays)
+        except ValueError as exc:
+            return str(exc)
+        for name, arr in arrays.items():
+            if not np.isfinite(arr).all():
+                return f"parameter '{name}' contains NaN or Inf"
+        if self.max_update_norm is not None:
+            norm = l2_norm(arrays)
+            if norm > self.max_update_norm:
+                return f"update norm {norm:.4g} exceeds the bound {self.max_update_norm:g}"
+        return None
+
+    def _refuse(self, name: str, reason: str) -> pb.UploadReply:
+        self._event("refused", client=name, reason=reason)
+        return pb.UploadReply(accepted=False, reason=reason)
+
+    def _event(self, event: str, **fields: Any) -> None:
+        record = {"event": event, "time": time.time(), **fields}
+        log.info(json.dumps(record))
+        self._on_event(record)
+
+
+def _limit(reference: NamedArrays) -> int:
+    # An honest update is as large as the model; allow float64 plus headroom, refuse more.
+    return 2 * sum(a.nbytes for a in reference.values()) + (1 << 20)

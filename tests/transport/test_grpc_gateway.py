@@ -1,0 +1,196 @@
+"""The gRPC gateway over real loopback TLS: who may connect, and which uploads are refused."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from veil.crypto import pki
+from veil.crypto.identity import IdentityKey, IdentityPublicKey, signing_payload
+from veil.federation import ClientFailure, FitInstruction, FitResult, TrainingPlan
+from veil.transport.grpc import veil_pb2 as pb
+from veil.transport.grpc import veil_pb2_grpc as pb_grpc
+from veil.transport.grpc.client import ClientCredentials, open_channel
+from veil.transport.grpc.codec import decode, digest, encode
+from veil.transport.grpc.server import GrpcGateway, ServerCredentials
+
+REFERENCE = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+PLAN = TrainingPlan(epochs=1, batch_size=4, learning_rate=0.1)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("pki")
+    pki.init_ca(root)
+    pki.issue(root, "server", role="server")
+    for name in ("alice", "bob"):
+        pki.issue(root, name, role="client")
+    other = tmp_path_factory.mktemp("other-ca")
+    pki.init_ca(other)
+    pki.issue(other, "alice", role="client")
+    return {"root": root, "other": other}
+
+
+def credentials(root: Path, name: str) -> ClientCredentials:
+    f = pki.node_files(root, name)
+    return ClientCredentials(f.cert.read_bytes(), f.key.read_bytes(), f.ca_cert.read_bytes())
+
+
+@pytest.fixture
+def gateway(federation: dict[str, Any]) -> Any:
+    root = federation["root"]
+    server = pki.node_files(root, "server")
+    identities = {
+        n: IdentityPublicKey.load(pki.node_files(root, n).identity_pub) for n in ("alice", "bob")
+    }
+    gw = GrpcGateway(
+        run_id="run-1",
+        identities=identities,
+        reference=REFERENCE,
+        deadline_s=3.0,
+        max_update_norm=10.0,
+    )
+    port = gw.start(
+        "127.0.0.1:0",
+        ServerCredentials(
+            server.cert.read_bytes(), server.key.read_bytes(), server.ca_cert.read_bytes()
+        ),
+    )
+    yield gw, f"localhost:{port}"
+    gw.stop(0)
+
+
+def start_round(gw: GrpcGateway, clients: list[str]) -> tuple[threading.Thread, list[Any]]:
+    replies: list[Any] = []
+    instruction = FitInstruction("run-1", 1, REFERENCE, PLAN)
+    thread = threading.Thread(target=lambda: replies.extend(gw.fit(clients, instruction)))
+    thread.start()
+    return thread, replies
+
+
+def signed_upload(task_meta: dict[str, Any], key: IdentityKey, update: dict[str, Any]) -> list[Any]:
+    meta = {
+        "run_id": task_meta["run_id"],
+        "round": task_meta["round"],
+        "nonce": task_meta["nonce"],
+        "client": task_meta["client"],
+        "weight": 10.0,
+        "num_examples": 10,
+        "metrics": {},
+        "sums": {},
+    }
+    sig = key.sign(
+        signing_payload("veil-message", "fit_result", digest("fit_result", meta, update))
+    )
+    return list(encode("fit_result", meta, update, signature=sig))
+
+
+def identity(root: Path, name: str) -> IdentityKey:
+    return IdentityKey.load(pki.node_files(root, name).identity_key)
+
+
+def test_a_signed_upload_is_accepted_and_its_replay_refused(
+    federation: dict[str, Any], gateway: Any
+) -> None:
+    gw, address = gateway
+    thread, replies = start_round(gw, ["alice"])
+    with open_channel(address, credentials(federation["root"], "alice")) as channel:
+        stub = pb_grpc.FederationStub(channel)
+        task = decode(stub.GetTask(pb.TaskRequest(client="alice", wait_s=5)))
+        assert task.kind == "fit" and task.meta["round"] == 1
+        assert set(task.arrays) == set(REFERENCE)
+        update = {k: np.full_like(v, 0.1) for k, v in REFERENCE.items()}
+        chunks = signed_upload(task.meta, identity(federation["root"], "alice"), update)
+        first = stub.Upload(iter(chunks))
+        assert first.accepted, first.reason
+        replay = stub.Upload(iter(chunks))
+        assert not replay.accepted and "replayed" in replay.reason
+    thread.join()
+    assert len(replies) == 1 and isinstance(replies[0], FitResult)
+    np.testing.assert_array_equal(replies[0].update["w"], update["w"])
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        ("signer", "signature"),
+        ("nan", "NaN"),
+        ("shape", "shape"),
+        ("norm", "exceeds the bound"),
+        ("nonce", "stale or unknown"),
+    ],
+)
+def test_bad_uploads_are_refused_with_the_reason(
+    federation: dict[str, Any], gateway: Any, mutate: str, reason: str
+) -> None:
+    gw, address = gateway
+    thread, replies = start_round(gw, ["alice"])
+    root = federation["root"]
+    with open_channel(address, credentials(root, "alice")) as channel:
+        stub = pb_grpc.FederationStub(channel)
+        task = decode(stub.GetTask(pb.TaskRequest(client="alice", wait_s=5)))
+        update = {k: np.full_like(v, 0.1) for k, v in REFERENCE.items()}
+        key = identity(root, "alice")
+        meta = dict(task.meta)
+        if mutate == "signer":
+            key = identity(root, "bob")
+        elif mutate == "nan":
+            update["w"][0, 0] = np.nan
+        elif mutate == "shape":
+            update["w"] = np.zeros((2, 3), np.float32)
+        elif mutate == "norm":
+            update["w"][:] = 100.0
+        elif mutate == "nonce":
+            meta["nonce"] = "0" * 32
+        reply = stub.Upload(iter(signed_upload(meta, key, update)))
+    assert not reply.accepted
+    assert reason in reply.reason
+    thread.join()
+    assert all(isinstance(r, ClientFailure) for r in replies)
+
+
+def test_a_client_that_never_answers_is_dropped_at_the_deadline(gateway: Any) -> None:
+    gw, _ = gateway
+    thread, replies = start_round(gw, ["alice", "bob"])
+    thread.join(timeout=10)
+    assert {r.client for r in replies} == {"alice", "bob"}
+    assert all(isinstance(r, ClientFailure) and "within" in r.reason for r in replies)
+
+
+def test_a_certificate_from_another_ca_is_refused(federation: dict[str, Any], gateway: Any) -> None:
+    _, address = gateway
+    foreign = credentials(federation["other"], "alice")
+    trusted_ca = credentials(federation["root"], "alice").ca_certificate
+    creds = ClientCredentials(foreign.certificate, foreign.private_key, trusted_ca)
+    with open_channel(address, creds) as channel:
+        stub = pb_grpc.FederationStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            decode(stub.GetTask(pb.TaskRequest(client="alice", wait_s=0), timeout=5))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_client_without_a_certificate_is_refused(
+    federation: dict[str, Any], gateway: Any
+) -> None:
+    _, address = gateway
+    ca = credentials(federation["root"], "alice").ca_certificate
+    channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca))
+    with channel:
+        stub = pb_grpc.FederationStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            decode(stub.GetTask(pb.TaskRequest(client="alice", wait_s=0), timeout=5))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_client_cannot_claim_another_name(federation: dict[str, Any], gateway: Any) -> None:
+    _, address = gateway
+    with open_channel(address, credentials(federation["root"], "alice")) as channel:
+        stub = pb_grpc.FederationStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            decode(stub.GetTask(pb.TaskRequest(client="bob", wait_s=0), timeout=5))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
