@@ -226,6 +226,14 @@ class DeploymentConfig(_Section):
     timeout_s: float = Field(1800.0, gt=0)
 
 
+class CheckpointConfig(_Section):
+    """Where checkpoints go and how they are protected at rest."""
+
+    #: Key file (32 random bytes, base64, mode 0600; `veil keygen PATH` makes one): with it,
+    #: checkpoints are sealed with AES-256-GCM envelope encryption. Relative to the config file.
+    key_file: Path | None = None
+
+
 class ReservedSection(_Section):
     """A section kept for a capability not in this version: it accepts no keys yet."""
 
@@ -244,6 +252,7 @@ class RunConfig(_Section):
     privacy: PrivacyConfig | None = None
     secagg: ReservedSection = ReservedSection()
     deployment: DeploymentConfig = DeploymentConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @model_validator(mode="after")
     def _supported_here(self) -> RunConfig:
@@ -311,7 +320,7 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file; a run config is TOML text") from None
-    for section, key in (("data", "path"), ("privacy", "ledger")):
+    for section, key in (("data", "path"), ("privacy", "ledger"), ("checkpoint", "key_file")):
         table = raw.get(section)
         if isinstance(table, dict) and isinstance(table.get(key), str):
             table[key] = str((path.parent / Path(table[key]).expanduser()).resolve())

@@ -26,6 +26,7 @@ import numpy as np
 
 from veil.config import RunConfig, load_config
 from veil.crypto import pki
+from veil.crypto.envelope import generate_key_file, load_key_file
 from veil.crypto.identity import IdentityKey, IdentityPublicKey
 from veil.data import ClientData, FederatedData
 from veil.errors import UserError
@@ -110,8 +111,16 @@ def serve(
     address: str | None = None,
     insecure: bool = False,
     port_file: Path | None = None,
+    resume: bool = False,
+    checkpoint_key: Path | None = None,
 ) -> Result:
-    """Run the federation as the server process; returns when the run is finished."""
+    """Run the federation as the server process; returns when the run is finished.
+
+    Checkpoints are sealed under `checkpoint_key` (else `[checkpoint].key_file`); with `resume`
+    the run continues from `run_dir`'s checkpoint after a crash.
+    """
+    key_path = checkpoint_key or config.checkpoint.key_file
+    key = load_key_file(key_path) if key_path else None
     arrays, meta = _load_npz(test_data)
     names = list(meta["clients"])
     empty = np.zeros((0, int(meta["n_features"])), np.float32)
@@ -150,7 +159,15 @@ def serve(
 
     try:
         with _torch_threads(config.federation.torch_threads):
-            result = _run(config, run_dir, [], fed=fed, gateway_factory=factory)
+            result = _run(
+                config,
+                run_dir,
+                [],
+                fed=fed,
+                gateway_factory=factory,
+                resume=resume,
+                checkpoint_key=key,
+            )
     finally:
         gateway = holder.get("gateway")
         if gateway is not None:
@@ -238,6 +255,10 @@ def run_deployment(config: RunConfig, out: Path, *, config_path: Path) -> Result
     for name, role in [(SERVER_NAME, "server"), *((n, "client") for n in names)]:
         if not (pki_dir / "nodes" / name / "node.crt").is_file():
             pki.issue(pki_dir, name, role=role)  # type: ignore[arg-type]
+    key_file = config.checkpoint.key_file or out / "keys" / "checkpoint.key"
+    if not key_file.is_file():
+        key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        generate_key_file(key_file)
     for index, client in enumerate(fed.clients):
         write_client_data(data_dir / f"{client.name}.npz", client, index=index, fed=fed)
     write_server_data(data_dir / TEST_FILE, fed)
@@ -264,6 +285,8 @@ def run_deployment(config: RunConfig, out: Path, *, config_path: Path) -> Result
                 "127.0.0.1:0",
                 "--port-file",
                 str(port_file),
+                "--checkpoint-key",
+                str(key_file),
             ],
             logs / "server.log",
             env,

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from veil.config import FedAvgConfig, FedOptConfig, FedProxConfig, RunConfig, load_config
+from veil.crypto.envelope import load_key_file
 from veil.data import FederatedData, build_federated_data, load_dataset
+from veil.errors import StoreError
 from veil.federation import (
     ClientRunner,
     FedAvg,
@@ -38,7 +40,14 @@ from veil.privacy.dp.ledger import TOLERANCE, BudgetExceeded, PrivacyLedger
 from veil.privacy.dp.policy import ClientLevelPrivacy, RecordLevelPrivacy
 from veil.result import Baseline, Communication, PrivacyRecord, Result, RoundResult, Timing
 from veil.seeding import Purpose, derive_seed, torch_generator
-from veil.store import DB_NAME, Checkpoint, RunStore, atomic_write_text, save_checkpoint
+from veil.store import (
+    DB_NAME,
+    Checkpoint,
+    RunStore,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+)
 from veil.tensors import NamedArrays
 from veil.transport import LocalTransport
 
@@ -60,8 +69,9 @@ def run(
     """
     if not isinstance(config, RunConfig):
         config = load_config(config)
+    key = load_key_file(config.checkpoint.key_file) if config.checkpoint.key_file else None
     with _torch_threads(config.federation.torch_threads):
-        return _run(config, out_dir, observers)
+        return _run(config, out_dir, observers, checkpoint_key=key)
 
 
 #: Builds the gateway to real clients: (run id, initial parameters) -> gateway.
@@ -75,16 +85,32 @@ def _run(
     *,
     fed: FederatedData | None = None,
     gateway_factory: GatewayFactory | None = None,
+    resume: bool = False,
+    checkpoint_key: bytes | None = None,
 ) -> Result:
     """One run. Simulation builds the data and an in-process transport; a deployment server
-    passes `fed` (test data and client names only) and a factory for its network gateway."""
+    passes `fed` (test data and client names only) and a factory for its network gateway.
+
+    With `resume`, the run continues from `out_dir`'s checkpoint: same run id, parameters and
+    strategy state, from the round after the checkpointed one; rounds already in the run store
+    are kept, and a round redone after a crash replaces its row, so none is lost or counted
+    twice.
+    """
     started = time.perf_counter()
-    run_id = new_run_id()
     out = Path(out_dir) if out_dir is not None else None
+    checkpoint: Checkpoint | None = None
+    if resume:
+        if out is None:
+            raise StoreError("resuming needs the run folder that holds the checkpoint")
+        checkpoint = load_checkpoint(out / CHECKPOINT_FILE, key=checkpoint_key)
+    run_id = checkpoint.run_id if checkpoint else new_run_id()
 
     fed = fed if fed is not None else _federated_data(config)
     plan = _training_plan(config)
     initial = get_parameters(_model(config, fed, seed=derive_seed(config.seed, Purpose.MODEL_INIT)))
+    start_round = 1
+    if checkpoint is not None:
+        initial, start_round = checkpoint.parameters, checkpoint.round + 1
 
     privacy = _privacy_policy(config, fed, plan)
     pipeline = UpdatePipeline(
@@ -114,15 +140,18 @@ def _run(
         )
     else:
         gateway = gateway_factory(run_id, initial)
-    recorder = _Recorder(run_id, None, out / CHECKPOINT_FILE if out else None)
+    recorder = _Recorder(run_id, None, out / CHECKPOINT_FILE if out else None, checkpoint_key)
+    strategy = build_strategy(
+        config,
+        poisson_source=privacy.sampler if isinstance(privacy, ClientLevelPrivacy) else None,
+    )
+    if checkpoint is not None:
+        strategy.load_state(checkpoint.strategy_state)
     server = FederatedServer(
         run_id=run_id,
         clients=list(runners),
         parameters=initial,
-        strategy=build_strategy(
-            config,
-            poisson_source=privacy.sampler if isinstance(privacy, ClientLevelPrivacy) else None,
-        ),
+        strategy=strategy,
         gateway=gateway,
         plan=plan,
         pipeline=pipeline,
@@ -137,7 +166,15 @@ def _run(
     charges = _charge_ledger(config, privacy, run_id)
     store = RunStore(out / DB_NAME) if out is not None else None
     recorder.store = store
-    if store is not None:
+    earlier: list[RoundResult] = []
+    if store is not None and checkpoint is not None:
+        store.resume_run(run_id)
+        earlier = [
+            RoundResult.model_validate(r)
+            for r in store.get_run(run_id)[2]
+            if r["round"] < start_round
+        ]
+    elif store is not None:
         store.start_run(
             run_id,
             name=config.name,
@@ -146,7 +183,8 @@ def _run(
             out_dir=str(out.resolve()) if out else None,
         )
     try:
-        records = server.run(config.federation.rounds)
+        records = server.run(config.federation.rounds, start_round=start_round)
+        rounds = [*earlier, *(_round_result(r) for r in records)]
         final = _test_evaluator(config, fed)(server.parameters)
         baseline = (
             _centralized_baseline(config, fed, initial)
@@ -159,13 +197,13 @@ def _run(
             mode=config.mode,
             final=final,
             centralized_baseline=Baseline(**baseline) if baseline else None,
-            rounds=[_round_result(r) for r in records],
+            rounds=rounds,
             privacy=PrivacyRecord.model_validate(privacy.privacy_record(config.secure_aggregation))
             if privacy
             else PrivacyRecord(aggregation=config.secure_aggregation),
             communication=Communication(
-                bytes_up=sum(r.bytes_up for r in records),
-                bytes_down=sum(r.bytes_down for r in records),
+                bytes_up=sum(r.bytes_up for r in rounds),
+                bytes_down=sum(r.bytes_down for r in rounds),
             ),
             timing=Timing(total_s=time.perf_counter() - started),
             pipeline=pipeline.describe(),
@@ -379,10 +417,17 @@ def _round_result(record: RoundRecord) -> RoundResult:
 class _Recorder:
     """Writes each finished round to the run store and the checkpoint file."""
 
-    def __init__(self, run_id: str, store: RunStore | None, checkpoint: Path | None) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        store: RunStore | None,
+        checkpoint: Path | None,
+        key: bytes | None = None,
+    ) -> None:
         self.run_id = run_id
         self.store = store
         self.checkpoint = checkpoint
+        self.key = key
 
     def on_round_start(self, round_: int, selected: int) -> None:
         pass
@@ -405,4 +450,5 @@ class _Recorder:
                     strategy_state=strategy.state(),
                     meta={"strategy": strategy.name},
                 ),
+                key=self.key,
             )

@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--address", help="host:port to listen on (default from [deployment])")
     p.add_argument("--port-file", type=Path, help="write the chosen port here once listening")
     p.add_argument("--insecure-dev", action="store_true", help="plaintext: development only")
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument("--checkpoint-key", type=Path, help="key file sealing checkpoints at rest")
     p.set_defaults(handler=_cmd_server)
 
     p = sub.add_parser("client", help="run one organisation's client (mutual TLS)")
@@ -32,6 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--server", required=True, help="the server's host:port")
     p.add_argument("--insecure-dev", action="store_true", help="plaintext: development only")
     p.set_defaults(handler=_cmd_client)
+
+    p = sub.add_parser("keygen", help="create a key file for encrypting checkpoints at rest")
+    p.add_argument("path", type=Path, help="where to write the key (mode 0600; never overwritten)")
+    p.set_defaults(handler=_cmd_keygen)
 
     p = sub.add_parser("status", help="show a running server's round and clients")
     p.add_argument("--server", required=True, help="host:port")
@@ -62,6 +68,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
         address=args.address,
         insecure=args.insecure_dev,
         port_file=args.port_file,
+        resume=args.resume,
+        checkpoint_key=args.checkpoint_key,
     )
     return 0
 
@@ -83,6 +91,14 @@ def _cmd_client(args: argparse.Namespace) -> int:
         )
     except grpc.RpcError as exc:
         raise UserError(f"the server refused or cannot be reached: {exc.details()}") from None
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from veil.crypto.envelope import generate_key_file
+
+    generate_key_file(args.path)
+    print(f"key file: {args.path} (keep it apart from the checkpoints it protects)")
     return 0
 
 

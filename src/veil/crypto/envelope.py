@@ -38,8 +38,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from veil.atomic import atomic_write_bytes
 from veil.errors import UserError
-from veil.store.atomic import atomic_write_bytes
 
 __all__ = [
     "KEY_BYTES",

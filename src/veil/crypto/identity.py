@@ -24,8 +24,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from veil.atomic import atomic_write_bytes
 from veil.errors import UserError, VeilError
-from veil.store.atomic import atomic_write_bytes
 
 __all__ = [
     "DOMAIN",

@@ -41,9 +41,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from veil.atomic import atomic_write_bytes, atomic_write_text
 from veil.crypto.identity import IdentityKey
 from veil.errors import UserError
-from veil.store.atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "CertificateRejected",

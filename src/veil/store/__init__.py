@@ -1,6 +1,6 @@
 """Persistence: the SQLite run store, checkpoints and atomic file writes."""
 
-from veil.store.atomic import atomic_write_bytes, atomic_write_text
+from veil.atomic import atomic_write_bytes, atomic_write_text
 from veil.store.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from veil.store.runstore import DB_NAME, RunStore, RunSummary
 

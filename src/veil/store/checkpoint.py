@@ -1,7 +1,8 @@
 """Checkpoints: the global model and the strategy's state after a round, written atomically.
 
 The format is safetensors (a JSON header and raw little-endian buffers), which holds no code, so
-loading a checkpoint cannot execute anything.
+loading a checkpoint cannot execute anything. With a key, the file is sealed with AES-256-GCM
+envelope encryption (`veil.crypto.envelope`): unreadable and tamper-evident at rest.
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save
+from safetensors import SafetensorError
+from safetensors.numpy import load, save
 
+from veil.atomic import atomic_write_bytes
+from veil.crypto.envelope import MAGIC, SealedDataError, open_sealed, seal
 from veil.errors import StoreError
-from veil.store.atomic import atomic_write_bytes
 from veil.tensors import NamedArrays
 
 _PARAM = "parameters/"
 _STATE = "strategy/"
+_AAD = b"veil-checkpoint-v1"
 
 
 @dataclass(frozen=True)
@@ -34,8 +37,8 @@ class Checkpoint:
     meta: dict[str, Any]
 
 
-def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
-    """Write `checkpoint` to `path` atomically."""
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint, *, key: bytes | None = None) -> None:
+    """Write `checkpoint` to `path` atomically; sealed under `key` when one is given."""
     tensors = {
         **{_PARAM + k: np.ascontiguousarray(v) for k, v in checkpoint.parameters.items()},
         **{_STATE + k: np.ascontiguousarray(v) for k, v in checkpoint.strategy_state.items()},
@@ -45,18 +48,31 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
         "round": str(checkpoint.round),
         "meta": json.dumps(checkpoint.meta, sort_keys=True),
     }
-    atomic_write_bytes(path, save(tensors, metadata=header), mode=0o600)
+    raw = save(tensors, metadata=header)
+    if key is not None:
+        raw = seal(raw, key, associated_data=_AAD)
+    atomic_write_bytes(path, raw, mode=0o600)
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def load_checkpoint(path: str | Path, *, key: bytes | None = None) -> Checkpoint:
     """Read a checkpoint written by `save_checkpoint`; `StoreError` if missing or corrupt."""
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"no checkpoint at '{path}'")
+    raw = path.read_bytes()
+    if raw.startswith(MAGIC):
+        if key is None:
+            raise StoreError(
+                f"checkpoint '{path}' is encrypted; give the key file it was sealed with"
+            )
+        try:
+            raw = open_sealed(raw, key, associated_data=_AAD)
+        except SealedDataError as exc:
+            raise StoreError(f"checkpoint '{path}': {exc}") from None
     try:
-        with safe_open(str(path), framework="numpy") as handle:
-            header = handle.metadata()
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        tensors = load(raw)
+        size = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + size])["__metadata__"]
         return Checkpoint(
             run_id=header["run_id"],
             round=int(header["round"]),

@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     round      INTEGER NOT NULL,
     clients    INTEGER NOT NULL,
     dropped    INTEGER NOT NULL,
+    selected   INTEGER NOT NULL DEFAULT 0,
     applied    INTEGER NOT NULL,
     metrics    TEXT NOT NULL,
     epsilon    REAL,
@@ -116,14 +117,15 @@ class RunStore:
         """Insert (or replace, on resume) one round of a run."""
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO rounds (run_id, round, clients, dropped, applied, metrics,"
-                " epsilon, bytes_up, bytes_down, duration_s, failures)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO rounds (run_id, round, clients, dropped, selected, applied,"
+                " metrics, epsilon, bytes_up, bytes_down, duration_s, failures)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id,
                     record["round"],
                     record["clients"],
                     record["dropped"],
+                    record.get("selected", record["clients"] + record["dropped"]),
                     int(record.get("applied", True)),
                     json.dumps(record["metrics"], sort_keys=True),
                     record.get("epsilon"),
@@ -133,6 +135,16 @@ class RunStore:
                     json.dumps(record.get("failures", [])),
                 ),
             )
+
+    def resume_run(self, run_id: str) -> None:
+        """Mark an existing run as running again (after a crash); `StoreError` if unknown."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE runs SET status = 'running', finished_at = NULL WHERE run_id = ?",
+                (run_id,),
+            )
+        if cursor.rowcount == 0:
+            raise StoreError(f"no run '{run_id}' in '{self.path}' to resume")
 
     def finish_run(self, run_id: str, *, status: str, final: dict[str, Any] | None) -> None:
         """Mark a run finished or failed, with its final metrics."""
@@ -166,6 +178,7 @@ class RunStore:
                 "round": r["round"],
                 "clients": r["clients"],
                 "dropped": r["dropped"],
+                "selected": r["selected"],
                 "applied": bool(r["applied"]),
                 "metrics": json.loads(r["metrics"]),
                 "epsilon": r["epsilon"],

@@ -1,0 +1,153 @@
+"""A deployment survives the server's SIGKILL: `veil server --resume` finishes the run with every
+round recorded once, and the clients, which kept retrying, rejoin."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import veil
+from veil.config import load_config
+from veil.crypto import pki
+from veil.crypto.envelope import generate_key_file
+from veil.data import build_federated_data, load_dataset
+from veil.deployment import TEST_FILE, write_client_data, write_server_data
+from veil.seeding import Purpose, derive_seed
+from veil.store import load_checkpoint
+from veil.store.checkpoint import StoreError
+
+CONFIG = """
+name = "resumed"
+mode = "deployment"
+seed = 3
+[data]
+dataset = "breast_cancer"
+[model]
+name = "logistic"
+[federation]
+clients = 2
+rounds = 6
+learning_rate = 0.1
+[deployment]
+round_deadline_s = 60
+reconnect_timeout_s = 120
+"""
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-m", "veil.cli", *args], stdout=handle, stderr=subprocess.STDOUT
+        )
+
+
+def wait_for(predicate, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def rounds_recorded(db: Path) -> list[int]:
+    if not db.is_file():
+        return []
+    with sqlite3.connect(db) as conn:
+        return [r[0] for r in conn.execute("SELECT round FROM rounds ORDER BY round")]
+
+
+def test_server_killed_and_resumed_finishes_every_round_once(tmp_path: Path) -> None:
+    config_path = tmp_path / "run.toml"
+    config_path.write_text(CONFIG)
+    config = load_config(config_path)
+    out, pki_dir, data, logs = (tmp_path / d for d in ("out", "pki", "data", "logs"))
+    logs.mkdir()
+    pki.init_ca(pki_dir)
+    for name, role in (("server", "server"), ("client-0", "client"), ("client-1", "client")):
+        pki.issue(pki_dir, name, role=role)  # type: ignore[arg-type]
+    key = tmp_path / "checkpoint.key"
+    generate_key_file(key)
+    fed = build_federated_data(
+        load_dataset("breast_cancer"),
+        n_clients=2,
+        partition="iid",
+        alpha=0.5,
+        test_fraction=0.2,
+        validation_fraction=0.2,
+        scaling="federated",
+        seed=derive_seed(config.seed, Purpose.PARTITION),
+    )
+    for i, c in enumerate(fed.clients):
+        write_client_data(data / f"{c.name}.npz", c, index=i, fed=fed)
+    write_server_data(data / TEST_FILE, fed)
+    port_file = tmp_path / "port"
+    server_args = [
+        "server",
+        str(config_path),
+        "--run-dir",
+        str(out),
+        "--pki",
+        str(pki_dir),
+        "--test-data",
+        str(data / TEST_FILE),
+        "--address",
+        "127.0.0.1:0",
+        "--port-file",
+        str(port_file),
+        "--checkpoint-key",
+        str(key),
+    ]
+    server = spawn(server_args, logs / "server.log")
+    clients: list[subprocess.Popen[bytes]] = []
+    try:
+        wait_for(port_file.exists, 60)
+        port = port_file.read_text()
+        for c in fed.clients:
+            clients.append(
+                spawn(
+                    [
+                        "client",
+                        str(config_path),
+                        "--name",
+                        c.name,
+                        "--data",
+                        str(data / f"{c.name}.npz"),
+                        "--pki",
+                        str(pki_dir),
+                        "--server",
+                        f"localhost:{port}",
+                    ],
+                    logs / f"{c.name}.log",
+                )
+            )
+        wait_for(lambda: len(rounds_recorded(out / "veil.db")) >= 2, 120)
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        killed_at = rounds_recorded(out / "veil.db")
+        assert killed_at and killed_at[-1] < 6
+        # The checkpoint on disk is sealed: unreadable without the key.
+        with pytest.raises(StoreError, match="encrypted"):
+            load_checkpoint(out / "checkpoint.safetensors")
+        # Restart on the same port, so the clients' retries reach it.
+        resume_args = [a if a != "127.0.0.1:0" else f"127.0.0.1:{port}" for a in server_args]
+        server = spawn([*resume_args, "--resume"], logs / "server.log")
+        assert server.wait(timeout=240) == 0, (logs / "server.log").read_text()
+        for proc in clients:
+            assert proc.wait(timeout=60) == 0
+    finally:
+        for proc in [server, *clients]:
+            if proc.poll() is None:
+                proc.kill()
+    result = json.loads((out / "result.json").read_text())
+    assert [r["round"] for r in result["rounds"]] == [1, 2, 3, 4, 5, 6]
+    assert rounds_recorded(out / "veil.db") == [1, 2, 3, 4, 5, 6]
+    reference = veil.run(config.model_copy(update={"mode": "simulation"}))
+    assert abs(result["final"]["accuracy"] - reference.final["accuracy"]) <= 0.03
