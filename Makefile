@@ -26,7 +26,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/veil run examples/medical_diagnosis_dp.toml --out runs/demo
+	@echo "== 1/2  five hospitals as real processes on loopback, mutual TLS, signed uploads =="
+	$(BIN)/veil run examples/medical_diagnosis.toml --mode deployment --out runs/demo-deployed
+	@echo "== 2/2  the same hospitals with record-level differential privacy (ε = 1 per patient) =="
+	$(BIN)/veil run examples/medical_diagnosis_dp.toml --out runs/demo-dp
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests benchmarks

@@ -19,7 +19,7 @@ from veil import __version__
 from veil.commands import deploy as deploy_commands
 from veil.commands import pki as pki_commands
 from veil.commands import privacy as privacy_commands
-from veil.config import load_config
+from veil.config import RunConfig, load_config
 from veil.errors import StoreError, UserError
 from veil.report import ProgressDisplay, print_result
 from veil.run import RESULT_FILE, run
@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, help="run folder for result.json and veil.db (default: runs/NAME)"
     )
     p_run.add_argument("--quiet", action="store_true", help="no progress bar and no tables")
+    p_run.add_argument(
+        "--mode",
+        choices=["simulation", "deployment"],
+        help="override the config's mode (same config, run another way)",
+    )
     p_run.set_defaults(handler=_cmd_run)
 
     p_runs = sub.add_parser("runs", help="list and show runs recorded in a run store")
@@ -85,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    if args.mode and args.mode != config.mode:
+        config = RunConfig.from_dict(
+            {**config.to_dict(), "mode": args.mode}, source=str(args.config)
+        )
     out = args.out if args.out is not None else Path("runs") / config.name
     if config.mode == "deployment":
         from veil.deployment import run_deployment

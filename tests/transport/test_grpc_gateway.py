@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -194,3 +197,47 @@ def test_a_client_cannot_claim_another_name(federation: dict[str, Any], gateway:
         with pytest.raises(grpc.RpcError) as info:
             decode(stub.GetTask(pb.TaskRequest(client="bob", wait_s=0), timeout=5))
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_status_reports_round_and_clients(federation: dict[str, Any], gateway: Any) -> None:
+    _, address = gateway
+    with open_channel(address, credentials(federation["root"], "alice")) as channel:
+        stub = pb_grpc.FederationStub(channel)
+        stub.GetTask(pb.TaskRequest(client="alice", wait_s=0)).next()
+        status = json.loads(stub.Status(pb.StatusRequest(), timeout=5).json)
+    assert status["run_id"] == "run-1"
+    assert set(status["clients"]) == {"alice", "bob"}
+    assert status["clients"]["alice"]["connected"] is True
+    assert status["clients"]["bob"]["connected"] is False
+
+
+def test_insecure_dev_warns_on_every_start(tmp_path: Path, federation: dict[str, Any]) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        'mode = "deployment"\n[data]\ndataset = "breast_cancer"\n'
+        "[federation]\nclients = 1\nrounds = 1\n[deployment]\nreconnect_timeout_s = 0.5\n"
+    )
+    data = tmp_path / "none.npz"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "veil.cli",
+            "client",
+            str(config),
+            "--name",
+            "alice",
+            "--data",
+            str(data),
+            "--pki",
+            str(federation["root"]),
+            "--server",
+            "127.0.0.1:1",
+            "--insecure-dev",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "WARNING: --insecure-dev" in proc.stderr
+    assert proc.returncode == 2
