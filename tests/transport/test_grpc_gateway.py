@@ -241,3 +241,34 @@ def test_insecure_dev_warns_on_every_start(tmp_path: Path, federation: dict[str,
     )
     assert "WARNING: --insecure-dev" in proc.stderr
     assert proc.returncode == 2
+
+
+def test_a_revoked_certificate_is_refused(tmp_path: Path) -> None:
+    pki.init_ca(tmp_path)
+    server = pki.issue(tmp_path, "server", role="server")
+    carol = pki.issue(tmp_path, "carol", role="client")
+    pki.revoke(tmp_path, "carol")
+    gw = GrpcGateway(
+        run_id="r",
+        identities={"carol": IdentityPublicKey.load(carol.identity_pub)},
+        reference=REFERENCE,
+        deadline_s=1.0,
+    )
+    port = gw.start(
+        "127.0.0.1:0",
+        ServerCredentials(
+            server.cert.read_bytes(),
+            server.key.read_bytes(),
+            server.ca_cert.read_bytes(),
+            revoked=pki.revoked_serials(tmp_path),
+        ),
+    )
+    try:
+        with open_channel(f"localhost:{port}", credentials(tmp_path, "carol")) as channel:
+            stub = pb_grpc.FederationStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                decode(stub.GetTask(pb.TaskRequest(client="carol", wait_s=0), timeout=5))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "revoked" in (info.value.details() or "")
+    finally:
+        gw.stop(0)

@@ -266,7 +266,10 @@ def release(partials: Sequence[PartialAggregate], spec: QuerySpec) -> QueryAnswe
     base: dict[str, Any] = {
         "neighbouring": _NEIGHBOURING,
         "randomness": _RANDOMNESS,
-        "noise": _MECHANISM_NAMES[spec.mechanism],
+        "noise": _MECHANISM_NAMES[spec.mechanism]
+        if spec.kind != "quantile"
+        else "report-noisy-max (exponential mechanism): "
+        + ("exponential" if spec.mechanism == "laplace" else "Gumbel"),
         "organisations": len(partials),
     }
     if spec.kind == "count":

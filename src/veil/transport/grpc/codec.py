@@ -130,7 +130,7 @@ def decode(chunks: Iterable[pb.Chunk], *, max_bytes: int = 1 << 40) -> Message:
     for chunk in it:
         if chunk.WhichOneof("part") != "data":
             raise MalformedMessage("a second header inside one message")
-        data = chunk.data
+        data = memoryview(chunk.data)  # slices of a view do not copy
         pos = 0
         while pos < len(data):
             while index < len(buffers) and offset == len(buffers[index]):
