@@ -132,7 +132,7 @@ def evaluate(
     """
     if x.shape[0] == 0:
         return {}
-    model.eval()
+    model.train(False)  # evaluation mode (dropout off)
     logits = torch.cat([model(chunk) for chunk in torch.split(x, 8192)])
     metrics = {
         "loss": float(F.cross_entropy(logits, y)),

@@ -17,7 +17,12 @@ from typing import Any
 from veil.config import PrivacyConfig
 from veil.errors import ConfigError
 from veil.federation import ClientStage, RoundRecord, ServerStage, Strategy, TrainingPlan
-from veil.privacy.dp.accountant import Accountant, calibrate_noise_multiplier, report
+from veil.privacy.dp.accountant import (
+    Accountant,
+    EpsilonReport,
+    calibrate_noise_multiplier,
+    report,
+)
 from veil.privacy.dp.client_level import ClipUpdate, GaussianSumNoise
 from veil.privacy.dp.dpsgd import DPSGDTrainer, poisson_schedule
 from veil.privacy.dp.randomness import RandomSource, SecureRandom, SeededRandom, require_secure
@@ -77,6 +82,11 @@ def _noise_multiplier(
             "or a larger target"
         )
     return sigma
+
+
+def _report(config: PrivacyConfig, sigma: float, q: float, steps: int) -> EpsilonReport:
+    """ε (PLD) and the RDP cross-check for `steps` subsampled-Gaussian steps under `config`."""
+    return report(sigma, q, steps, config.delta, neighbouring=config.neighbouring)
 
 
 @dataclass
@@ -163,12 +173,8 @@ class RecordLevelPrivacy(_Observer):
         return [
             Charge(
                 f"{dataset_id}/{org.name}",
-                report(
-                    org.noise_multiplier,
-                    org.sampling_rate,
-                    org.planned_steps,
-                    self.config.delta,
-                    neighbouring=self.config.neighbouring,
+                _report(
+                    self.config, org.noise_multiplier, org.sampling_rate, org.planned_steps
                 ).epsilon,
                 self.config.delta,
                 self._mechanism(org, org.planned_steps),
@@ -188,13 +194,7 @@ class RecordLevelPrivacy(_Observer):
         """The `privacy` object of result.json: ε is the largest organisation's."""
         per_org = []
         for org in self.organisations.values():
-            rep = report(
-                org.noise_multiplier,
-                org.sampling_rate,
-                org.steps,
-                self.config.delta,
-                neighbouring=self.config.neighbouring,
-            )
+            rep = _report(self.config, org.noise_multiplier, org.sampling_rate, org.steps)
             per_org.append(
                 {
                     "name": org.name,
@@ -283,13 +283,7 @@ class ClientLevelPrivacy(_Observer):
         record.metrics["clip_norm"] = self.server_stage.last_clip_norm
 
     def charges(self, dataset_id: str) -> list[Charge]:
-        eps = report(
-            self.noise_multiplier,
-            self.sampling_rate,
-            self.rounds,
-            self.config.delta,
-            neighbouring=self.config.neighbouring,
-        ).epsilon
+        eps = _report(self.config, self.noise_multiplier, self.sampling_rate, self.rounds).epsilon
         return [Charge(dataset_id, eps, self.config.delta, self._mechanism(self.rounds))]
 
     def _mechanism(self, steps: int) -> dict[str, Any]:
@@ -303,13 +297,7 @@ class ClientLevelPrivacy(_Observer):
         }
 
     def privacy_record(self, aggregation: str) -> dict[str, Any]:
-        rep = report(
-            self.noise_multiplier,
-            self.sampling_rate,
-            self.steps,
-            self.config.delta,
-            neighbouring=self.config.neighbouring,
-        )
+        rep = _report(self.config, self.noise_multiplier, self.sampling_rate, self.steps)
         return {
             "unit": "client",
             "epsilon": self.epsilon,
