@@ -83,13 +83,29 @@ def encode(
 ) -> Iterator[pb.Chunk]:
     """The chunks of one message."""
     arrays = arrays or {}
+    yield header_chunk(kind, meta, arrays, signature=signature)
+    yield from data_chunks(arrays)
+
+
+def header_chunk(
+    kind: str,
+    meta: Mapping[str, Any],
+    arrays: Mapping[str, np.ndarray],
+    *,
+    signature: bytes = b"",
+) -> pb.Chunk:
+    """The header chunk that announces `arrays`."""
     header = pb.Header(
         kind=kind,
         json=json.dumps(meta, sort_keys=True),
         tensors=_specs(arrays),
         signature=signature,
     )
-    yield pb.Chunk(header=header)
+    return pb.Chunk(header=header)
+
+
+def data_chunks(arrays: Mapping[str, np.ndarray]) -> Iterator[pb.Chunk]:
+    """The tensors' bytes in chunks; a sender may build them once and send them to many."""
     for a in arrays.values():
         view = _bytes_view(a)
         for start in range(0, len(view), CHUNK_BYTES):

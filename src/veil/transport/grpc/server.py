@@ -36,7 +36,13 @@ from veil.federation.messages import (
 from veil.tensors import NamedArrays, check_compatible, l2_norm
 from veil.transport.grpc import veil_pb2 as pb
 from veil.transport.grpc import veil_pb2_grpc as pb_grpc
-from veil.transport.grpc.codec import MalformedMessage, decode, encode
+from veil.transport.grpc.codec import (
+    MalformedMessage,
+    data_chunks,
+    decode,
+    encode,
+    header_chunk,
+)
 
 log = logging.getLogger("veil.server")
 
@@ -55,6 +61,8 @@ class _Task:
     nonce: str
     meta: dict[str, Any]
     arrays: NamedArrays
+    #: The arrays' data chunks, built once per round and shared by every client's task.
+    data: list[pb.Chunk] = field(default_factory=list)
 
 
 @dataclass
@@ -170,13 +178,14 @@ class GrpcGateway(pb_grpc.FederationServicer):
         meta: dict[str, Any],
         arrays: NamedArrays,
     ) -> Iterator[FitResult | EvaluateResult | ClientFailure]:
+        shared = list(data_chunks(arrays))
         with self._lock:
             self._round = round_
             self._deadline = time.monotonic() + self.deadline_s
             for name in clients:
                 nonce = secrets.token_hex(16)
                 task_meta = {**meta, "round": round_, "nonce": nonce, "client": name}
-                self._clients[name].task = _Task(kind, round_, nonce, task_meta, arrays)
+                self._clients[name].task = _Task(kind, round_, nonce, task_meta, arrays, shared)
             self._lock.notify_all()
         pending = set(clients)
         while pending:
@@ -217,7 +226,8 @@ class GrpcGateway(pb_grpc.FederationServicer):
         if task is None:
             yield from encode("wait", {"run_id": self.run_id})
             return
-        yield from encode(task.kind, task.meta, task.arrays)
+        yield header_chunk(task.kind, task.meta, task.arrays)
+        yield from task.data
 
     def Upload(
         self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext
