@@ -220,6 +220,9 @@ class DeploymentConfig(_Section):
     round_deadline_s: float = Field(60.0, gt=0)
     #: Refuse updates whose L2 norm exceeds this (None: no bound).
     max_update_norm: float | None = Field(None, gt=0)
+    #: Seconds the server waits, before the first round, for every client to connect (the
+    #: run then starts with whoever is there; missing clients are dropped from rounds).
+    connect_timeout_s: float = Field(120.0, ge=0)
     #: Seconds a client keeps retrying to reach the server before it gives up.
     reconnect_timeout_s: float = Field(120.0, gt=0)
     #: Seconds `veil run` waits for the whole deployment before killing it.

@@ -155,6 +155,11 @@ def serve(
         if port_file is not None:
             port_file.write_text(str(port))
         holder["gateway"] = gateway
+        missing = gateway.wait_for_clients(config.deployment.connect_timeout_s)
+        if missing:
+            logging.getLogger("veil.server").warning(
+                json.dumps({"event": "starting without", "clients": missing})
+            )
         return gateway
 
     try:

@@ -54,7 +54,7 @@ def wait_for(predicate, timeout: float) -> None:  # type: ignore[no-untyped-def]
     while time.monotonic() < end:
         if predicate():
             return
-        time.sleep(0.1)
+        time.sleep(0.02)
     raise AssertionError("timed out")
 
 
@@ -163,19 +163,25 @@ def test_server_killed_and_resumed_finishes_every_round_once(tmp_path: Path) -> 
 
 
 def test_a_client_killed_mid_run_is_dropped_and_the_run_completes(tmp_path: Path) -> None:
-    text = CONFIG.replace("clients = 2", "clients = 3").replace("rounds = 40", "rounds = 4")
-    text = text.replace("round_deadline_s = 60", "round_deadline_s = 4")
+    # The server waits for all three clients before round 1; rounds then take milliseconds, so
+    # the kill lands within the first few of 12 rounds, and every later round waits out the
+    # 1-second deadline for the dead client.
+    text = CONFIG.replace("clients = 2", "clients = 3").replace("rounds = 40", "rounds = 12")
+    text = text.replace("round_deadline_s = 60", "round_deadline_s = 1")
     _, out, logs, _, server, clients, _ = prepare(tmp_path, text, 3)
     try:
         wait_for(lambda: len(rounds_recorded(out / "veil.db")) >= 1, 120)
         clients[2].send_signal(signal.SIGKILL)
+        killed_after = len(rounds_recorded(out / "veil.db"))
         assert server.wait(timeout=240) == 0, (logs / "server.log").read_text()
     finally:
         for proc in [server, *clients]:
             if proc.poll() is None:
                 proc.kill()
     result = json.loads((out / "result.json").read_text())
-    assert [r["round"] for r in result["rounds"]] == [1, 2, 3, 4]
+    assert [r["round"] for r in result["rounds"]] == list(range(1, 13))
+    assert killed_after < 12
+    assert result["rounds"][0]["clients"] == 3  # everyone was connected before round 1
     assert result["rounds"][-1]["dropped"] == 1 and result["rounds"][-1]["clients"] == 2
     assert "missed the deadline" in (logs / "server.log").read_text()
     assert result["final"]["accuracy"] > 0.85

@@ -135,6 +135,17 @@ class GrpcGateway(pb_grpc.FederationServicer):
         self._server = server
         return int(port)
 
+    def wait_for_clients(self, timeout_s: float) -> list[str]:
+        """Block until every client has polled once, or `timeout_s` pass; returns the missing."""
+        end = time.monotonic() + timeout_s
+        with self._lock:
+            while True:
+                missing = [n for n, s in self._clients.items() if not s.last_seen]
+                remaining = end - time.monotonic()
+                if not missing or remaining <= 0:
+                    return missing
+                self._lock.wait(timeout=min(remaining, 0.5))
+
     def stop(self, grace_s: float = 2.0) -> None:
         if self._server is not None:
             self._server.stop(grace_s).wait()
@@ -218,6 +229,7 @@ class GrpcGateway(pb_grpc.FederationServicer):
         with self._lock:
             state = self._clients[name]
             state.last_seen = time.time()
+            self._lock.notify_all()  # wakes `wait_for_clients`
             while state.task is None and time.monotonic() < end:
                 self._lock.wait(timeout=max(0.0, end - time.monotonic()))
             task = state.task
