@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -248,76 +249,85 @@ def serve_client(
 # -- one command on loopback -----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DeploymentFiles:
+    """Everything a loopback deployment needs on disk, and the commands that use it."""
+
+    config_path: Path
+    run_dir: Path
+    pki_dir: Path
+    data_dir: Path
+    logs: Path
+    key_file: Path
+    port_file: Path
+    clients: list[str]
+
+    def server_args(self, address: str = "127.0.0.1:0") -> list[str]:
+        """`veil server ...` arguments (after `python -m veil.cli`)."""
+        return [
+            "server", str(self.config_path), "--run-dir", str(self.run_dir),
+            "--pki", str(self.pki_dir), "--test-data", str(self.data_dir / TEST_FILE),
+            "--address", address, "--port-file", str(self.port_file),
+            "--checkpoint-key", str(self.key_file),
+        ]  # fmt: skip
+
+    def client_args(self, name: str, server: str) -> list[str]:
+        """`veil client ...` arguments for organisation `name`."""
+        return [
+            "client", str(self.config_path), "--name", name,
+            "--data", str(self.data_dir / f"{name}.npz"), "--pki", str(self.pki_dir),
+            "--server", server,
+        ]  # fmt: skip
+
+
+def prepare_deployment(config: RunConfig, out: Path, *, config_path: Path) -> DeploymentFiles:
+    """Issue the certificates, a checkpoint key and each organisation's data file into `out`
+    (what already exists is kept)."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = DeploymentFiles(
+        config_path=config_path,
+        run_dir=out,
+        pki_dir=out / "pki",
+        data_dir=out / "data",
+        logs=out / "logs",
+        key_file=config.checkpoint.key_file or out / "keys" / "checkpoint.key",
+        port_file=out / "server.port",
+        clients=[],
+    )
+    fed = _federated_data(config)
+    files.clients.extend(c.name for c in fed.clients)
+    if not (files.pki_dir / "ca.crt").is_file():
+        pki.init_ca(files.pki_dir)
+    for name, role in [(SERVER_NAME, "server"), *((n, "client") for n in files.clients)]:
+        if not (files.pki_dir / "nodes" / name / "node.crt").is_file():
+            pki.issue(files.pki_dir, name, role=role)  # type: ignore[arg-type]
+    if not files.key_file.is_file():
+        files.key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        generate_key_file(files.key_file)
+    for index, client in enumerate(fed.clients):
+        write_client_data(files.data_dir / f"{client.name}.npz", client, index=index, fed=fed)
+    write_server_data(files.data_dir / TEST_FILE, fed)
+    files.logs.mkdir(exist_ok=True)
+    files.port_file.unlink(missing_ok=True)
+    return files
+
+
 def run_deployment(config: RunConfig, out: Path, *, config_path: Path) -> Result:
     """Issue certificates, start a server and one process per organisation on 127.0.0.1, wait
     for them, collect their logs, and return the server's result."""
-    out.mkdir(parents=True, exist_ok=True)
-    pki_dir, data_dir, logs = out / "pki", out / "data", out / "logs"
-    fed = _federated_data(config)
-    names = [c.name for c in fed.clients]
-    if not (pki_dir / "ca.crt").is_file():
-        pki.init_ca(pki_dir)
-    for name, role in [(SERVER_NAME, "server"), *((n, "client") for n in names)]:
-        if not (pki_dir / "nodes" / name / "node.crt").is_file():
-            pki.issue(pki_dir, name, role=role)  # type: ignore[arg-type]
-    key_file = config.checkpoint.key_file or out / "keys" / "checkpoint.key"
-    if not key_file.is_file():
-        key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        generate_key_file(key_file)
-    for index, client in enumerate(fed.clients):
-        write_client_data(data_dir / f"{client.name}.npz", client, index=index, fed=fed)
-    write_server_data(data_dir / TEST_FILE, fed)
-    logs.mkdir(exist_ok=True)
-    port_file = out / "server.port"
-    port_file.unlink(missing_ok=True)
+    files = prepare_deployment(config, out, config_path=config_path)
+    logs = files.logs
     veil = [sys.executable, "-m", "veil.cli"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs: list[subprocess.Popen[bytes]] = []
     deadline = time.monotonic() + config.deployment.timeout_s
     try:
-        server = _spawn(
-            [
-                *veil,
-                "server",
-                str(config_path),
-                "--run-dir",
-                str(out),
-                "--pki",
-                str(pki_dir),
-                "--test-data",
-                str(data_dir / TEST_FILE),
-                "--address",
-                "127.0.0.1:0",
-                "--port-file",
-                str(port_file),
-                "--checkpoint-key",
-                str(key_file),
-            ],
-            logs / "server.log",
-            env,
-        )
+        server = _spawn([*veil, *files.server_args()], logs / "server.log", env)
         procs.append(server)
-        port = _wait_for_port(port_file, server, deadline)
-        for name in names:
-            procs.append(
-                _spawn(
-                    [
-                        *veil,
-                        "client",
-                        str(config_path),
-                        "--name",
-                        name,
-                        "--data",
-                        str(data_dir / f"{name}.npz"),
-                        "--pki",
-                        str(pki_dir),
-                        "--server",
-                        f"localhost:{port}",
-                    ],
-                    logs / f"{name}.log",
-                    env,
-                )
-            )
+        port = _wait_for_port(files.port_file, server, deadline)
+        for name in files.clients:
+            args = files.client_args(name, f"localhost:{port}")
+            procs.append(_spawn([*veil, *args], logs / f"{name}.log", env))
         code = server.wait(timeout=max(1.0, deadline - time.monotonic()))
         if code != 0:
             raise DeploymentError(

@@ -16,11 +16,7 @@ import pytest
 
 import veil
 from veil.config import load_config
-from veil.crypto import pki
-from veil.crypto.envelope import generate_key_file
-from veil.data import build_federated_data, load_dataset
-from veil.deployment import TEST_FILE, write_client_data, write_server_data
-from veil.seeding import Purpose, derive_seed
+from veil.deployment import prepare_deployment
 from veil.store import load_checkpoint
 from veil.store.checkpoint import StoreError
 
@@ -68,74 +64,25 @@ def rounds_recorded(db: Path) -> list[int]:
         return []
 
 
-def prepare(tmp_path: Path, text: str, n_clients: int) -> tuple[Any, ...]:
+def prepare(tmp_path: Path, text: str) -> tuple[Any, ...]:
+    """The files `veil run` would prepare, then the server and client processes by hand."""
     config_path = tmp_path / "run.toml"
     config_path.write_text(text)
     config = load_config(config_path)
-    out, pki_dir, data, logs = (tmp_path / d for d in ("out", "pki", "data", "logs"))
-    logs.mkdir()
-    pki.init_ca(pki_dir)
-    pki.issue(pki_dir, "server", role="server")
-    for i in range(n_clients):
-        pki.issue(pki_dir, f"client-{i}", role="client")
-    key = tmp_path / "checkpoint.key"
-    generate_key_file(key)
-    fed = build_federated_data(
-        load_dataset("breast_cancer"),
-        n_clients=n_clients,
-        partition="iid",
-        alpha=0.5,
-        test_fraction=0.2,
-        validation_fraction=0.2,
-        scaling="federated",
-        seed=derive_seed(config.seed, Purpose.PARTITION),
-    )
-    for i, c in enumerate(fed.clients):
-        write_client_data(data / f"{c.name}.npz", c, index=i, fed=fed)
-    write_server_data(data / TEST_FILE, fed)
-    port_file = tmp_path / "port"
-    server_args = [
-        "server",
-        str(config_path),
-        "--run-dir",
-        str(out),
-        "--pki",
-        str(pki_dir),
-        "--test-data",
-        str(data / TEST_FILE),
-        "--address",
-        "127.0.0.1:0",
-        "--port-file",
-        str(port_file),
-        "--checkpoint-key",
-        str(key),
-    ]
-    server = spawn(server_args, logs / "server.log")
-    wait_for(port_file.exists, 60)
-    port = port_file.read_text()
+    files = prepare_deployment(config, tmp_path / "out", config_path=config_path)
+    server_args = files.server_args()
+    server = spawn(server_args, files.logs / "server.log")
+    wait_for(files.port_file.exists, 60)
+    port = files.port_file.read_text()
     clients = [
-        spawn(
-            [
-                "client",
-                str(config_path),
-                "--name",
-                c.name,
-                "--data",
-                str(data / f"{c.name}.npz"),
-                "--pki",
-                str(pki_dir),
-                "--server",
-                f"localhost:{port}",
-            ],
-            logs / f"{c.name}.log",
-        )
-        for c in fed.clients
+        spawn(files.client_args(name, f"localhost:{port}"), files.logs / f"{name}.log")
+        for name in files.clients
     ]
-    return config, out, logs, server_args, server, clients, port
+    return config, files.run_dir, files.logs, server_args, server, clients, port
 
 
 def test_server_killed_and_resumed_finishes_every_round_once(tmp_path: Path) -> None:
-    config, out, logs, server_args, server, clients, port = prepare(tmp_path, CONFIG, 2)
+    config, out, logs, server_args, server, clients, port = prepare(tmp_path, CONFIG)
     try:
         wait_for(lambda: len(rounds_recorded(out / "veil.db")) >= 2, 120)
         server.send_signal(signal.SIGKILL)
@@ -168,7 +115,7 @@ def test_a_client_killed_mid_run_is_dropped_and_the_run_completes(tmp_path: Path
     # 1-second deadline for the dead client.
     text = CONFIG.replace("clients = 2", "clients = 3").replace("rounds = 40", "rounds = 12")
     text = text.replace("round_deadline_s = 60", "round_deadline_s = 1")
-    _, out, logs, _, server, clients, _ = prepare(tmp_path, text, 3)
+    _, out, logs, _, server, clients, _ = prepare(tmp_path, text)
     try:
         wait_for(lambda: len(rounds_recorded(out / "veil.db")) >= 1, 120)
         clients[2].send_signal(signal.SIGKILL)
