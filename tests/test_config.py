@@ -57,7 +57,11 @@ def test_strategy_sections_select_their_model(tmp_path: Path) -> None:
         ("rounds = 2", "rounds = 2\nroundz = 3", "unknown key 'federation.roundz'"),
         ('dataset = "breast_cancer"', 'dataset = "mnist"', "data.dataset = 'mnist'"),
         ("rounds = 2", "rounds = 2\nmin_clients = 5", "min_clients = 5 exceeds clients = 3"),
-        ("[federation]", "[secagg]\nepsilon = 1.0\n[federation]", "[secagg] is reserved"),
+        (
+            "[federation]",
+            "[secagg]\nepsilon = 1.0\n[federation]",
+            "unknown key 'secagg.epsilon' in [secagg]; allowed keys: clip_range",
+        ),
         ("clients = 3", "clients = 3\nclients = 4", "invalid TOML"),
         ("[federation]", '[strategy]\nname = "scaffold"\n[federation]', "use one of 'fedavg'"),
         ("[federation]", '[model]\nname = "logistic"\nhidden = [8]\n[federation]', "hidden"),

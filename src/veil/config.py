@@ -11,7 +11,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -24,7 +24,7 @@ Aggregation = Literal["plain", "secagg", "ckks", "tee"]
 
 #: What this version can execute; the other values of the contract are refused with a message.
 IMPLEMENTED_MODES: tuple[str, ...] = ("simulation", "deployment")
-IMPLEMENTED_AGGREGATIONS: tuple[str, ...] = ("plain",)
+IMPLEMENTED_AGGREGATIONS: tuple[str, ...] = ("plain", "secagg")
 
 
 class _Section(BaseModel):
@@ -237,8 +237,31 @@ class CheckpointConfig(_Section):
     key_file: Path | None = None
 
 
-class ReservedSection(_Section):
-    """A section kept for a capability not in this version: it accepts no keys yet."""
+class SecAggConfig(_Section):
+    """Secure aggregation by masking (`secure_aggregation = "secagg"`): the server learns only
+    the sum of the clients' updates (Bonawitz et al. 2017; SecAgg+ of Bell et al. 2020).
+
+    Each client clips every coordinate of its update to [-clip_range, clip_range], multiplies it
+    by its weight (its number of training examples, capped at `max_weight`), encodes it as an
+    integer mod 2^modulus_bits with stochastic rounding, and masks it.
+    """
+
+    #: Each coordinate of an update is clipped to [-clip_range, clip_range] (clipped values are
+    #: counted and reported per round).
+    clip_range: float = Field(1.0, gt=0)
+    #: The largest aggregation weight a client may use; larger weights are capped at it.
+    max_weight: float = Field(10_000.0, gt=0)
+    #: Arithmetic is mod 2^modulus_bits; 32 keeps the upload at the size of a float32 update.
+    modulus_bits: int = Field(32, ge=16, le=64)
+    #: Quantization step in units of weight × update; None takes the finest step for which the
+    #: sum cannot overflow the modulus.
+    step: float | None = Field(None, gt=0)
+    #: Survivors needed to finish a round (Shamir threshold t); None: a majority of each
+    #: client's neighbourhood (itself included).
+    threshold: int | None = Field(None, ge=2)
+    #: SecAgg+: each client masks with this many neighbours of a random k-regular graph;
+    #: None: with every other selected client (the complete graph of SecAgg).
+    neighbours: int | None = Field(None, ge=2)
 
 
 class RunConfig(_Section):
@@ -253,7 +276,7 @@ class RunConfig(_Section):
     federation: FederationConfig
     strategy: StrategyConfig = FedAvgConfig()
     privacy: PrivacyConfig | None = None
-    secagg: ReservedSection = ReservedSection()
+    secagg: SecAggConfig | None = None
     deployment: DeploymentConfig = DeploymentConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 
@@ -290,9 +313,56 @@ class RunConfig(_Section):
                     "records, which [privacy] does not cover; set federation.fraction_evaluate "
                     "= 0 or data.validation_fraction = 0"
                 )
+        self._check_secure_aggregation()
         if self.model.name == "cnn" and self.data.dataset != "digits":
             raise ValueError("model name = 'cnn' needs image data: use dataset = 'digits'")
         return self
+
+    def _check_secure_aggregation(self) -> None:
+        if self.secure_aggregation != "secagg":
+            if self.secagg is not None:
+                raise ValueError(
+                    "[secagg] settings apply to secure_aggregation = 'secagg'; set it, or remove "
+                    "the [secagg] section"
+                )
+            return
+        if self.deployment.max_update_norm is not None:
+            raise ValueError(
+                "deployment.max_update_norm needs the server to see each update, which "
+                "secure_aggregation = 'secagg' hides; bound updates with [secagg].clip_range"
+            )
+        if self.privacy is not None and self.privacy.target_quantile is not None:
+            raise ValueError(
+                "privacy.target_quantile (adaptive clipping) is not available with "
+                "secure_aggregation = 'secagg' in this version: the clients add the noise "
+                "(distributed DP), and the noisy unclipped count is not yet distributed; "
+                "remove target_quantile and set clip_norm"
+            )
+        if self.data.scaling == "federated":
+            raise ValueError(
+                "data.scaling = 'federated' sends exact per-client feature sums in the clear, "
+                "which secure_aggregation = 'secagg' is meant to hide; use scaling = 'local' "
+                "or 'none'"
+            )
+        s = self.secagg or SecAggConfig()
+        selected = sample_size(self.federation.fraction_fit, self.federation.clients)
+        if selected < 2:
+            raise ValueError(
+                f"secure aggregation needs at least 2 clients per round, and fraction_fit = "
+                f"{self.federation.fraction_fit} selects {selected}; raise fraction_fit"
+            )
+        if s.neighbours is not None and s.neighbours >= selected:
+            raise ValueError(
+                f"secagg.neighbours = {s.neighbours} must be below the {selected} clients "
+                "selected per round; lower it, or remove it for the complete graph"
+            )
+        group = (s.neighbours if s.neighbours is not None else selected - 1) + 1
+        if s.threshold is not None and not group // 2 < s.threshold <= group:
+            raise ValueError(
+                f"secagg.threshold = {s.threshold} must be a majority of each neighbourhood "
+                f"of {group} clients (from {group // 2 + 1} to {group}), so that a server "
+                "cannot learn one client's update by splitting the clients into two groups"
+            )
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, source: str = "config") -> RunConfig:
@@ -343,14 +413,9 @@ def _one_line(exc: ValidationError) -> str:
     if kind == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
         where = f"[{'.'.join(loc[:-1])}]" if len(loc) > 1 else "the top level"
-        if loc[:1] and loc[0] in {"secagg"}:
-            msg = (
-                f"unknown key '{key}': [{loc[0]}] is reserved and takes no settings in this version"
-            )
-        else:
-            msg = f"unknown key '{key}' in {where}"
-            if allowed:
-                msg += f"; allowed keys: {', '.join(allowed)}"
+        msg = f"unknown key '{key}' in {where}"
+        if allowed:
+            msg += f"; allowed keys: {', '.join(allowed)}"
     elif kind == "union_tag_invalid":
         tags = first.get("ctx", {}).get("expected_tags", "")
         msg = f"{key}.name = {first.get('ctx', {}).get('tag')!r}: use one of {tags}"
@@ -375,6 +440,10 @@ def _allowed_keys(loc: list[str]) -> list[str]:
     for part in loc:
         field = model.model_fields.get(part)
         annotation = field.annotation if field else None
+        # An optional section (`X | None`) lists the keys of X.
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        if len(options) == 1:
+            annotation = options[0]
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
         else:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from veil.config import RunConfig, load_config
 from veil.crypto import pki
@@ -33,9 +34,13 @@ from veil.data import ClientData, FederatedData
 from veil.errors import UserError
 from veil.federation.client import ClientRunner
 from veil.federation.pipeline import UpdatePipeline
-from veil.models import build_model
+from veil.models import build_model, get_parameters
+from veil.privacy.secagg.layout import UpdateLayout, masked_reference
+from veil.privacy.secagg.participant import SecAggParticipant
+from veil.privacy.secagg.quantize import FixedPoint
+from veil.privacy.secagg.roster import CertificateRoster
 from veil.result import Result
-from veil.run import RESULT_FILE, _federated_data, _run, _torch_threads
+from veil.run import RESULT_FILE, _federated_data, _run, _torch_threads, secagg_settings
 from veil.seeding import Purpose, derive_seed
 from veil.tensors import NamedArrays
 from veil.transport.grpc.client import ClientCredentials, open_channel, run_client
@@ -148,7 +153,7 @@ def serve(
         gateway = GrpcGateway(
             run_id=run_id,
             identities=identities,
-            reference=initial,
+            reference=_update_reference(config, initial),
             deadline_s=config.deployment.round_deadline_s,
             max_update_norm=config.deployment.max_update_norm,
         )
@@ -182,6 +187,32 @@ def serve(
     return result
 
 
+def _update_reference(config: RunConfig, initial: NamedArrays) -> dict[str, np.ndarray]:
+    """What each client's upload must look like: the parameters, or one masked vector."""
+    settings = secagg_settings(config, None)
+    if settings is None:
+        return dict(initial)
+    layout = UpdateLayout.of(initial, settings.sum_bounds)
+    return masked_reference(layout, FixedPoint(settings.modulus_bits, 1.0).dtype)
+
+
+def _participant(
+    config: RunConfig, name: str, model: nn.Module, files: pki.NodeFiles, pki_dir: Path
+) -> SecAggParticipant | None:
+    """This organisation's SecAgg participant: its identity key, and its peers' identity keys
+    taken from their CA-signed certificates (never from the server)."""
+    settings = secagg_settings(config, None)
+    if settings is None:
+        return None
+    roster = CertificateRoster(
+        files.ca_cert.read_bytes(),
+        files.cert.read_bytes(),
+        revoked=pki.revoked_serials(pki_dir),
+    )
+    layout = UpdateLayout.of(get_parameters(model), settings.sum_bounds)
+    return SecAggParticipant(name, IdentityKey.load(files.identity_key), roster, settings, layout)
+
+
 def _server_credentials(pki_dir: Path) -> ServerCredentials:
     files = pki.node_files(pki_dir, SERVER_NAME)
     return ServerCredentials(
@@ -209,13 +240,6 @@ def serve_client(
     client = ClientData(
         name, arrays["x_train"], arrays["y_train"], arrays["x_val"], arrays["y_val"]
     )
-    runner = ClientRunner(
-        name,
-        client,
-        n_classes=int(meta["n_classes"]),
-        pipeline=UpdatePipeline(),
-        seed=derive_seed(config.seed, Purpose.LOCAL_TRAINING, int(meta.get("index", 0))),
-    )
     model = build_model(
         config.model,
         n_features=int(meta["n_features"]),
@@ -223,6 +247,14 @@ def serve_client(
         image_shape=_image_shape(meta),
     )
     files = pki.node_files(pki_dir, name)
+    runner = ClientRunner(
+        name,
+        client,
+        n_classes=int(meta["n_classes"]),
+        pipeline=UpdatePipeline(),
+        seed=derive_seed(config.seed, Purpose.LOCAL_TRAINING, int(meta.get("index", 0))),
+        protocol=_participant(config, name, model, files, pki_dir),
+    )
     credentials = (
         None
         if insecure

@@ -6,7 +6,7 @@ fields are allowed so that later capabilities can add to it without breaking rea
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -30,6 +30,9 @@ class RoundResult(_Open):
     bytes_down: int = 0
     duration_s: float = 0.0
     failures: list[dict[str, str]] = []
+    #: What the aggregator reported: under SecAgg the protocol, threshold, clipped values,
+    #: recovered dropouts (and "error" when the sum could not be unmasked).
+    aggregation: dict[str, Any] = {}
 
 
 class Mechanism(_Open):

@@ -9,7 +9,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from torch import nn
 
 from veil.config import FedAvgConfig, FedOptConfig, FedProxConfig, RunConfig, load_config
 from veil.crypto.envelope import load_key_file
+from veil.crypto.identity import IdentityKey
 from veil.data import FederatedData, build_federated_data, load_dataset
 from veil.errors import StoreError
 from veil.federation import (
@@ -31,6 +32,7 @@ from veil.federation import (
     Strategy,
     TrainingPlan,
     UpdatePipeline,
+    WeightedSum,
 )
 from veil.federation.server import ClientGateway, Evaluator
 from veil.federation.strategy import PoissonSource
@@ -38,6 +40,11 @@ from veil.federation.training import as_tensors, evaluate, train_epochs
 from veil.models import build_model, get_parameters, set_parameters
 from veil.privacy.dp.ledger import TOLERANCE, BudgetExceeded, PrivacyLedger
 from veil.privacy.dp.policy import ClientLevelPrivacy, RecordLevelPrivacy
+from veil.privacy.secagg.aggregator import SecAggAggregator
+from veil.privacy.secagg.layout import UpdateLayout
+from veil.privacy.secagg.participant import SecAggParticipant
+from veil.privacy.secagg.roster import StaticRoster
+from veil.privacy.secagg.settings import DistributedNoise, SecAggSettings, settings_from_config
 from veil.result import Baseline, Communication, PrivacyRecord, Result, RoundResult, Timing
 from veil.seeding import Purpose, derive_seed, torch_generator
 from veil.store import (
@@ -113,8 +120,10 @@ def _run(
         initial, start_round = checkpoint.parameters, checkpoint.round + 1
 
     privacy = _privacy_policy(config, fed, plan)
+    secure = _secure_aggregation(config, privacy, initial, [c.name for c in fed.clients])
     pipeline = UpdatePipeline(
         client_stages=privacy.client_stages if isinstance(privacy, ClientLevelPrivacy) else [],
+        aggregator=secure.aggregator if secure else WeightedSum(),
         server_stages=privacy.server_stages if isinstance(privacy, ClientLevelPrivacy) else [],
     )
     runners = {
@@ -127,6 +136,7 @@ def _run(
             trainer=privacy.trainer(client.name, index)
             if isinstance(privacy, RecordLevelPrivacy)
             else None,
+            protocol=secure.participant(client.name) if secure else None,
         )
         for index, client in enumerate(fed.clients)
     }
@@ -198,9 +208,7 @@ def _run(
             final=final,
             centralized_baseline=Baseline(**baseline) if baseline else None,
             rounds=rounds,
-            privacy=PrivacyRecord.model_validate(privacy.privacy_record(config.secure_aggregation))
-            if privacy
-            else PrivacyRecord(aggregation=config.secure_aggregation),
+            privacy=_privacy_record(config, privacy, secure),
             communication=Communication(
                 bytes_up=sum(r.bytes_up for r in rounds),
                 bytes_down=sum(r.bytes_down for r in rounds),
@@ -289,7 +297,76 @@ def _privacy_policy(
         n_clients=len(fed.clients),
         fraction_fit=config.federation.fraction_fit,
         rounds=config.federation.rounds,
+        distributed=config.secure_aggregation == "secagg",
     )
+
+
+@dataclass
+class _SecureAggregation:
+    """A simulation's SecAgg: the server's aggregator and each client's participant, with
+    identity keys generated for the run (standing in for the federation's PKI)."""
+
+    aggregator: SecAggAggregator
+    settings: SecAggSettings
+    layout: UpdateLayout
+    identities: dict[str, IdentityKey]
+
+    def participant(self, name: str) -> SecAggParticipant:
+        roster = StaticRoster({n: k.public_key() for n, k in self.identities.items()})
+        return SecAggParticipant(name, self.identities[name], roster, self.settings, self.layout)
+
+
+def _secure_aggregation(
+    config: RunConfig, privacy: PrivacyPolicy | None, initial: NamedArrays, clients: list[str]
+) -> _SecureAggregation | None:
+    settings = secagg_settings(config, privacy)
+    if settings is None:
+        return None
+    layout = UpdateLayout.of(initial, settings.sum_bounds)
+    # Refuse an encoding that could overflow before anything starts (every client selected is
+    # the worst case, also under Poisson sampling).
+    settings.fixed_point(layout, len(clients))
+    return _SecureAggregation(
+        aggregator=SecAggAggregator(settings, layout),
+        settings=settings,
+        layout=layout,
+        identities={name: IdentityKey.generate() for name in clients},
+    )
+
+
+def secagg_settings(config: RunConfig, privacy: PrivacyPolicy | None) -> SecAggSettings | None:
+    """The run's SecAgg settings (None without secure aggregation); with client-level DP the
+    clients add the noise (distributed discrete Gaussian)."""
+    if config.secure_aggregation != "secagg":
+        return None
+    noise = None
+    if isinstance(privacy, ClientLevelPrivacy):
+        noise = DistributedNoise(privacy.noise_multiplier, privacy.config.clip_norm)
+    return settings_from_config(config.secagg, distributed_dp=noise)
+
+
+def _privacy_record(
+    config: RunConfig, privacy: PrivacyPolicy | None, secure: _SecureAggregation | None
+) -> PrivacyRecord:
+    record = (
+        PrivacyRecord.model_validate(privacy.privacy_record(config.secure_aggregation))
+        if privacy
+        else PrivacyRecord(aggregation=config.secure_aggregation)
+    )
+    if secure is not None:
+        s = secure.settings
+        record.secure_aggregation = {  # type: ignore[attr-defined]
+            "protocol": s.protocol,
+            "threshold": s.threshold or "majority of each neighbourhood",
+            "neighbours": s.neighbours,
+            "modulus_bits": s.modulus_bits,
+            "clip_range": None if s.distributed_dp else s.clip_range,
+            "max_weight": None if s.distributed_dp else s.max_weight,
+            "identities": "node certificates signed by the federation's CA"
+            if config.mode == "deployment"
+            else "generated per run (simulation)",
+        }
+    return record
 
 
 def _charge_ledger(config: RunConfig, privacy: PrivacyPolicy | None, run_id: str) -> list[int]:
@@ -411,6 +488,7 @@ def _round_result(record: RoundRecord) -> RoundResult:
         bytes_down=record.bytes_down,
         duration_s=record.duration_s,
         failures=[{"client": f.client, "reason": f.reason} for f in record.failures],
+        aggregation=record.aggregation,
     )
 
 

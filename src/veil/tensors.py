@@ -14,6 +14,9 @@ import numpy.typing as npt
 
 Array = npt.NDArray[np.float32]
 NamedArrays = dict[str, Array]
+#: What an update may be on its way to the server: float32 parameters, or (under SecAgg) one
+#: encoded and masked integer vector.
+Payload = dict[str, np.ndarray]
 
 
 def total_bytes(arrays: Mapping[str, np.ndarray]) -> int:
@@ -36,8 +39,8 @@ def check_compatible(reference: Mapping[str, np.ndarray], other: Mapping[str, np
         arr = other[name]
         if arr.shape != ref.shape:
             raise ValueError(f"parameter '{name}' has shape {arr.shape}, expected {ref.shape}")
-        if arr.dtype != np.float32:
-            raise ValueError(f"parameter '{name}' has dtype {arr.dtype}, expected float32")
+        if arr.dtype != ref.dtype:
+            raise ValueError(f"parameter '{name}' has dtype {arr.dtype}, expected {ref.dtype}")
 
 
 def add_scaled_(target: NamedArrays, other: Mapping[str, np.ndarray], scale: float) -> None:

@@ -225,3 +225,32 @@ def test_invalid_host_and_days(tmp_path: Path) -> None:
     )
     assert san.value.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("::1")]
     assert san.value.get_values_for_type(x509.DNSName) == ["node.example.org"]
+
+
+def test_certificate_binds_the_identity_key(federation: Path) -> None:
+    files = pki.node_files(federation, "bank-a")
+    cert = pki.load_certificate(files.cert)
+    bound = pki.certificate_identity(cert)
+    assert bound == IdentityPublicKey.load(files.identity_pub)
+    assert bound == IdentityKey.load(files.identity_key).public_key()
+    ext = cert.extensions.get_extension_for_oid(pki.IDENTITY_OID)
+    assert not ext.critical
+
+
+def test_certificate_without_identity_key_says_to_reissue(federation: Path) -> None:
+    ca_key = serialization.load_pem_private_key((federation / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca = pki.load_certificate(federation / "ca.crt")
+    now = dt.datetime.now(dt.UTC)
+    old = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "legacy")]))
+        .issuer_name(ca.subject)
+        .public_key(ec.generate_private_key(ec.SECP256R1()).public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())
+    )
+    with pytest.raises(CertificateRejected, match="reissue it with `veil pki issue"):
+        pki.certificate_identity(old)

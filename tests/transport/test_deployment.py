@@ -59,3 +59,30 @@ def test_deployment_matches_simulation_and_uses_mutual_tls(tmp_path: Path) -> No
 
     simulated = veil.run(load_config(config_path).model_copy(update={"mode": "simulation"}))
     assert abs(simulated.final["accuracy"] - deployed["final"]["accuracy"]) <= 0.01
+
+
+def test_secure_aggregation_deployment_matches_simulation(tmp_path: Path) -> None:
+    """SecAgg's extra steps travel through the same signed, nonce-bound gRPC tasks; peers'
+    identity keys come from their CA-signed certificates, relayed by the server."""
+    config_path = tmp_path / "run.toml"
+    text = CONFIG.replace("seed = 7", 'seed = 7\nsecure_aggregation = "secagg"')
+    text = text.replace('dataset = "breast_cancer"', 'dataset = "breast_cancer"\nscaling = "local"')
+    text += "[secagg]\nclip_range = 4.0\nmax_weight = 1000\n"
+    config_path.write_text(text)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "veil.cli", "run", str(config_path), "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ},
+    )
+    assert proc.returncode == 0, proc.stderr + (out / "logs" / "server.log").read_text()
+    deployed = json.loads((out / "result.json").read_text())
+    assert deployed["privacy"]["aggregation"] == "secagg"
+    for r in deployed["rounds"]:
+        assert r["clients"] == 3 and r["aggregation"]["survivors"] == 3
+    server_log = (out / "logs" / "server.log").read_text()
+    assert '"kind": "protocol_result"' in server_log and '"kind": "fit_result"' in server_log
+    simulated = veil.run(load_config(config_path).model_copy(update={"mode": "simulation"}))
+    assert abs(simulated.final["accuracy"] - deployed["final"]["accuracy"]) <= 0.01

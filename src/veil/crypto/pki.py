@@ -18,7 +18,10 @@ accepts for mutual TLS; signatures are ECDSA with SHA-256. The identity key is E
 
 Certificates: subject CN is the node name, OU its role (``server`` or ``client``);
 ExtendedKeyUsage serverAuth or clientAuth to match; SubjectAltName the given hosts (DNS or IP) for
-a server and DNS:NAME for a client; BasicConstraints CA=false; KeyUsage digitalSignature.
+a server and DNS:NAME for a client; BasicConstraints CA=false; KeyUsage digitalSignature; and a
+non-critical Veil extension (`IDENTITY_OID`, an OCTET STRING holding the raw 32-byte Ed25519
+public key) that binds the node's identity key to its name under the CA's signature, so that a
+peer can check a relayed signature (SecAgg key advertisements) without trusting the relay.
 
 Revocation: `revoke` appends a serial to ``revoked.txt`` and `verify_certificate` refuses it.
 The TLS handshake itself does not read that list; a node must check its peer's certificate with
@@ -42,14 +45,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from veil.atomic import atomic_write_bytes, atomic_write_text
-from veil.crypto.identity import IdentityKey
+from veil.crypto.identity import IdentityKey, IdentityPublicKey
 from veil.errors import UserError
 
 __all__ = [
+    "IDENTITY_OID",
     "CertificateRejected",
     "IssuedNode",
     "NodeFiles",
     "Role",
+    "certificate_identity",
     "certificate_name",
     "certificate_role",
     "init_ca",
@@ -77,6 +82,11 @@ IDENTITY_PUB = "identity.pub"
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HOST = re.compile(r"[A-Za-z0-9.*_-]{1,253}")
 _EKU = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
+#: OID of the extension that carries a node's Ed25519 identity key: a 2.25 (UUID-based, ITU-T
+#: X.667) identifier, unique without registration.
+IDENTITY_OID = x509.ObjectIdentifier("2.25.254227675962433388747850750087626402989")
+_OCTET_STRING_32 = b"\x04\x20"
+
 # Certificates start a few minutes in the past so that small clock differences between
 # organisations do not reject a certificate that was just issued.
 _BACKDATE = dt.timedelta(minutes=5)
@@ -190,6 +200,7 @@ def issue(
         san = [x509.DNSName(name)]
 
     key = ec.generate_private_key(ec.SECP256R1())
+    identity = IdentityKey.generate()
     now = _now()
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
     cert = (
@@ -219,9 +230,12 @@ def issue(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
         )
+        .add_extension(
+            x509.UnrecognizedExtension(IDENTITY_OID, _OCTET_STRING_32 + identity.public_bytes()),
+            critical=False,
+        )
         .sign(ca_key, hashes.SHA256())
     )
-    identity = IdentityKey.generate()
     files = _node_files(directory, name, role)
     # The certificate goes last: its presence means the node is complete.
     atomic_write_bytes(files.key, _private_pem(key), mode=0o600)
@@ -286,6 +300,23 @@ def certificate_role(cert: x509.Certificate) -> Role:
             "certificate rejected: its subject OU is not one role ('server' or 'client')"
         )
     return "server" if values[0] == "server" else "client"
+
+
+def certificate_identity(cert: x509.Certificate) -> IdentityPublicKey:
+    """The Ed25519 identity key bound in a node certificate (check the certificate itself with
+    `verify_certificate` first). CertificateRejected if it carries none or a malformed one."""
+    name = _safe_name(cert)
+    try:
+        ext = cert.extensions.get_extension_for_oid(IDENTITY_OID).value
+    except x509.ExtensionNotFound:
+        raise CertificateRejected(
+            f"certificate of '{name}' carries no identity key (it was issued by an older "
+            f"version of Veil); reissue it with `veil pki issue DIR {name} --overwrite`"
+        ) from None
+    raw = ext.value if isinstance(ext, x509.UnrecognizedExtension) else b""
+    if len(raw) != 34 or not raw.startswith(_OCTET_STRING_32):
+        raise CertificateRejected(f"certificate of '{name}' has a malformed identity key")
+    return IdentityPublicKey.from_bytes(raw[2:])
 
 
 def verify_certificate(

@@ -11,8 +11,10 @@ from veil.federation.messages import (
     EvaluateResult,
     FitInstruction,
     FitResult,
+    ProtocolInstruction,
+    ProtocolReply,
 )
-from veil.federation.pipeline import RoundContext, UpdatePipeline
+from veil.federation.pipeline import ClientProtocol, RoundContext, UpdatePipeline
 from veil.federation.training import LocalTrainer, SGDTrainer, as_tensors, evaluate
 from veil.models import get_parameters, set_parameters
 from veil.seeding import Purpose, torch_generator
@@ -34,8 +36,10 @@ class ClientRunner:
         pipeline: UpdatePipeline,
         seed: int,
         trainer: LocalTrainer | None = None,
+        protocol: ClientProtocol | None = None,
     ) -> None:
         self.name = name
+        self.protocol = protocol
         self.trainer: LocalTrainer = trainer or SGDTrainer()
         self.n_classes = n_classes
         self.pipeline = pipeline
@@ -64,7 +68,20 @@ class ClientRunner:
             metrics={} if stats.loss is None else {"train_loss": stats.loss},
         )
         context = RoundContext(instruction.run_id, instruction.round, instruction.plan)
-        return self.pipeline.on_client(result, context)
+        result = self.pipeline.on_client(result, context)
+        if self.protocol is not None:
+            result = self.protocol.seal(result, context)
+        return result
+
+    def handle(self, instruction: ProtocolInstruction) -> ProtocolReply:
+        """Answer one step of the run's aggregation protocol."""
+        if self.protocol is None:
+            raise ValueError(
+                f"client '{self.name}' received a '{instruction.stage}' step, but this run's "
+                "client has no aggregation protocol configured"
+            )
+        body = self.protocol.handle(instruction)
+        return ProtocolReply(self.name, instruction.round, instruction.stage, body)
 
     def evaluate(self, model: nn.Module, instruction: EvaluateInstruction) -> EvaluateResult:
         """Evaluate the global parameters on the client's own validation split."""

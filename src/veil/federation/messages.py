@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from veil.tensors import NamedArrays, total_bytes
+from veil.tensors import NamedArrays, Payload, total_bytes
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class FitResult:
 
     client: str
     round: int
-    update: NamedArrays
+    update: Payload
     weight: float
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
@@ -89,6 +89,36 @@ class EvaluateResult:
     round: int
     num_examples: int
     metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ProtocolInstruction:
+    """Server → one client: a step of a multi-message aggregation protocol (e.g. SecAgg's key
+    advertisement). `stage` names the protocol and the step, `body` is that step's message in
+    the protocol's own safe encoding (never pickle)."""
+
+    run_id: str
+    round: int
+    stage: str
+    body: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.body)
+
+
+@dataclass(frozen=True)
+class ProtocolReply:
+    """Client → server: the answer to a `ProtocolInstruction`."""
+
+    client: str
+    round: int
+    stage: str
+    body: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.body)
 
 
 @dataclass(frozen=True)

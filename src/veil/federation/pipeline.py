@@ -11,13 +11,13 @@ than one copy of the model per client.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from veil.federation.messages import FitResult, TrainingPlan
+from veil.federation.messages import FitResult, ProtocolInstruction, TrainingPlan
 from veil.tensors import NamedArrays, add_scaled_, check_compatible, zeros_like
 
 
@@ -29,6 +29,8 @@ class RoundContext:
     round: int
     #: The round's training plan (on the client side; None on the server).
     plan: TrainingPlan | None = None
+    #: The clients selected for the round (on the server side).
+    clients: tuple[str, ...] = ()
 
 
 @dataclass
@@ -40,6 +42,9 @@ class Aggregate:
     count: int
     #: Σ over accepted clients of each `FitResult.sums` entry.
     sums: dict[str, float] = field(default_factory=dict)
+    #: What the aggregator reports about the round (e.g. SecAgg's clipped values and recovered
+    #: dropouts); it goes into the round's record.
+    report: dict[str, Any] = field(default_factory=dict)
 
     def mean(self) -> NamedArrays:
         """The weighted mean update, Σ wᵢ·Δᵢ / Σ wᵢ."""
@@ -53,12 +58,42 @@ class UpdateRejected(ValueError):
     """An update that the server refuses (wrong names, shapes or dtype, non-finite values)."""
 
 
+class AggregationFailed(RuntimeError):
+    """A round's aggregate cannot be formed (e.g. too few SecAgg survivors to unmask); the
+    round leaves the global model unchanged and records the reason."""
+
+
+class ProtocolChannel(Protocol):
+    """A round's extra messages between an aggregator and its clients (e.g. SecAgg's key
+    exchange and unmasking), carried by the transport that carries the round.
+
+    `exchange` sends each named client its message for `stage` and returns the replies that
+    arrived in time; a client missing from the result dropped out of that step.
+    """
+
+    def exchange(self, stage: str, bodies: Mapping[str, bytes]) -> dict[str, bytes]: ...
+
+
 class ClientStage(Protocol):
     """A transformation of a client's update before it leaves the client."""
 
     name: str
 
     def apply(self, result: FitResult, context: RoundContext) -> FitResult: ...
+
+
+class ClientProtocol(Protocol):
+    """The client half of an aggregator that talks to its clients (e.g. SecAgg).
+
+    `handle` answers the aggregator's steps before training; `seal` is the last thing a client
+    does to its update (e.g. encode and mask it), after every client stage.
+    """
+
+    name: str
+
+    def handle(self, instruction: ProtocolInstruction) -> bytes: ...
+
+    def seal(self, result: FitResult, context: RoundContext) -> FitResult: ...
 
 
 class ServerStage(Protocol):
@@ -70,7 +105,14 @@ class ServerStage(Protocol):
 
 
 class Accumulator(Protocol):
-    """One round's running aggregation: `add` each accepted update, then `finish` once."""
+    """One round's running aggregation: `add` each accepted update, then `finish` once.
+
+    `participants` are the clients that may train this round: the selected ones, less those
+    that dropped out of the aggregator's own set-up. `finish` raises `AggregationFailed` when
+    no aggregate can be formed.
+    """
+
+    participants: list[str]
 
     def add(self, result: FitResult) -> None: ...
 
@@ -78,11 +120,20 @@ class Accumulator(Protocol):
 
 
 class Aggregator(Protocol):
-    """How updates are summed: in the clear, or under masking / encryption."""
+    """How updates are summed: in the clear, or under masking / encryption.
+
+    `start` may talk to the selected clients (`context.clients`) through `channel` before they
+    train, and `Accumulator.finish` after they have.
+    """
 
     name: str
 
-    def start(self, reference: NamedArrays, context: RoundContext) -> Accumulator: ...
+    def start(
+        self,
+        reference: NamedArrays,
+        context: RoundContext,
+        channel: ProtocolChannel | None = None,
+    ) -> Accumulator: ...
 
 
 class WeightedSum:
@@ -93,12 +144,18 @@ class WeightedSum:
 
     name = "plain"
 
-    def start(self, reference: NamedArrays, context: RoundContext) -> Accumulator:
-        return _WeightedSumAccumulator(reference)
+    def start(
+        self,
+        reference: NamedArrays,
+        context: RoundContext,
+        channel: ProtocolChannel | None = None,
+    ) -> Accumulator:
+        return _WeightedSumAccumulator(reference, list(context.clients))
 
 
 class _WeightedSumAccumulator:
-    def __init__(self, reference: NamedArrays) -> None:
+    def __init__(self, reference: NamedArrays, participants: list[str]) -> None:
+        self.participants = participants
         self._reference = reference
         self._total = zeros_like(reference)
         self._weight = 0.0

@@ -7,9 +7,9 @@ Ray) implement it, so the loop does not know how messages travel.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from veil.federation.messages import (
     ClientFailure,
@@ -17,9 +17,17 @@ from veil.federation.messages import (
     EvaluateResult,
     FitInstruction,
     FitResult,
+    ProtocolInstruction,
+    ProtocolReply,
     TrainingPlan,
 )
-from veil.federation.pipeline import RoundContext, UpdatePipeline, UpdateRejected
+from veil.federation.pipeline import (
+    Aggregate,
+    AggregationFailed,
+    RoundContext,
+    UpdatePipeline,
+    UpdateRejected,
+)
 from veil.federation.strategy import Strategy
 from veil.seeding import Purpose, numpy_rng
 from veil.tensors import NamedArrays
@@ -27,7 +35,11 @@ from veil.tensors import NamedArrays
 
 class ClientGateway(Protocol):
     """How the server reaches clients. Results may arrive in any order; a client that returns
-    nothing yields a `ClientFailure`."""
+    nothing yields a `ClientFailure`.
+
+    `exchange` carries an aggregation protocol's extra steps (one instruction per client, each
+    with its own body); only aggregators that need it (SecAgg) call it.
+    """
 
     def fit(
         self, clients: Sequence[str], instruction: FitInstruction
@@ -36,6 +48,43 @@ class ClientGateway(Protocol):
     def evaluate(
         self, clients: Sequence[str], instruction: EvaluateInstruction
     ) -> Iterator[EvaluateResult | ClientFailure]: ...
+
+    def exchange(
+        self, instructions: Mapping[str, ProtocolInstruction]
+    ) -> Iterator[ProtocolReply | ClientFailure]: ...
+
+
+class _RoundChannel:
+    """The `ProtocolChannel` of one round: carries an aggregator's steps through the gateway,
+    counting bytes and recording the clients that drop out of a step."""
+
+    def __init__(self, gateway: ClientGateway, run_id: str, round_: int) -> None:
+        self.gateway = gateway
+        self.run_id = run_id
+        self.round = round_
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.failures: list[ClientFailure] = []
+
+    def exchange(self, stage: str, bodies: Mapping[str, bytes]) -> dict[str, bytes]:
+        instructions = {
+            name: ProtocolInstruction(self.run_id, self.round, stage, body)
+            for name, body in bodies.items()
+        }
+        self.bytes_down += sum(i.nbytes for i in instructions.values())
+        replies: dict[str, bytes] = {}
+        for reply in self.gateway.exchange(instructions):
+            if reply.client not in instructions or reply.client in replies:
+                continue
+            if isinstance(reply, ClientFailure):
+                self.failures.append(replace(reply, reason=f"{stage}: {reply.reason}"))
+            elif reply.round != self.round or reply.stage != stage:
+                reason = f"{stage}: answer to another step ({reply.stage}, round {reply.round})"
+                self.failures.append(ClientFailure(reply.client, self.round, reason))
+            else:
+                self.bytes_up += reply.nbytes
+                replies[reply.client] = reply.body
+        return replies
 
 
 @dataclass
@@ -55,6 +104,8 @@ class RoundRecord:
     epsilon: float | None = None
     #: The clients asked to train (all may have touched their data, even those that failed).
     selected_clients: list[str] = field(default_factory=list)
+    #: What the aggregator reported (e.g. SecAgg's clipped values and recovered dropouts).
+    aggregation: dict[str, Any] = field(default_factory=dict)
 
 
 class ServerObserver(Protocol):
@@ -138,14 +189,17 @@ class FederatedServer:
         plan = self.pipeline.configure_plan(plan)
         for obs in self.observers:
             obs.on_round_start(rnd, len(selected))
+        context = replace(context, clients=tuple(selected))
+        channel = _RoundChannel(self.gateway, self.run_id, rnd)
+        accumulator = self.pipeline.aggregator.start(self.parameters, context, channel)
+        training = [c for c in selected if c in set(accumulator.participants)]
         instruction = FitInstruction(self.run_id, rnd, self.parameters, plan)
-        bytes_down = instruction.nbytes * len(selected)
+        bytes_down = instruction.nbytes * len(training)
         bytes_up = 0
-        failures: list[ClientFailure] = []
-        accumulator = self.pipeline.aggregator.start(self.parameters, context)
+        failures: list[ClientFailure] = list(channel.failures)
         train_loss, train_weight = 0.0, 0.0
-        pending = set(selected)
-        for reply in self.gateway.fit(selected, instruction):
+        pending = set(training)
+        for reply in self.gateway.fit(training, instruction) if training else ():
             if reply.client not in pending:
                 # Not selected, or a second reply: never let one client count twice.
                 reason = "reply from a client that was not selected or has already replied"
@@ -171,7 +225,14 @@ class FederatedServer:
                         train_weight += reply.num_examples
             for obs in self.observers:
                 obs.on_client_done(rnd, reply.client)
-        aggregate = accumulator.finish()
+        setup_failures = len(channel.failures)
+        try:
+            aggregate = accumulator.finish()
+        except AggregationFailed as exc:
+            aggregate = Aggregate(total={}, weight=0.0, count=0, report={"error": str(exc)})
+        failures.extend(channel.failures[setup_failures:])
+        bytes_up += channel.bytes_up
+        bytes_down += channel.bytes_down
         applied = aggregate.count >= self.min_clients and aggregate.weight > 0
         if applied:
             aggregate = self.pipeline.on_server(aggregate, context)
@@ -195,6 +256,7 @@ class FederatedServer:
             duration_s=time.perf_counter() - started,
             failures=failures,
             selected_clients=list(selected),
+            aggregation=aggregate.report,
         )
         for obs in self.observers:
             obs.on_round_end(record, self.parameters, self.strategy)

@@ -6,10 +6,12 @@ with the number of clients. Optional simulated dropout makes a selected client r
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from torch import nn
 
+from veil.errors import VeilError
 from veil.federation.client import ClientRunner
 from veil.federation.messages import (
     ClientFailure,
@@ -17,8 +19,12 @@ from veil.federation.messages import (
     EvaluateResult,
     FitInstruction,
     FitResult,
+    ProtocolInstruction,
+    ProtocolReply,
 )
 from veil.seeding import Purpose, numpy_rng
+
+_log = logging.getLogger("veil.simulation")
 
 
 class LocalTransport:
@@ -54,6 +60,18 @@ class LocalTransport:
     ) -> Iterator[EvaluateResult | ClientFailure]:
         for name in clients:
             yield self._runner(name).evaluate(self._model, instruction)
+
+    def exchange(
+        self, instructions: Mapping[str, ProtocolInstruction]
+    ) -> Iterator[ProtocolReply | ClientFailure]:
+        """A protocol step; a client that refuses it (a `VeilError`) fails like a dropout, as
+        a client process would, and the refusal is logged."""
+        for name, instruction in instructions.items():
+            try:
+                yield self._runner(name).handle(instruction)
+            except VeilError as exc:
+                _log.warning("client %s refused %s: %s", name, instruction.stage, exc)
+                yield ClientFailure(name, instruction.round, f"refused: {exc}")
 
     def _runner(self, name: str) -> ClientRunner:
         try:

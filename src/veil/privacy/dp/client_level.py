@@ -32,9 +32,16 @@ UNCLIPPED = "dp/unclipped"
 
 
 class ClipUpdate:
-    """Client stage: clip the whole update to the round's `update_clip_norm`, weight 1."""
+    """Client stage: clip the whole update to the round's `update_clip_norm`, weight 1.
+
+    With `report_unclipped` (for adaptive clipping) it also sends the centred bit
+    1[‖Δ‖ ≤ C] − ½ as a sum-only scalar.
+    """
 
     name = "clip-update"
+
+    def __init__(self, *, report_unclipped: bool = True) -> None:
+        self.report_unclipped = report_unclipped
 
     def apply(self, result: FitResult, context: RoundContext) -> FitResult:
         clip = context.plan.update_clip_norm if context.plan is not None else None
@@ -46,7 +53,9 @@ class ClipUpdate:
         norm = l2_norm(result.update)
         factor = np.float32(min(1.0, clip / norm) if norm > 0 else 1.0)
         update = {name: arr * factor for name, arr in result.update.items()}
-        sums = {**result.sums, UNCLIPPED: 0.5 if norm <= clip else -0.5}
+        sums = dict(result.sums)
+        if self.report_unclipped:
+            sums[UNCLIPPED] = 0.5 if norm <= clip else -0.5
         return replace(result, update=update, weight=1.0, sums=sums, metrics={})
 
 
@@ -54,6 +63,9 @@ class GaussianSumNoise:
     """Server stage: add N(0, (z_Δ·C)²) to the summed update; fix the denominator to q·N.
 
     With `target_quantile`, also release the noisy count of unclipped clients and adapt C.
+    With `distributed`, the clients have already added the noise in the integer domain under
+    secure aggregation (`veil.privacy.secagg.distributed_dp`): this stage only fixes the
+    denominator.
     """
 
     name = "gaussian-sum-noise"
@@ -68,7 +80,13 @@ class GaussianSumNoise:
         target_quantile: float | None = None,
         clip_learning_rate: float = 0.2,
         clip_count_stddev: float | None = None,
+        distributed: bool = False,
     ) -> None:
+        if distributed and target_quantile is not None:
+            raise ValueError(
+                "adaptive clipping (target_quantile) is not available with distributed noise"
+            )
+        self.distributed = distributed
         if expected_clients <= 0:
             raise ValueError(f"expected_clients must be > 0, got {expected_clients}")
         self.noise_multiplier = noise_multiplier
@@ -93,6 +111,15 @@ class GaussianSumNoise:
         return replace(plan, update_clip_norm=self.clip_norm)
 
     def apply(self, aggregate: Aggregate, context: RoundContext) -> Aggregate:
+        if self.distributed:
+            sums = {k: v for k, v in aggregate.sums.items() if k != UNCLIPPED}
+            return Aggregate(
+                total=aggregate.total,
+                weight=self.expected_clients,
+                count=aggregate.count,
+                sums=sums,
+                report=aggregate.report,
+            )
         std = self.update_noise_multiplier * self.clip_norm
         sizes = [a.size for a in aggregate.total.values()]
         noise = self.source.standard_normal(sum(sizes)) * std
@@ -111,7 +138,11 @@ class GaussianSumNoise:
             self.clip_norm *= math.exp(-self.clip_learning_rate * (fraction - self.target_quantile))
             self.clip_history.append(self.clip_norm)
         return Aggregate(
-            total=total, weight=self.expected_clients, count=aggregate.count, sums=sums
+            total=total,
+            weight=self.expected_clients,
+            count=aggregate.count,
+            sums=sums,
+            report=aggregate.report,
         )
 
 

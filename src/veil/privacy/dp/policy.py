@@ -236,8 +236,16 @@ class ClientLevelPrivacy(_Observer):
 
     @classmethod
     def plan(
-        cls, config: PrivacyConfig, *, n_clients: int, fraction_fit: float, rounds: int
+        cls,
+        config: PrivacyConfig,
+        *,
+        n_clients: int,
+        fraction_fit: float,
+        rounds: int,
+        distributed: bool = False,
     ) -> ClientLevelPrivacy:
+        """DP-FedAvg for the run; with `distributed` (secure aggregation) the clients add the
+        noise (distributed discrete Gaussian) and the server only fixes the denominator."""
         sigma = _noise_multiplier(
             config, sampling_rate=fraction_fit, steps=rounds, who="the federation"
         )
@@ -251,6 +259,7 @@ class ClientLevelPrivacy(_Observer):
                 target_quantile=config.target_quantile,
                 clip_learning_rate=config.clip_learning_rate,
                 clip_count_stddev=config.clip_count_stddev,
+                distributed=distributed,
             )
         except ValueError as exc:
             raise ConfigError(f"privacy: {exc}") from None
@@ -265,8 +274,12 @@ class ClientLevelPrivacy(_Observer):
         )
 
     @property
+    def distributed(self) -> bool:
+        return self.server_stage.distributed
+
+    @property
     def client_stages(self) -> list[ClientStage]:
-        return [ClipUpdate()]
+        return [ClipUpdate(report_unclipped=self.config.target_quantile is not None)]
 
     @property
     def server_stages(self) -> list[ServerStage]:
@@ -294,6 +307,9 @@ class ClientLevelPrivacy(_Observer):
             "steps": steps,
             "adaptive_clipping": self.config.target_quantile is not None,
             "update_noise_multiplier": self.server_stage.update_noise_multiplier,
+            "noise": "distributed discrete Gaussian (Kairouz et al. 2021), added by the clients"
+            if self.distributed
+            else "Gaussian, added by the server",
         }
 
     def privacy_record(self, aggregation: str) -> dict[str, Any]:

@@ -13,11 +13,18 @@ import time
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 from torch import nn
 
 from veil.crypto.identity import IdentityKey, signing_payload
+from veil.errors import VeilError
 from veil.federation.client import ClientRunner
-from veil.federation.messages import EvaluateInstruction, FitInstruction, TrainingPlan
+from veil.federation.messages import (
+    EvaluateInstruction,
+    FitInstruction,
+    ProtocolInstruction,
+    TrainingPlan,
+)
 from veil.transport.grpc import veil_pb2 as pb
 from veil.transport.grpc import veil_pb2_grpc as pb_grpc
 from veil.transport.grpc.codec import Message, decode, digest, encode
@@ -118,7 +125,25 @@ def _answer(
         "client": runner.name,
     }
     params = {k: v for k, v in task.arrays.items()}
-    if task.kind == "fit":
+    arrays: dict[str, np.ndarray]
+    if task.kind == "protocol":
+        stage = str(meta["stage"])
+        body = task.arrays["body"].tobytes()
+        try:
+            reply = runner.handle(ProtocolInstruction(meta["run_id"], meta["round"], stage, body))
+        except VeilError as exc:
+            # Refuse out loud: the server records why, instead of waiting for a deadline.
+            log.warning(json.dumps({"event": "refused", "stage": stage, "reason": str(exc)}))
+            out_meta, arrays, kind = (
+                {**base, "stage": stage, "reason": str(exc)},
+                {},
+                "protocol_refused",
+            )
+        else:
+            out_meta = {**base, "stage": stage}
+            arrays = {"body": np.frombuffer(reply.body, dtype=np.uint8)}
+            kind = "protocol_result"
+    elif task.kind == "fit":
         plan = TrainingPlan(**meta["plan"])
         result = runner.fit(model, FitInstruction(meta["run_id"], meta["round"], params, plan))
         out_meta = {

@@ -32,6 +32,8 @@ from veil.federation.messages import (
     EvaluateResult,
     FitInstruction,
     FitResult,
+    ProtocolInstruction,
+    ProtocolReply,
 )
 from veil.tensors import NamedArrays, check_compatible, l2_norm
 from veil.transport.grpc import veil_pb2 as pb
@@ -54,13 +56,21 @@ CHANNEL_OPTIONS = [
 ]
 
 
+#: The tensor that carries a protocol step's body (raw bytes as uint8).
+PROTOCOL_BODY = "body"
+
+Reply = FitResult | EvaluateResult | ProtocolReply | ClientFailure
+#: A task's tensors: float32 parameters, or a protocol step's uint8 body.
+Arrays = Mapping[str, np.ndarray]
+
+
 @dataclass
 class _Task:
-    kind: str  # "fit" | "evaluate" | "done"
+    kind: str  # "fit" | "evaluate" | "protocol" | "done"
     round: int
     nonce: str
     meta: dict[str, Any]
-    arrays: NamedArrays
+    arrays: Arrays
     #: The arrays' data chunks, built once per round and shared by every client's task.
     data: list[pb.Chunk] = field(default_factory=list)
 
@@ -102,7 +112,7 @@ class GrpcGateway(pb_grpc.FederationServicer):
         self.max_update_norm = max_update_norm
         self._clients = {name: _ClientState() for name in identities}
         self._lock = threading.Condition()
-        self._results: queue.Queue[FitResult | EvaluateResult | ClientFailure] = queue.Queue()
+        self._results: queue.Queue[Reply] = queue.Queue()
         self._round = 0
         self._deadline = 0.0
         self._revoked: frozenset[int] = frozenset()
@@ -169,36 +179,49 @@ class GrpcGateway(pb_grpc.FederationServicer):
         self, clients: Sequence[str], instruction: FitInstruction
     ) -> Iterator[FitResult | ClientFailure]:
         meta = {"run_id": instruction.run_id, "plan": asdict(instruction.plan)}
-        yield from self._dispatch(  # type: ignore[misc]
-            "fit", clients, instruction.round, meta, instruction.parameters
-        )
+        shared = list(data_chunks(instruction.parameters))
+        tasks = {name: (meta, instruction.parameters, shared) for name in clients}
+        yield from self._dispatch("fit", instruction.round, tasks)  # type: ignore[misc]
 
     def evaluate(
         self, clients: Sequence[str], instruction: EvaluateInstruction
     ) -> Iterator[EvaluateResult | ClientFailure]:
         meta = {"run_id": instruction.run_id}
-        yield from self._dispatch(  # type: ignore[misc]
-            "evaluate", clients, instruction.round, meta, instruction.parameters
-        )
+        shared = list(data_chunks(instruction.parameters))
+        tasks = {name: (meta, instruction.parameters, shared) for name in clients}
+        yield from self._dispatch("evaluate", instruction.round, tasks)  # type: ignore[misc]
+
+    def exchange(
+        self, instructions: Mapping[str, ProtocolInstruction]
+    ) -> Iterator[ProtocolReply | ClientFailure]:
+        """One step of an aggregation protocol: each client gets its own body, carried as a
+        uint8 tensor through the same signed, nonce-bound task and upload as a fit."""
+        tasks: dict[str, tuple[dict[str, Any], Arrays, list[pb.Chunk]]] = {}
+        rounds = {i.round for i in instructions.values()}
+        if len(rounds) > 1:
+            raise ValueError(f"one protocol step spans rounds {sorted(rounds)}")
+        for name, ins in instructions.items():
+            arrays = {PROTOCOL_BODY: np.frombuffer(ins.body, dtype=np.uint8)}
+            meta = {"run_id": ins.run_id, "stage": ins.stage}
+            tasks[name] = (meta, arrays, list(data_chunks(arrays)))
+        if tasks:
+            yield from self._dispatch("protocol", rounds.pop(), tasks)  # type: ignore[misc]
 
     def _dispatch(
         self,
         kind: str,
-        clients: Sequence[str],
         round_: int,
-        meta: dict[str, Any],
-        arrays: NamedArrays,
-    ) -> Iterator[FitResult | EvaluateResult | ClientFailure]:
-        shared = list(data_chunks(arrays))
+        tasks: Mapping[str, tuple[dict[str, Any], Arrays, list[pb.Chunk]]],
+    ) -> Iterator[Reply]:
         with self._lock:
             self._round = round_
             self._deadline = time.monotonic() + self.deadline_s
-            for name in clients:
+            for name, (meta, arrays, chunks) in tasks.items():
                 nonce = secrets.token_hex(16)
                 task_meta = {**meta, "round": round_, "nonce": nonce, "client": name}
-                self._clients[name].task = _Task(kind, round_, nonce, task_meta, arrays, shared)
+                self._clients[name].task = _Task(kind, round_, nonce, task_meta, arrays, chunks)
             self._lock.notify_all()
-        pending = set(clients)
+        pending = set(tasks)
         while pending:
             remaining = self._deadline - time.monotonic()
             if remaining <= 0:
@@ -211,7 +234,7 @@ class GrpcGateway(pb_grpc.FederationServicer):
                 pending.discard(reply.client)
                 yield reply
         with self._lock:
-            for name in clients:
+            for name in tasks:
                 task = self._clients[name].task
                 if task is not None and task.round == round_ and task.kind == kind:
                     self._clients[name].task = None
@@ -264,12 +287,28 @@ class GrpcGateway(pb_grpc.FederationServicer):
                 return self._refuse(name, "replayed upload (nonce already used)")
             if task is None or nonce != task.nonce:
                 return self._refuse(name, "stale or unknown task (no open task with this nonce)")
-            if message.kind != f"{task.kind}_result" or meta.get("round") != task.round:
+            answers = {
+                f"{task.kind}_result",
+                *(("protocol_refused",) if task.kind == "protocol" else ()),
+            }
+            if message.kind not in answers or meta.get("round") != task.round:
                 return self._refuse(name, f"a {message.kind} does not answer a {task.kind} task")
             state.used_nonces.add(task.nonce)
             state.task = None
             state.last_seen = time.time()
-        if message.kind == "fit_result":
+        if message.kind == "protocol_refused" and task.kind == "protocol":
+            reason = f"refused {task.meta['stage']}: {str(meta.get('reason', ''))[:500]}"
+            self._results.put(ClientFailure(name, task.round, reason))
+            self._event("client refused", client=name, round=task.round, reason=reason)
+            return pb.UploadReply(accepted=True, reason="")
+        if message.kind == "protocol_result":
+            body = message.arrays.get(PROTOCOL_BODY)
+            if meta.get("stage") != task.meta["stage"] or body is None or body.dtype != np.uint8:
+                reason = f"not an answer to the '{task.meta['stage']}' step"
+                self._results.put(ClientFailure(name, task.round, reason))
+                return self._refuse(name, reason)
+            self._results.put(ProtocolReply(name, task.round, task.meta["stage"], body.tobytes()))
+        elif message.kind == "fit_result":
             problem = self._check_update(message.arrays)
             if problem:
                 self._results.put(ClientFailure(name, task.round, f"update rejected: {problem}"))
@@ -278,7 +317,7 @@ class GrpcGateway(pb_grpc.FederationServicer):
                 FitResult(
                     client=name,
                     round=task.round,
-                    update={k: v.astype(np.float32, copy=False) for k, v in message.arrays.items()},
+                    update=dict(message.arrays),
                     weight=float(meta["weight"]),
                     num_examples=int(meta["num_examples"]),
                     metrics={k: float(v) for k, v in meta.get("metrics", {}).items()},
@@ -351,14 +390,15 @@ class GrpcGateway(pb_grpc.FederationServicer):
 
     def _check_update(self, arrays: Mapping[str, np.ndarray]) -> str | None:
         for name, arr in arrays.items():
-            if arr.dtype != np.float32:
-                return f"parameter '{name}' has dtype {arr.dtype}, expected float32"
+            expected = self.reference[name].dtype if name in self.reference else np.float32
+            if arr.dtype != expected:
+                return f"parameter '{name}' has dtype {arr.dtype}, expected {expected}"
         try:
             check_compatible(self.reference, arrays)
         except ValueError as exc:
             return str(exc)
         for name, arr in arrays.items():
-            if not np.isfinite(arr).all():
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 return f"parameter '{name}' contains NaN or Inf"
         if self.max_update_norm is not None:
             norm = l2_norm(arrays)

@@ -1,0 +1,183 @@
+"""The server half of SecAgg in a federation: an `Aggregator` that sees only masked vectors.
+
+`SecAggAggregator.start` runs the key exchange with the round's selected clients through the
+round's `ProtocolChannel` before they train; its accumulator adds masked vectors as they arrive
+(one running sum mod 2^k); `finish` asks the survivors for the shares that remove the masks and
+decodes the sum into the `Aggregate` the strategy steps with. The server process never holds an
+individual unmasked update, only masked vectors and the final sum.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from veil.federation.messages import FitResult
+from veil.federation.pipeline import (
+    Accumulator,
+    Aggregate,
+    AggregationFailed,
+    ProtocolChannel,
+    RoundContext,
+    UpdateRejected,
+)
+from veil.privacy.secagg.errors import SecAggError
+from veil.privacy.secagg.layout import MASKED, UpdateLayout
+from veil.privacy.secagg.messages import EncryptedShares, UnmaskReply
+from veil.privacy.secagg.participant import CLIPPED, WEIGHT_CAPPED
+from veil.privacy.secagg.protocol import RoundParams, ServerSession
+from veil.privacy.secagg.settings import SecAggSettings, params_to_bytes
+from veil.privacy.secagg.wire import (
+    DELIVER,
+    SETUP,
+    SHARE,
+    UNMASK,
+    Advertised,
+    KeyBundle,
+    shares_to_bytes,
+)
+from veil.tensors import NamedArrays
+
+
+class SecAggAggregator:
+    """Secure aggregation by masking (Bonawitz et al. 2017; SecAgg+ of Bell et al. 2020)."""
+
+    name = "secagg"
+
+    def __init__(self, settings: SecAggSettings, layout: UpdateLayout) -> None:
+        self.settings = settings
+        self.layout = layout
+
+    def start(
+        self,
+        reference: NamedArrays,
+        context: RoundContext,
+        channel: ProtocolChannel | None = None,
+    ) -> Accumulator:
+        if channel is None:
+            raise ValueError("secure aggregation needs a protocol channel to the clients")
+        if tuple(reference) != self.layout.names:
+            raise ValueError("the model's parameters do not match the secure aggregation layout")
+        params = self.settings.plan_round(
+            context.run_id, context.round, context.clients, self.layout
+        )
+        return _SecAggAccumulator(params, self.settings, self.layout, channel)
+
+
+class _SecAggAccumulator:
+    def __init__(
+        self,
+        params: RoundParams,
+        settings: SecAggSettings,
+        layout: UpdateLayout,
+        channel: ProtocolChannel,
+    ) -> None:
+        self.params = params
+        self.layout = layout
+        self.channel = channel
+        self.session = ServerSession(params)
+        self.participants: list[str] = []
+        self._report: dict[str, Any] = {
+            "protocol": settings.protocol,
+            "threshold": params.threshold,
+            "neighbours": params.degree,
+            "modulus_bits": params.fixed_point.modulus_bits,
+            "step": params.fixed_point.step,
+            "clipped": 0,
+            "weights_capped": 0,
+        }
+        self._error: str | None = None
+        try:
+            self._key_exchange()
+        except SecAggError as exc:
+            self._error = str(exc)
+            self.participants = []
+
+    def _key_exchange(self) -> None:
+        """Set-up, key sharing and share delivery; `participants` are the clients that got
+        their shares and may now train."""
+        clients = self.params.clients
+        announcement = params_to_bytes(self.params)
+        replies = self.channel.exchange(SETUP, {c: announcement for c in clients})
+        credentials: dict[str, Advertised] = {}
+        for client, body in replies.items():
+            try:
+                advertised = Advertised.from_bytes(body)
+                if advertised.advertisement.client != client:
+                    raise SecAggError(f"{client!r} advertised keys for another client")
+                self.session.collect(advertised.advertisement)
+            except SecAggError:
+                continue  # a malformed answer drops that client from the round
+            credentials[client] = advertised
+        self.session.advertisements()  # closes key collection
+        bundles = {
+            client: KeyBundle(
+                {
+                    peer: credentials[peer]
+                    for peer in self.session.advertisements_for(client)
+                    if peer in credentials
+                }
+            ).to_bytes()
+            for client in credentials
+        }
+        shared = []
+        for client, body in self.channel.exchange(SHARE, bundles).items():
+            try:
+                shares = EncryptedShares.from_bytes(body)
+                if shares.sender != client:
+                    raise SecAggError(f"{client!r} sent shares in another client's name")
+                self.session.route(shares)
+            except SecAggError:
+                continue
+            shared.append(client)
+        # Only clients whose own shares went out may mask: their peers mask with them.
+        routed = {client: self.session.shares_for(client) for client in shared}
+        deliveries = {c: shares_to_bytes(s) for c, s in routed.items()}
+        self.participants = sorted(self.channel.exchange(DELIVER, deliveries))
+
+    def add(self, result: FitResult) -> None:
+        if self._error is not None:
+            raise UpdateRejected(f"the round's key exchange failed: {self._error}")
+        if set(result.update) != {MASKED}:
+            raise UpdateRejected(
+                f"a secure aggregation update carries one masked vector '{MASKED}', got "
+                f"{sorted(result.update)}"
+            )
+        try:
+            self.session.add_masked(result.client, result.update[MASKED])
+        except SecAggError as exc:
+            raise UpdateRejected(str(exc)) from None
+        self._report["clipped"] += int(result.metrics.get(CLIPPED, 0))
+        self._report["weights_capped"] += int(result.metrics.get(WEIGHT_CAPPED, 0))
+
+    def finish(self) -> Aggregate:
+        if self._error is not None:
+            raise AggregationFailed(f"secure aggregation: {self._error}")
+        try:
+            request = self.session.unmask_request()
+            body = request.to_bytes()
+            replies = self.channel.exchange(UNMASK, {c: body for c in sorted(request.survivors)})
+            for client, reply in replies.items():
+                try:
+                    unmask = UnmaskReply.from_bytes(reply)
+                    if unmask.client != client:
+                        raise SecAggError(f"{client!r} answered in another client's name")
+                    self.session.add_unmask_reply(unmask)
+                except SecAggError:
+                    continue
+            total = self.session.finish()
+        except SecAggError as exc:
+            raise AggregationFailed(f"secure aggregation: {exc}") from None
+        summary = self.session.summary()
+        update, weight, sums = self.layout.split(self.params.fixed_point.decode(total))
+        self._report.update(
+            survivors=len(summary.survivors),
+            recovered_dropouts=len(summary.dropped),
+            dropped_before_masking=len(summary.dropped_early),
+        )
+        return Aggregate(
+            total=update,
+            weight=weight,
+            count=len(summary.survivors),
+            sums=sums,
+            report=self._report,
+        )

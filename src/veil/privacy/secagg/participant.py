@@ -1,0 +1,142 @@
+"""The client half of SecAgg in a federation: answers the protocol's steps and masks the update.
+
+`SecAggParticipant` is a `veil.federation.pipeline.ClientProtocol`: the `ClientRunner` passes it
+the server's steps (`handle`) and, after local training and every client stage, its update
+(`seal`), which leaves the client only as a masked integer vector.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from veil.crypto.identity import IdentityKey
+from veil.federation.messages import FitResult, ProtocolInstruction
+from veil.federation.pipeline import RoundContext
+from veil.privacy.dp.randomness import RandomSource, SecureRandom
+from veil.privacy.secagg.errors import ProtocolError
+from veil.privacy.secagg.layout import MASKED, UpdateLayout
+from veil.privacy.secagg.messages import UnmaskRequest
+from veil.privacy.secagg.protocol import ClientSession
+from veil.privacy.secagg.quantize import UIntArray
+from veil.privacy.secagg.roster import Roster
+from veil.privacy.secagg.settings import SecAggSettings, params_from_bytes
+from veil.privacy.secagg.wire import (
+    DELIVER,
+    SETUP,
+    SHARE,
+    UNMASK,
+    Advertised,
+    KeyBundle,
+    shares_from_bytes,
+)
+
+#: Per-client metric: how many of its values were clipped to the declared range.
+CLIPPED = "secagg_clipped"
+#: Per-client metric: 1 if its weight was capped at `max_weight`.
+WEIGHT_CAPPED = "secagg_weight_capped"
+
+
+class SecAggParticipant:
+    """One client's SecAgg: one `ClientSession` per round, driven by the server's steps."""
+
+    name = "secagg"
+
+    def __init__(
+        self,
+        client: str,
+        identity: IdentityKey,
+        roster: Roster,
+        settings: SecAggSettings,
+        layout: UpdateLayout,
+        *,
+        random: RandomSource | None = None,
+    ) -> None:
+        self.client = client
+        self.identity = identity
+        self.roster = roster
+        self.settings = settings
+        self.layout = layout
+        self.random = random or SecureRandom()
+        self._session: ClientSession | None = None
+
+    def handle(self, instruction: ProtocolInstruction) -> bytes:
+        stage, body = instruction.stage, instruction.body
+        if stage == SETUP:
+            params = params_from_bytes(body)
+            if params.run_id != instruction.run_id or params.round != instruction.round:
+                raise ProtocolError("the round announcement names another run or round")
+            self.settings.check_round(params, self.layout)
+            # A new round replaces the last one's session: its secrets are gone for good.
+            self._session = ClientSession(self.client, self.identity, params)
+            advertised = Advertised(self._session.advertise(), self.roster.credential())
+            return advertised.to_bytes()
+        session = self._current(instruction)
+        if stage == SHARE:
+            bundle = KeyBundle.from_bytes(body).advertisements
+            identities = {
+                peer: self.roster.identity(peer, a.credential)
+                for peer, a in bundle.items()
+                if peer != self.client
+            }
+            ads = {peer: a.advertisement for peer, a in bundle.items()}
+            return session.share_keys(ads, identities).to_bytes()
+        if stage == DELIVER:
+            session.receive_shares(shares_from_bytes(body))
+            return b""
+        if stage == UNMASK:
+            return session.unmask(UnmaskRequest.from_bytes(body)).to_bytes()
+        raise ProtocolError(f"unknown secure aggregation step '{stage}'")
+
+    def seal(self, result: FitResult, context: RoundContext) -> FitResult:
+        """Encode the update (weight folded in) and mask it; only the masked vector leaves."""
+        session = self._session
+        if session is None or session.params.round != context.round:
+            raise ProtocolError(
+                f"no secure aggregation set-up for round {context.round}: the server must run "
+                "the key exchange before asking for an update"
+            )
+        vector, clipped, capped = self._encode(result, session)
+        masked = session.mask(vector)
+        return FitResult(
+            client=result.client,
+            round=result.round,
+            update={MASKED: masked},
+            weight=0.0,
+            num_examples=0,
+            metrics={CLIPPED: float(clipped), WEIGHT_CAPPED: float(capped)},
+        )
+
+    def _current(self, instruction: ProtocolInstruction) -> ClientSession:
+        session = self._session
+        if session is None or session.params.round != instruction.round:
+            raise ProtocolError(
+                f"'{instruction.stage}' for round {instruction.round} without its set-up"
+            )
+        return session
+
+    def _encode(self, result: FitResult, session: ClientSession) -> tuple[UIntArray, int, bool]:
+        """[w·Δ | w | sums] as residues; under distributed DP with this client's noise added."""
+        s, params = self.settings, session.params
+        fixed = params.fixed_point
+        values = self.layout.flatten(result.update)
+        noise = s.noise(self.layout, len(params.clients))
+        if noise is not None:
+            weight, capped = 1.0, False
+            bound = noise.clip_norm
+        else:
+            weight = min(float(result.weight), s.max_weight)
+            capped = float(result.weight) > s.max_weight
+            values *= weight
+            bound = max(weight, 1e-12) * s.clip_range
+        update = fixed.encode(values, bound, self.random)
+        parts = [update.values]
+        if noise is not None:
+            # Each client's share of the noise, added in the integer domain mod 2^k.
+            fixed.add_mod(parts[0], noise.noise(params.threshold).astype(fixed.dtype))
+        weight_bound = 1.0 if noise is not None else s.max_weight
+        parts.append(fixed.encode(np.array([weight]), weight_bound, self.random).values)
+        if self.layout.sum_keys:
+            bounds = np.array([s.sum_bounds[k] for k in self.layout.sum_keys], np.float64)
+            sums = fixed.encode(self.layout.sums_vector(result.sums), bounds, self.random)
+            parts.append(sums.values)
+        return np.concatenate(parts), update.clipped, capped

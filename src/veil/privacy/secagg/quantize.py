@@ -1,0 +1,280 @@
+"""Fixed-point encoding of floats as integers mod 2^k, the input space of secure aggregation.
+
+Masking (Bonawitz et al. 2017, "Practical Secure Aggregation for Privacy-Preserving Machine
+Learning", §4) works in the group Z_{2^k}: each client turns its float vector into integers
+mod 2^k, adds masks that cancel in the sum, and the server decodes the sum. This module does the
+float ↔ integer part:
+
+* `FixedPoint.encode` clips every value to a declared ``[-bound, bound]`` (and counts the entries
+  it clipped: clipping is reported, never silent), divides by ``step`` and rounds stochastically
+  (down or up with the probability that makes the rounding unbiased: E[q] = x / step), then
+  writes the integer in two's complement mod 2^k.
+* `FixedPoint.decode` lifts a sum mod 2^k to the centred range [-2^(k-1), 2^(k-1)) and multiplies
+  by ``step``. The lift is exact as long as the true integer sum lies in that range, which
+  `FixedPoint.check_capacity` guarantees: ``n · (ceil(bound / step) + 1) < 2^(k-1)``. (After
+  clipping and stochastic rounding every encoded value lies in ``[-ceil(bound/step),
+  ceil(bound/step)]``; the ``+ 1`` is a margin of one step per client.)
+
+So the decoded sum of n clients differs from the sum of their clipped inputs by less than
+``n · step`` (each rounding moves a value by less than one step), and by about
+``step · sqrt(n) / 2`` typically (the rounding errors are independent and have mean zero).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+from veil.errors import UserError
+from veil.privacy.dp.randomness import RandomSource
+
+__all__ = ["CapacityError", "Encoded", "FixedPoint", "UIntArray"]
+
+#: An array of unsigned integers (``uint32`` or ``uint64``): residues mod 2^k.
+UIntArray: TypeAlias = npt.NDArray[np.unsignedinteger[Any]]
+
+_MIN_BITS = 8
+_MAX_BITS = 64
+#: Entries encoded per pass: 2 MiB of float64, so the temporaries of one pass stay in cache.
+_CHUNK = 1 << 18
+
+
+class CapacityError(UserError):
+    """The sum of the clients' encoded values could exceed the signed range of Z_{2^k}."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """The result of `FixedPoint.encode`: residues mod 2^k and how many entries were clipped."""
+
+    values: UIntArray
+    clipped: int
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Fixed-point numbers ``q · step`` stored as residues mod ``2**modulus_bits``.
+
+    Contract: ``8 <= modulus_bits <= 64``; ``step`` is a positive finite float. Residues are held
+    in `dtype` (``uint32`` for up to 32 bits, ``uint64`` above); every array this class returns
+    holds values below `modulus`.
+    """
+
+    modulus_bits: int
+    step: float
+
+    def __post_init__(self) -> None:
+        bits = self.modulus_bits
+        if isinstance(bits, bool) or not isinstance(bits, int):
+            raise TypeError(f"modulus_bits must be an int, got {type(bits).__name__}")
+        if not _MIN_BITS <= bits <= _MAX_BITS:
+            raise ValueError(
+                f"modulus_bits must be between {_MIN_BITS} and {_MAX_BITS}, got {bits}"
+            )
+        step = self.step
+        if isinstance(step, bool) or not isinstance(step, int | float):
+            raise TypeError(f"step must be a float, got {type(step).__name__}")
+        if not (math.isfinite(step) and step > 0):
+            raise ValueError(f"step must be positive and finite, got {step}")
+        object.__setattr__(self, "step", float(step))
+
+    @property
+    def dtype(self) -> np.dtype[np.unsignedinteger[Any]]:
+        """``uint32`` when ``modulus_bits <= 32``, else ``uint64``."""
+        return np.dtype(np.uint32) if self.modulus_bits <= 32 else np.dtype(np.uint64)
+
+    @property
+    def modulus(self) -> int:
+        """``2**modulus_bits``."""
+        return 1 << self.modulus_bits
+
+    @classmethod
+    def fit(cls, n_clients: int, bound: float, modulus_bits: int = 32) -> FixedPoint:
+        """The finest step for which the sum of `n_clients` values in ``[-bound, bound]`` cannot
+        wrap: the smallest ``step`` with ``n_clients · (ceil(bound / step) + 1) < 2^(k-1)``.
+
+        Raises CapacityError when even the coarsest useful step (``step = bound``) cannot hold
+        the sum, and ValueError for a non-positive `n_clients` or `bound`.
+        """
+        _check_clients_and_bound(n_clients, bound)
+        cls(modulus_bits, 1.0)  # validates modulus_bits
+        # The largest integer magnitude c with n · (c + 1) <= 2^(k-1) - 1.
+        largest = ((1 << (modulus_bits - 1)) - 1) // n_clients - 1
+        if largest < 1:
+            raise CapacityError(
+                _capacity_message(n_clients, bound, float(bound), modulus_bits, "fit")
+            )
+        step = float(bound) / largest
+        fitted = cls(modulus_bits, step)
+        # bound / step is rounded to float: nudge the step up until the exact check passes.
+        while not fitted._fits(n_clients, bound):
+            step = math.nextafter(step, math.inf)
+            fitted = cls(modulus_bits, step)
+        return fitted
+
+    def check_capacity(self, n_clients: int, bound: float) -> None:
+        """Return if the sum of `n_clients` encoded values in ``[-bound, bound]`` can never wrap
+        mod 2^k; raise CapacityError (saying what to change) otherwise."""
+        _check_clients_and_bound(n_clients, bound)
+        if not self._fits(n_clients, bound):
+            raise CapacityError(
+                _capacity_message(n_clients, bound, self.step, self.modulus_bits, "check")
+            )
+
+    def _fits(self, n_clients: int, bound: float) -> bool:
+        scaled = float(bound) / self.step
+        if not math.isfinite(scaled):
+            return False
+        return n_clients * (math.ceil(scaled) + 1) < 1 << (self.modulus_bits - 1)
+
+    def encode(
+        self,
+        values: npt.ArrayLike,
+        bound: float | npt.NDArray[np.floating[Any]],
+        random: RandomSource,
+    ) -> Encoded:
+        """Clip to ``[-bound, bound]``, scale by ``1 / step``, round stochastically with uniforms
+        from `random`, and reduce mod 2^k (two's complement).
+
+        `bound` is a positive scalar, or an array of positive bounds of the same shape as
+        `values` (one per coordinate). `values` may be any real array (float32 or float64 are
+        the usual); the result has its shape and `dtype`. `Encoded.clipped` counts the entries
+        whose value lay outside the bound. NaN or ±Inf raises ValueError naming the first such
+        entry. The caller is responsible for `check_capacity` with the number of clients.
+
+        In production `random` must be a `SecureRandom`: the rounding randomness is part of the
+        privacy argument when DP noise is added on the integers.
+        """
+        array = np.asarray(values)
+        if array.dtype.kind not in "biuf":
+            raise TypeError(f"cannot encode an array of dtype {array.dtype}")
+        shape = array.shape
+        flat = array.reshape(-1)
+        size = flat.size
+        bounds = _bounds(bound, shape)
+        out = np.empty(size, dtype=self.dtype)
+        clipped = 0
+        # Scratch buffers, reused for every chunk (no allocation in the loop).
+        chunk = min(size, _CHUNK)
+        scaled_buf = np.empty(chunk, dtype=np.float64)
+        floor_buf = np.empty(chunk, dtype=np.float64)
+        int_buf = np.empty(chunk, dtype=np.int64)
+        up_buf = np.empty(chunk, dtype=np.bool_)
+        for start in range(0, size, _CHUNK):
+            stop = min(start + _CHUNK, size)
+            n = stop - start
+            x, floor, integers, round_up = scaled_buf[:n], floor_buf[:n], int_buf[:n], up_buf[:n]
+            np.copyto(x, flat[start:stop], casting="unsafe")  # real → float64
+            low, high = float(x.min()), float(x.max())  # NaN propagates into both
+            if not (math.isfinite(low) and math.isfinite(high)):
+                bad = start + int(np.flatnonzero(~np.isfinite(x))[0])
+                raise ValueError(
+                    f"cannot encode a non-finite value: entry {bad} (flat index) is "
+                    f"{flat[bad]}; the update holds NaN or Inf (diverged training?)"
+                )
+            b = bounds if isinstance(bounds, float) else bounds[start:stop]
+            if not isinstance(b, float) or low < -b or high > b:
+                clipped += int(np.count_nonzero(x > b)) + int(np.count_nonzero(x < -b))
+                np.clip(x, -b, b, out=x)
+            np.divide(x, self.step, out=x)
+            np.floor(x, out=floor)
+            np.subtract(x, floor, out=x)  # x is now the fractional part, in [0, 1)
+            np.less(random.uniform(n), x, out=round_up)  # P(round up) = fractional part
+            np.add(floor, round_up, out=floor)
+            np.copyto(integers, floor, casting="unsafe")  # exact: integral, |q| < 2^63
+            # int64 → uint32/uint64 keeps the low bits: two's complement mod 2^32 or 2^64.
+            np.copyto(out[start:stop], integers, casting="unsafe")
+        self.reduce(out)
+        return Encoded(values=out.reshape(shape), clipped=clipped)
+
+    def decode(self, total: UIntArray) -> npt.NDArray[np.float64]:
+        """The floats that residues mod 2^k stand for: the centred lift (residues at or above
+        ``2^(k-1)`` are negative) times ``step``.
+
+        Exact up to the quantization step whenever the true integer sum lies in
+        ``[-2^(k-1), 2^(k-1))``, which `check_capacity` guarantees. (For ``k > 53`` the final
+        conversion to float64 rounds to 53 significant bits.) Accepts any shape; `total` must
+        have `dtype`.
+        """
+        total = np.asarray(total)
+        self._check_dtype(total, "total")
+        width = 8 * total.dtype.itemsize
+        signed_type = np.int32 if width == 32 else np.int64
+        shift = width - self.modulus_bits
+        if shift:
+            shifted = np.left_shift(total, total.dtype.type(shift))
+            signed = shifted.view(signed_type)
+            np.right_shift(signed, signed_type(shift), out=signed)  # arithmetic: sign-extends
+        else:
+            signed = total.view(signed_type)
+        result = signed.astype(np.float64)
+        np.multiply(result, self.step, out=result)
+        return result
+
+    def add_mod(self, acc: UIntArray, x: UIntArray) -> UIntArray:
+        """``acc += x (mod 2^k)`` in place; returns `acc`. Both must have `dtype`."""
+        self._check_dtype(acc, "acc")
+        self._check_dtype(x, "x")
+        np.add(acc, x, out=acc)
+        return self.reduce(acc)
+
+    def sub_mod(self, acc: UIntArray, x: UIntArray) -> UIntArray:
+        """``acc -= x (mod 2^k)`` in place; returns `acc`. Both must have `dtype`."""
+        self._check_dtype(acc, "acc")
+        self._check_dtype(x, "x")
+        np.subtract(acc, x, out=acc)
+        return self.reduce(acc)
+
+    def reduce(self, acc: UIntArray) -> UIntArray:
+        """Reduce `acc` mod 2^k in place; returns it.
+
+        Sums may be left unreduced in between: ``uint32``/``uint64`` arithmetic wraps mod 2^32
+        or 2^64, and 2^k divides both, so one reduction at the end gives the same residues.
+        """
+        if self.modulus_bits not in (32, 64):
+            np.bitwise_and(acc, acc.dtype.type(self.modulus - 1), out=acc)
+        return acc
+
+    def _check_dtype(self, array: npt.NDArray[Any], name: str) -> None:
+        if array.dtype != self.dtype:
+            raise TypeError(
+                f"{name} has dtype {array.dtype}, expected {self.dtype} for "
+                f"{self.modulus_bits}-bit residues"
+            )
+
+
+def _check_clients_and_bound(n_clients: int, bound: float) -> None:
+    if isinstance(n_clients, bool) or not isinstance(n_clients, int) or n_clients < 1:
+        raise ValueError(f"n_clients must be a positive int, got {n_clients!r}")
+    if not (math.isfinite(bound) and bound > 0):
+        raise ValueError(f"bound must be positive and finite, got {bound}")
+
+
+def _bounds(bound: float | npt.NDArray[np.floating[Any]], shape: tuple[int, ...]) -> Any:
+    """A positive finite float, or a flat float64 array matching `shape`; ValueError otherwise."""
+    if isinstance(bound, int | float) and not isinstance(bound, bool):
+        scalar = float(bound)
+        if not (math.isfinite(scalar) and scalar > 0):
+            raise ValueError(f"bound must be positive and finite, got {bound}")
+        return scalar
+    array = np.asarray(bound, dtype=np.float64)
+    if array.shape != shape:
+        raise ValueError(f"bound has shape {array.shape}, values have shape {shape}")
+    if not (np.isfinite(array).all() and (array > 0).all()):
+        raise ValueError("every bound must be positive and finite")
+    return array.reshape(-1)
+
+
+def _capacity_message(n: int, bound: float, step: float, bits: int, how: str) -> str:
+    limit = 1 << (bits - 1)
+    need = "the coarsest step (= bound)" if how == "fit" else f"step {step:.6g}"
+    return (
+        f"secure aggregation capacity exceeded: {n} clients × values in [-{bound:.6g}, "
+        f"{bound:.6g}] with {need} can sum to more than 2^{bits - 1} = {limit} in "
+        f"{bits}-bit arithmetic, so the sum would wrap around; raise modulus_bits (at most 64), "
+        "lower the clipping bound, use a coarser step, or aggregate fewer clients per round"
+    )
