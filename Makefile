@@ -26,9 +26,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	@echo "== 1/2  five hospitals as real processes on loopback, mutual TLS, signed uploads =="
-	$(BIN)/veil run examples/medical_diagnosis.toml --mode deployment --out runs/demo-deployed
-	@echo "== 2/2  the same hospitals with record-level differential privacy (ε = 1 per patient) =="
+	@echo "== 1/2  eight hospitals as real processes on loopback: mutual TLS, secure aggregation, =="
+	@echo "==       and client-level differential privacy with noise added by the hospitals      =="
+	$(BIN)/veil run examples/hospitals_private.toml --out runs/demo-hospitals
+	@echo "== 2/2  five hospitals with record-level differential privacy (ε = 1 per patient) =="
 	$(BIN)/veil run examples/medical_diagnosis_dp.toml --out runs/demo-dp
 
 lint: $(VENV)/.installed-test

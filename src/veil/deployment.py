@@ -35,6 +35,7 @@ from veil.errors import UserError
 from veil.federation.client import ClientRunner
 from veil.federation.pipeline import UpdatePipeline
 from veil.models import build_model, get_parameters
+from veil.privacy.dp.policy import ClientLevelPrivacy
 from veil.privacy.secagg.layout import UpdateLayout, masked_reference
 from veil.privacy.secagg.participant import SecAggParticipant
 from veil.privacy.secagg.quantize import FixedPoint
@@ -189,7 +190,7 @@ def serve(
 
 def _update_reference(config: RunConfig, initial: NamedArrays) -> dict[str, np.ndarray]:
     """What each client's upload must look like: the parameters, or one masked vector."""
-    settings = secagg_settings(config, None)
+    settings = secagg_settings(config, _client_privacy(config))
     if settings is None:
         return dict(initial)
     layout = UpdateLayout.of(initial, settings.sum_bounds)
@@ -201,7 +202,7 @@ def _participant(
 ) -> SecAggParticipant | None:
     """This organisation's SecAgg participant: its identity key, and its peers' identity keys
     taken from their CA-signed certificates (never from the server)."""
-    settings = secagg_settings(config, None)
+    settings = secagg_settings(config, _client_privacy(config))
     if settings is None:
         return None
     roster = CertificateRoster(
@@ -211,6 +212,24 @@ def _participant(
     )
     layout = UpdateLayout.of(get_parameters(model), settings.sum_bounds)
     return SecAggParticipant(name, IdentityKey.load(files.identity_key), roster, settings, layout)
+
+
+def _client_privacy(config: RunConfig) -> ClientLevelPrivacy | None:
+    """Client-level DP as every process derives it from the shared config: the same calibrated
+    noise multiplier on the server (which accounts it) and on the clients (which clip, and
+    under SecAgg add the noise)."""
+    p = config.privacy
+    if p is None:
+        return None
+    if p.unit != "client":
+        raise DeploymentError("only client-level [privacy] runs in deployment mode")
+    return ClientLevelPrivacy.plan(
+        p,
+        n_clients=config.federation.clients,
+        fraction_fit=config.federation.fraction_fit,
+        rounds=config.federation.rounds,
+        distributed=config.secure_aggregation == "secagg",
+    )
 
 
 def _server_credentials(pki_dir: Path) -> ServerCredentials:
@@ -247,11 +266,12 @@ def serve_client(
         image_shape=_image_shape(meta),
     )
     files = pki.node_files(pki_dir, name)
+    privacy = _client_privacy(config)
     runner = ClientRunner(
         name,
         client,
         n_classes=int(meta["n_classes"]),
-        pipeline=UpdatePipeline(),
+        pipeline=UpdatePipeline(client_stages=privacy.client_stages if privacy else []),
         seed=derive_seed(config.seed, Purpose.LOCAL_TRAINING, int(meta.get("index", 0))),
         protocol=_participant(config, name, model, files, pki_dir),
     )

@@ -86,3 +86,31 @@ def test_secure_aggregation_deployment_matches_simulation(tmp_path: Path) -> Non
     assert '"kind": "protocol_result"' in server_log and '"kind": "fit_result"' in server_log
     simulated = veil.run(load_config(config_path).model_copy(update={"mode": "simulation"}))
     assert abs(simulated.final["accuracy"] - deployed["final"]["accuracy"]) <= 0.01
+
+
+def test_client_level_dp_under_secure_aggregation_in_deployment(tmp_path: Path) -> None:
+    """The clients clip and add the noise (distributed discrete Gaussian); the server accounts."""
+    config_path = tmp_path / "run.toml"
+    text = CONFIG.replace("seed = 7", 'seed = 7\nsecure_aggregation = "secagg"')
+    text = text.replace(
+        'dataset = "breast_cancer"',
+        'dataset = "breast_cancer"\nscaling = "local"\nvalidation_fraction = 0.0',
+    )
+    text = text.replace("learning_rate = 0.1", "learning_rate = 0.1\nfraction_evaluate = 0.0")
+    text += "[privacy]\nunit = 'client'\nepsilon = 5.0\ndelta = 1e-5\nclip_norm = 1.0\n"
+    config_path.write_text(text)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "veil.cli", "run", str(config_path), "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ},
+    )
+    assert proc.returncode == 0, proc.stderr + (out / "logs" / "server.log").read_text()
+    deployed = json.loads((out / "result.json").read_text())
+    privacy = deployed["privacy"]
+    assert privacy["aggregation"] == "secagg" and privacy["unit"] == "client"
+    assert 0 < privacy["epsilon"] <= 5.0 + 1e-9
+    assert "added by the clients" in privacy["mechanism"]["noise"]
+    assert all(r["applied"] and r["aggregation"]["survivors"] == 3 for r in deployed["rounds"])

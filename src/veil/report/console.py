@@ -115,6 +115,17 @@ def privacy_table(result: Result) -> Table:
     table = Table(title="Privacy record", show_header=False, title_justify="left", box=box.SIMPLE)
     table.add_column("what", style="bold")
     table.add_column("value")
+    table.add_row("aggregation", _aggregation_note(p.aggregation))
+    secure = extra.get("secure_aggregation")
+    if isinstance(secure, dict):
+        dropouts = sum(int(r.aggregation.get("recovered_dropouts", 0)) for r in result.rounds)
+        clipped = sum(int(r.aggregation.get("clipped", 0)) for r in result.rounds)
+        table.add_row(
+            "  secure aggregation",
+            f"{secure.get('protocol')}, threshold {secure.get('threshold')}, "
+            f"{secure.get('modulus_bits')}-bit; {dropouts} dropouts recovered, "
+            f"{clipped} values clipped; identities: {secure.get('identities')}",
+        )
     if p.epsilon is None or p.delta is None:
         table.add_row("guarantee", "none: no differential privacy, the model is not DP-protected")
         return table
@@ -133,6 +144,9 @@ def privacy_table(result: Result) -> Table:
             f"σ = {m.noise_multiplier:.4g}, C = {m.clip_norm:.4g}, "
             f"q = {m.sampling_rate:.4g}, steps = {m.steps}",
         )
+        noise = (m.model_extra or {}).get("noise")
+        if noise:
+            table.add_row("noise", str(noise))
     for org in extra.get("per_organisation", []):
         mech = org["mechanism"]
         table.add_row(
@@ -153,6 +167,8 @@ def _size(n: int) -> str:
 def _aggregation_note(aggregation: str) -> str:
     if aggregation == "plain":
         return "plain: the server sees every client's update"
+    if aggregation == "secagg":
+        return "secagg: the server sees only masked updates and their sum"
     return aggregation
 
 

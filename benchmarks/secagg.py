@@ -1,0 +1,227 @@
+"""Benchmark: secure aggregation against plain aggregation, and against Flower's SecAgg+.
+
+For 10 clients holding SYNTHETIC float32 updates (uniform in [-1, 1], one vector of D
+parameters each), one round of Veil's SecAgg runs in this process through the same code a
+federation uses: `SecAggAggregator` on the server, a `SecAggParticipant` per client, every step
+encoded to bytes and decoded again as a transport would (no network). Measured, in one run:
+
+* plain: the server's weighted float32 sum of the 10 updates (`WeightedSum`);
+* client: one client's work (key set-up, share encryption, encoding with stochastic rounding,
+  masking, answering the unmask request), median over clients;
+* server: the server's work (planning, routing, summing masked vectors, unmasking, decoding),
+  with no dropout and with 2 clients dropping out after the key exchange;
+* round: clients and server together, all in one process: what Flower's number measures;
+* upload: bytes of a masked vector relative to the float32 update.
+
+With `--flower-python PATH` (a Python with `flwr` installed, see benchmarks/peers/README.md)
+Flower's own SecAgg+ runs the same clients, size and neighbour degree in-process
+(benchmarks/peers/flower_secaggplus.py) and the ratio of round times is reported.
+
+Targets (issue 5), 10 clients x 10M: client <= 2 s, server <= 2 s without dropouts, upload
+<= 1.25x float32; Veil at least 5x faster per round than Flower's SecAgg+.
+
+    python benchmarks/secagg.py [--quick] [--sizes 1000000 10000000] [--degree 9]
+        [--flower-python /path/to/flower-venv/bin/python]
+
+The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from veil.crypto.identity import IdentityKey
+from veil.federation.messages import FitResult, ProtocolInstruction
+from veil.federation.pipeline import RoundContext, WeightedSum
+from veil.privacy.secagg.aggregator import SecAggAggregator
+from veil.privacy.secagg.layout import UpdateLayout
+from veil.privacy.secagg.participant import SecAggParticipant
+from veil.privacy.secagg.roster import StaticRoster
+from veil.privacy.secagg.settings import SecAggSettings
+
+PEER = Path(__file__).resolve().parent / "peers" / "flower_secaggplus.py"
+RUN = "bench"
+
+
+class Clock:
+    """Seconds spent per party."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, who: str, seconds: float) -> None:
+        self.seconds[who] = self.seconds.get(who, 0.0) + seconds
+
+
+class Channel:
+    """In-memory `ProtocolChannel`: hands each body to the client at once, timing the client;
+    `drop` clients stop answering after the key exchange (they never send a masked vector)."""
+
+    def __init__(self, participants: Mapping[str, SecAggParticipant], clock: Clock) -> None:
+        self.participants = participants
+        self.clock = clock
+        self.drop: set[str] = set()
+        self.round = 1
+
+    def exchange(self, stage: str, bodies: Mapping[str, bytes]) -> dict[str, bytes]:
+        replies = {}
+        for name, body in bodies.items():
+            if stage == "secagg/unmask" and name in self.drop:
+                continue
+            start = time.perf_counter()
+            instruction = ProtocolInstruction(RUN, self.round, stage, bytes(body))
+            replies[name] = bytes(self.participants[name].handle(instruction))
+            self.clock.add(name, time.perf_counter() - start)
+        return replies
+
+
+def updates(n_clients: int, size: int) -> dict[str, dict[str, np.ndarray]]:
+    """SYNTHETIC updates: uniform in [-1, 1], deterministic per client."""
+    return {
+        f"client-{i}": {
+            "w": np.random.default_rng(i).uniform(-1, 1, size).astype(np.float32)
+        }
+        for i in range(n_clients)
+    }
+
+
+def plain_round(data: Mapping[str, dict[str, np.ndarray]]) -> float:
+    reference = next(iter(data.values()))
+    names = tuple(data)
+    start = time.perf_counter()
+    acc = WeightedSum().start(reference, RoundContext(RUN, 1, clients=names))
+    for name, update in data.items():
+        acc.add(FitResult(name, 1, update, weight=1000.0, num_examples=1000))
+    acc.finish().mean()
+    return time.perf_counter() - start
+
+
+def secure_round(
+    data: Mapping[str, dict[str, np.ndarray]],
+    degree: int | None,
+    dropouts: int,
+    round_: int,
+) -> dict[str, Any]:
+    names = tuple(data)
+    reference = next(iter(data.values()))
+    layout = UpdateLayout.of(reference)
+    settings = SecAggSettings(clip_range=1.0, max_weight=1000.0, neighbours=degree)
+    keys = {n: IdentityKey.generate() for n in names}
+    roster = StaticRoster({n: k.public_key() for n, k in keys.items()})
+    participants = {n: SecAggParticipant(n, keys[n], roster, settings, layout) for n in names}
+    clock = Clock()
+    channel = Channel(participants, clock)
+    channel.round = round_
+    dropped = set(names[:dropouts])
+    channel.drop = dropped
+    start = time.perf_counter()
+    acc = SecAggAggregator(settings, layout).start(
+        reference, RoundContext(RUN, round_, clients=names), channel
+    )
+    upload = 0
+    for name in acc.participants:
+        if name in dropped:
+            continue
+        t0 = time.perf_counter()
+        result = FitResult(name, round_, data[name], weight=1000.0, num_examples=1000)
+        sealed = participants[name].seal(result, RoundContext(RUN, round_))
+        clock.add(name, time.perf_counter() - t0)
+        upload = sum(a.nbytes for a in sealed.update.values())
+        acc.add(sealed)
+    aggregate = acc.finish()
+    total = time.perf_counter() - start
+    client_total = sum(clock.seconds.values())
+    mean = aggregate.total["w"] / aggregate.weight
+    survivors = [n for n in names if n not in dropped]
+    expected = np.mean([data[n]["w"] for n in survivors], axis=0)
+    return {
+        "round_s": total,
+        "server_s": total - client_total,
+        "client_s": statistics.median(clock.seconds[n] for n in survivors),
+        "upload_bytes": upload,
+        "max_abs_error": float(np.max(np.abs(mean - expected))),
+    }
+
+
+def flower(python: str, n_clients: int, size: int, degree: int, dropouts: int) -> dict[str, Any]:
+    cmd = [
+        python, str(PEER), "--clients", str(n_clients), "--sizes", str(size),
+        "--degree", str(degree), "--dropouts", str(dropouts), "--rounds", "2",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    report = json.loads(out.strip().splitlines()[-1])
+    entries = report["results"] if isinstance(report, dict) and "results" in report else report
+    return dict(entries[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one size: 100k parameters")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--degree", type=int, default=None, help="SecAgg+ degree (default: all)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--flower-python", default=None)
+    args = parser.parse_args()
+    sizes = [100_000] if args.quick else args.sizes
+    degree = args.degree
+    results = []
+    for size in sizes:
+        data = updates(args.clients, size)
+        secure_round(updates(args.clients, 1000), degree, 0, 0)  # warm-up
+        plain = [plain_round(data) for _ in range(args.repeats)]
+        runs = {
+            d: [secure_round(data, degree, d, r + 1) for r in range(args.repeats)] for d in (0, 2)
+        }
+
+        def median(key: str, dropouts: int, runs: dict[int, list[dict[str, Any]]] = runs) -> float:
+            return float(statistics.median(r[key] for r in runs[dropouts]))
+
+        entry: dict[str, Any] = {
+            "clients": args.clients,
+            "params": size,
+            "degree": degree if degree is not None else args.clients - 1,
+            "plain_server_s": statistics.median(plain),
+            "client_s": median("client_s", 0),
+            "server_s": median("server_s", 0),
+            "server_2_dropouts_s": median("server_s", 2),
+            "round_s": median("round_s", 0),
+            "round_2_dropouts_s": median("round_s", 2),
+            "upload_vs_float32": runs[0][0]["upload_bytes"] / (4 * size),
+            "max_abs_error": max(r["max_abs_error"] for rs in runs.values() for r in rs),
+        }
+        entry["server_vs_plain"] = entry["server_s"] / entry["plain_server_s"]
+        if args.flower_python:
+            fl = flower(args.flower_python, args.clients, size, entry["degree"], 0)
+            entry["flower_round_s"] = fl["secagg_round_s"]
+            entry["flower_plain_s"] = fl.get("plain_round_s")
+            entry["flower_over_veil"] = fl["secagg_round_s"] / entry["round_s"]
+        results.append(entry)
+        print(
+            f"{size:>10,} params: client {entry['client_s']:.3f} s, server "
+            f"{entry['server_s']:.3f} s ({entry['server_2_dropouts_s']:.3f} s with 2 dropouts), "
+            f"round {entry['round_s']:.3f} s, plain {entry['plain_server_s']:.3f} s, upload "
+            f"{entry['upload_vs_float32']:.3f}x"
+            + (
+                f", Flower SecAgg+ {entry['flower_round_s']:.3f} s "
+                f"({entry['flower_over_veil']:.1f}x Veil)"
+                if "flower_round_s" in entry
+                else ""
+            ),
+            file=sys.stderr,
+        )
+    print(json.dumps({"benchmark": "secagg", "results": results}))
+
+
+if __name__ == "__main__":
+    main()
