@@ -88,9 +88,7 @@ class Channel:
 def updates(n_clients: int, size: int) -> dict[str, dict[str, np.ndarray]]:
     """SYNTHETIC updates: uniform in [-1, 1], deterministic per client."""
     return {
-        f"client-{i}": {
-            "w": np.random.default_rng(i).uniform(-1, 1, size).astype(np.float32)
-        }
+        f"client-{i}": {"w": np.random.default_rng(i).uniform(-1, 1, size).astype(np.float32)}
         for i in range(n_clients)
     }
 
