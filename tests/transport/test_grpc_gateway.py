@@ -272,3 +272,51 @@ def test_a_revoked_certificate_is_refused(tmp_path: Path) -> None:
         assert "revoked" in (info.value.details() or "")
     finally:
         gw.stop(0)
+
+
+def test_protocol_steps_carry_per_client_bodies_and_a_refusal_fails_fast(
+    federation: dict[str, Any], gateway: Any
+) -> None:
+    """`exchange` gives each client its own body through a signed, nonce-bound task; a client
+    that refuses a step says why at once (no waiting for the deadline)."""
+    from veil.federation.messages import ProtocolInstruction, ProtocolReply
+    from veil.transport.grpc.client import _answer
+
+    gw, address = gateway
+    replies: list[Any] = []
+    instructions = {
+        "alice": ProtocolInstruction("run-1", 1, "secagg/setup", b"for alice"),
+        "bob": ProtocolInstruction("run-1", 1, "secagg/setup", b"for bob"),
+    }
+    thread = threading.Thread(target=lambda: replies.extend(gw.exchange(instructions)))
+    thread.start()
+
+    class Runner:
+        def __init__(self, name: str, refuse: bool) -> None:
+            self.name, self.refuse = name, refuse
+
+        def handle(self, instruction: ProtocolInstruction) -> ProtocolReply:
+            if self.refuse:
+                from veil.privacy.secagg.errors import KeySubstitution
+
+                raise KeySubstitution("a peer's key is not signed by its certificate's identity")
+            return ProtocolReply(
+                self.name, instruction.round, instruction.stage, b"re: " + instruction.body
+            )
+
+    root = federation["root"]
+    for name, refuse in (("alice", False), ("bob", True)):
+        with open_channel(address, credentials(root, name)) as channel:
+            stub = pb_grpc.FederationStub(channel)
+            task = decode(stub.GetTask(pb.TaskRequest(client=name, wait_s=5)))
+            assert task.kind == "protocol" and task.meta["stage"] == "secagg/setup"
+            upload = _answer(task, Runner(name, refuse), None, identity(root, name))  # type: ignore[arg-type]
+            assert stub.Upload(iter(upload)).accepted
+    thread.join(timeout=2.5)  # well inside the 3 s deadline: nobody waited for it
+    assert not thread.is_alive()
+    by_client = {r.client: r for r in replies}
+    assert isinstance(by_client["alice"], ProtocolReply)
+    assert by_client["alice"].body == b"re: for alice"
+    assert isinstance(by_client["bob"], ClientFailure)
+    assert "refused secagg/setup" in by_client["bob"].reason
+    assert "not signed" in by_client["bob"].reason

@@ -52,8 +52,12 @@ class LocalTransport:
         for name in clients:
             if self._drops_out(name, instruction.round):
                 yield ClientFailure(name, instruction.round, "simulated dropout")
-            else:
+                continue
+            try:
                 yield self._runner(name).fit(self._model, instruction)
+            except VeilError as exc:
+                _log.warning("client %s refused to train: %s", name, exc)
+                yield ClientFailure(name, instruction.round, f"refused fit: {exc}")
 
     def evaluate(
         self, clients: Sequence[str], instruction: EvaluateInstruction

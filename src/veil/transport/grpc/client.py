@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -124,41 +125,41 @@ def _answer(
         "nonce": meta["nonce"],
         "client": runner.name,
     }
-    params = {k: v for k, v in task.arrays.items()}
-    arrays: dict[str, np.ndarray]
+    try:
+        kind, out_meta, arrays = _work(task, runner, model)
+    except VeilError as exc:
+        # Refuse out loud (e.g. a SecAgg step that would be unsafe): the server records why at
+        # once instead of waiting for the round's deadline.
+        log.warning(json.dumps({"event": "refused", "task": task.kind, "reason": str(exc)}))
+        kind, out_meta, arrays = "refused", {"reason": str(exc)}, {}
+    out_meta = {**base, **out_meta}
+    signature = identity.sign(signing_payload("veil-message", kind, digest(kind, out_meta, arrays)))
+    return list(encode(kind, out_meta, arrays, signature=signature))
+
+
+def _work(
+    task: Message, runner: ClientRunner, model: nn.Module
+) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
+    """Do one task; returns the reply's kind, metadata (beyond run, round, nonce, client) and
+    tensors."""
+    meta = task.meta
+    params = dict(task.arrays)
     if task.kind == "protocol":
         stage = str(meta["stage"])
-        body = task.arrays["body"].tobytes()
-        try:
-            reply = runner.handle(ProtocolInstruction(meta["run_id"], meta["round"], stage, body))
-        except VeilError as exc:
-            # Refuse out loud: the server records why, instead of waiting for a deadline.
-            log.warning(json.dumps({"event": "refused", "stage": stage, "reason": str(exc)}))
-            out_meta, arrays, kind = (
-                {**base, "stage": stage, "reason": str(exc)},
-                {},
-                "protocol_refused",
-            )
-        else:
-            out_meta = {**base, "stage": stage}
-            arrays = {"body": np.frombuffer(reply.body, dtype=np.uint8)}
-            kind = "protocol_result"
-    elif task.kind == "fit":
+        instruction = ProtocolInstruction(
+            meta["run_id"], meta["round"], stage, params["body"].tobytes()
+        )
+        reply = runner.handle(instruction)
+        return "protocol_result", {"stage": stage}, {"body": np.frombuffer(reply.body, np.uint8)}
+    if task.kind == "fit":
         plan = TrainingPlan(**meta["plan"])
         result = runner.fit(model, FitInstruction(meta["run_id"], meta["round"], params, plan))
-        out_meta = {
-            **base,
+        out = {
             "weight": result.weight,
             "num_examples": result.num_examples,
             "metrics": result.metrics,
             "sums": result.sums,
         }
-        arrays = result.update
-        kind = "fit_result"
-    else:
-        ev = runner.evaluate(model, EvaluateInstruction(meta["run_id"], meta["round"], params))
-        out_meta = {**base, "num_examples": ev.num_examples, "metrics": ev.metrics}
-        arrays = {}
-        kind = "evaluate_result"
-    signature = identity.sign(signing_payload("veil-message", kind, digest(kind, out_meta, arrays)))
-    return list(encode(kind, out_meta, arrays, signature=signature))
+        return "fit_result", out, dict(result.update)
+    ev = runner.evaluate(model, EvaluateInstruction(meta["run_id"], meta["round"], params))
+    return "evaluate_result", {"num_examples": ev.num_examples, "metrics": ev.metrics}, {}

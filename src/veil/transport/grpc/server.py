@@ -287,17 +287,15 @@ class GrpcGateway(pb_grpc.FederationServicer):
                 return self._refuse(name, "replayed upload (nonce already used)")
             if task is None or nonce != task.nonce:
                 return self._refuse(name, "stale or unknown task (no open task with this nonce)")
-            answers = {
-                f"{task.kind}_result",
-                *(("protocol_refused",) if task.kind == "protocol" else ()),
-            }
+            answers = {f"{task.kind}_result", "refused"}
             if message.kind not in answers or meta.get("round") != task.round:
                 return self._refuse(name, f"a {message.kind} does not answer a {task.kind} task")
             state.used_nonces.add(task.nonce)
             state.task = None
             state.last_seen = time.time()
-        if message.kind == "protocol_refused" and task.kind == "protocol":
-            reason = f"refused {task.meta['stage']}: {str(meta.get('reason', ''))[:500]}"
+        if message.kind == "refused":
+            what = task.meta["stage"] if task.kind == "protocol" else task.kind
+            reason = f"refused {what}: {str(meta.get('reason', ''))[:500]}"
             self._results.put(ClientFailure(name, task.round, reason))
             self._event("client refused", client=name, round=task.round, reason=reason)
             return pb.UploadReply(accepted=True, reason="")
