@@ -14,6 +14,7 @@ from veil.privacy.secagg.masking import (
     apply_masks,
     expand_mask,
     mask_sign,
+    masking_key,
     pairwise_seed,
     self_mask_seed,
     share_encryption_key,
@@ -64,9 +65,12 @@ def test_derived_seeds_agree_at_both_ends_and_separate_everything_else() -> None
         pairwise_seed(secret, "run2", 3, "alice", "bob"),
         pairwise_seed(secret, "run", 3, "alice", "carol"),
         share_encryption_key(secret, "run", 3, "alice", "bob"),
-        self_mask_seed(secret, "run", 3, "alice"),
+        self_mask_seed(secret[:16], "run", 3, "alice"),
+        masking_key(secret[:16], "run", 3, "alice").private_bytes_raw(),
     }
-    assert seed not in others and len(others) == 5
+    assert seed not in others and len(others) == 6
+    with pytest.raises(ValueError, match="16 bytes"):
+        self_mask_seed(secret, "run", 3, "alice")
     with pytest.raises(ValueError, match="distinct"):
         pairwise_seed(secret, "run", 3, "alice", "alice")
 

@@ -390,9 +390,9 @@ def test_a_wrong_share_is_detected(kind: str) -> None:
         if name == "org-00":
             b, s = dict(reply.self_mask_shares), dict(reply.key_shares)
             if kind == "self-mask":
-                b["org-02"] = bytes(32)
+                b["org-02"] = bytes(16)
             else:
-                s["org-04"] = bytes(32)
+                s["org-04"] = bytes(16)
             reply = UnmaskReply(name, b, s)
         server.add_unmask_reply(reply)
     with pytest.raises(ProtocolError, match=r"inconsistent|does not match"):

@@ -19,6 +19,7 @@ from veil.crypto.drbg import SecureByteStream
 from veil.errors import ConfigError
 
 _TWO_PI = 2.0 * math.pi
+_2_POW_MINUS_32 = 2.0**-32
 _2_POW_53 = float(1 << 53)
 
 
@@ -38,6 +39,11 @@ class RandomSource(Protocol):
 
     def uniform(self, size: int) -> npt.NDArray[np.float64]:
         """`size` independent uniform draws in [0, 1) (53-bit resolution)."""
+        ...
+
+    def uniform32(self, size: int) -> npt.NDArray[np.float64]:
+        """`size` independent uniform draws in [0, 1) on the grid k·2⁻³² (32-bit resolution:
+        half the random bytes, enough for stochastic rounding)."""
         ...
 
 
@@ -63,6 +69,12 @@ class SecureRandom:
     def uniform(self, size: int) -> npt.NDArray[np.float64]:
         raw = np.frombuffer(self._bytes(8 * size), dtype=np.uint64)
         return (raw >> np.uint64(11)).astype(np.float64) / _2_POW_53
+
+    def uniform32(self, size: int) -> npt.NDArray[np.float64]:
+        raw = np.frombuffer(self._bytes(4 * size), dtype=np.uint32)
+        out = raw.astype(np.float64)
+        out *= _2_POW_MINUS_32
+        return out
 
     def standard_normal(self, size: int) -> npt.NDArray[np.float64]:
         pairs = (size + 1) // 2
@@ -102,6 +114,11 @@ class SeededRandom:
 
     def uniform(self, size: int) -> npt.NDArray[np.float64]:
         return self._rng.random(size)
+
+    def uniform32(self, size: int) -> npt.NDArray[np.float64]:
+        draws = self._rng.integers(0, 1 << 32, size, dtype=np.uint64).astype(np.float64)
+        draws *= _2_POW_MINUS_32
+        return draws
 
 
 def require_secure(source: RandomSource, *, production: bool, what: str) -> None:

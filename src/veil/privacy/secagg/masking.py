@@ -9,7 +9,10 @@ with ``sign(u, v) = +1`` when ``v > u`` and ``-1`` when ``v < u`` (names compare
 so the pairwise masks of every pair of surviving clients cancel in the sum. Here:
 
 * ``s_{u,v}`` is `pairwise_seed` of the X25519 shared secret of u's and v's masking keys;
-* ``PRG(b_u)`` expands `self_mask_seed` of u's fresh 32-byte seed ``b_u``;
+* ``PRG(b_u)`` expands `self_mask_seed` of u's fresh 16-byte secret ``b_u``;
+* u's X25519 masking key is `masking_key` of a fresh 16-byte secret, so that both secrets a
+  client Shamir-shares are one 128-bit block each (half the share arithmetic of 32-byte
+  secrets, at the 128-bit security level of the rest of the protocol);
 * ``PRG`` is `expand_mask`: the AES-256-CTR keystream under the 32-byte seed, from a zero
   counter block, read as little-endian unsigned integers. A zero nonce is safe because every
   seed is used once: it is derived (HKDF) from fresh per-round keys and bound to the run, the
@@ -35,11 +38,13 @@ from veil.crypto.identity import signing_payload
 from veil.privacy.secagg.quantize import UIntArray
 
 __all__ = [
+    "SECRET_BYTES",
     "SEED_BYTES",
     "agree",
     "apply_masks",
     "expand_mask",
     "mask_sign",
+    "masking_key",
     "pairwise_seed",
     "self_mask_seed",
     "share_encryption_key",
@@ -47,6 +52,9 @@ __all__ = [
 
 #: Length of every mask seed and derived key (AES-256).
 SEED_BYTES = 32
+#: Length of the secrets a client Shamir-shares (self-mask secret, masking-key secret).
+SECRET_BYTES = 16
+_MASKING_KEY_LABEL = "secagg-masking-key"
 
 _PAIRWISE_LABEL = "secagg-pairwise-mask"
 _SELF_LABEL = "secagg-self-mask"
@@ -166,16 +174,30 @@ def share_encryption_key(shared_secret: bytes, run_id: str, round: int, i: str, 
 
 
 def self_mask_seed(b: bytes, run_id: str, round: int, client: str) -> bytes:
-    """The seed of client `client`'s self mask ``PRG(b_u)``: HKDF-SHA256 of its fresh secret
-    `b` with ``info = signing_payload("secagg-self-mask", run_id, round, client)``."""
-    _check_seed(b)
+    """The seed of client `client`'s self mask ``PRG(b_u)``: HKDF-SHA256 of its fresh 16-byte
+    secret `b` with ``info = signing_payload("secagg-self-mask", run_id, round, client)``."""
+    return _expand_secret(b, _SELF_LABEL, run_id, round, client)
+
+
+def masking_key(secret: bytes, run_id: str, round: int, client: str) -> x25519.X25519PrivateKey:
+    """Client `client`'s X25519 masking key for one round, derived from its fresh 16-byte
+    `secret` (HKDF-SHA256, label ``"secagg-masking-key"``): the server rebuilds it from the
+    Shamir shares of `secret` when the client drops out."""
+    raw = _expand_secret(secret, _MASKING_KEY_LABEL, run_id, round, client)
+    return x25519.X25519PrivateKey.from_private_bytes(raw)
+
+
+def _expand_secret(secret: bytes, label: str, run_id: str, round: int, client: str) -> bytes:
+    if not isinstance(secret, bytes) or len(secret) != SECRET_BYTES:
+        size = len(secret) if isinstance(secret, bytes) else type(secret).__name__
+        raise ValueError(f"a shared secret is {SECRET_BYTES} bytes, got {size}")
     hkdf = HKDF(
         algorithm=hashes.SHA256(),
         length=SEED_BYTES,
         salt=None,
-        info=signing_payload(_SELF_LABEL, run_id, round, client),
+        info=signing_payload(label, run_id, round, client),
     )
-    return hkdf.derive(b)
+    return hkdf.derive(secret)
 
 
 def _derive(secret: bytes, label: str, run_id: str, round: int, i: str, j: str) -> bytes:

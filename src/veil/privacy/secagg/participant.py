@@ -29,6 +29,7 @@ from veil.privacy.secagg.wire import (
     KeyBundle,
     shares_from_bytes,
 )
+from veil.tensors import check_compatible
 
 #: Per-client metric: how many of its values were clipped to the declared range.
 CLIPPED = "secagg_clipped"
@@ -115,28 +116,32 @@ class SecAggParticipant:
         return session
 
     def _encode(self, result: FitResult, session: ClientSession) -> tuple[UIntArray, int, bool]:
-        """[w·Δ | w | sums] as residues; under distributed DP with this client's noise added."""
-        s, params = self.settings, session.params
+        """[w·Δ | w | sums] as residues, each parameter encoded straight into its slice of the
+        vector; under distributed DP with this client's noise added."""
+        s, params, layout = self.settings, session.params, self.layout
         fixed = params.fixed_point
-        values = self.layout.flatten(result.update)
-        noise = s.noise(self.layout, len(params.clients))
+        check_compatible(layout.reference_view(), result.update)
+        noise = s.noise(layout, len(params.clients))
         if noise is not None:
-            weight, capped = 1.0, False
-            bound = noise.clip_norm
+            weight, capped, bound = 1.0, False, noise.clip_norm
         else:
             weight = min(float(result.weight), s.max_weight)
             capped = float(result.weight) > s.max_weight
-            values *= weight
             bound = max(weight, 1e-12) * s.clip_range
-        update = fixed.encode(values, bound, self.random)
-        parts = [update.values]
+        vector = np.empty(layout.length, fixed.dtype)
+        clipped, offset = 0, 0
+        for name in layout.names:
+            values = result.update[name].reshape(-1)
+            part = vector[offset : offset + values.size]
+            clipped += fixed.encode(values, bound, self.random, scale=weight, out=part).clipped
+            offset += values.size
         if noise is not None:
             # Each client's share of the noise, added in the integer domain mod 2^k.
-            fixed.add_mod(parts[0], noise.noise(params.threshold).astype(fixed.dtype))
+            fixed.add_mod(vector[:offset], noise.noise(params.threshold).astype(fixed.dtype))
         weight_bound = 1.0 if noise is not None else s.max_weight
-        parts.append(fixed.encode(np.array([weight]), weight_bound, self.random).values)
-        if self.layout.sum_keys:
-            bounds = np.array([s.sum_bounds[k] for k in self.layout.sum_keys], np.float64)
-            sums = fixed.encode(self.layout.sums_vector(result.sums), bounds, self.random)
-            parts.append(sums.values)
-        return np.concatenate(parts), update.clipped, capped
+        fixed.encode(np.array([weight]), weight_bound, self.random, out=vector[offset : offset + 1])
+        if layout.sum_keys:
+            bounds = np.array([s.sum_bounds[k] for k in layout.sum_keys], np.float64)
+            sums = layout.sums_vector(result.sums)
+            fixed.encode(sums, bounds, self.random, out=vector[offset + 1 :])
+        return vector, clipped, capped

@@ -61,10 +61,11 @@ from veil.privacy.secagg.errors import (
 )
 from veil.privacy.secagg.graph import neighbours
 from veil.privacy.secagg.masking import (
-    SEED_BYTES,
+    SECRET_BYTES,
     agree,
     apply_masks,
     mask_sign,
+    masking_key,
     pairwise_seed,
     self_mask_seed,
     share_encryption_key,
@@ -89,8 +90,8 @@ __all__ = [
 
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
-#: A share message holds the recipient's share of b_u then its share of s_u.
-_PLAINTEXT_BYTES = 2 * SEED_BYTES
+#: A share message holds the recipient's share of b_u then its share of s_u's secret.
+_PLAINTEXT_BYTES = 2 * SECRET_BYTES
 _CIPHERTEXT_BYTES = _NONCE_BYTES + _PLAINTEXT_BYTES + _TAG_BYTES
 _SHARES_LABEL = "secagg-shares"
 _INT64_MAX = (1 << 63) - 1
@@ -218,7 +219,9 @@ class ClientSession:
         self._identity = identity
         self._state = "new"
         self._encryption_key = x25519.X25519PrivateKey.generate()
-        self._masking_key = x25519.X25519PrivateKey.generate()
+        # The masking key comes from a 16-byte secret: that secret is what gets shared.
+        self._masking_secret = os.urandom(SECRET_BYTES)
+        self._masking_key = masking_key(self._masking_secret, params.run_id, params.round, name)
         self._advertisement: KeyAdvertisement | None = None
         self._aeads: dict[str, AESGCM] = {}
         self._pair_seeds: dict[str, bytes] = {}
@@ -308,11 +311,11 @@ class ClientSession:
             self._aeads[peer] = AESGCM(key)
             self._pair_seeds[peer] = pairwise_seed(mask_secret, p.run_id, p.round, self.name, peer)
 
-        b = os.urandom(SEED_BYTES)
+        b = os.urandom(SECRET_BYTES)
         self._self_seed = self_mask_seed(b, p.run_id, p.round, self.name)
         index = {peer: p.share_index(self.name, peer) for peer in live}
         b_shares = split(b, p.threshold, list(index.values()))
-        s_shares = split(self._masking_key.private_bytes_raw(), p.threshold, list(index.values()))
+        s_shares = split(self._masking_secret, p.threshold, list(index.values()))
         del b
         self._held[self.name] = (b_shares[index[self.name]], s_shares[index[self.name]])
         ciphertexts = {}
@@ -350,7 +353,7 @@ class ClientSession:
                     f"the share message from {sender!r} to {self.name!r} fails authentication: "
                     "altered, replayed or encrypted under another key"
                 ) from None
-            self._held[sender] = (plaintext[:SEED_BYTES], plaintext[SEED_BYTES:])
+            self._held[sender] = (plaintext[:SECRET_BYTES], plaintext[SECRET_BYTES:])
         self._completed = frozenset(self._held)
         if len(self._completed) < self.params.threshold:
             raise NotEnoughShares(
@@ -615,7 +618,7 @@ class ServerSession:
             for owner, share in shares.items():
                 if owner not in expected or name not in self._holders(owner):
                     raise ProtocolError(f"{name!r} sent a {kind} share of {owner!r} unasked")
-                if len(share) != SEED_BYTES:
+                if len(share) != SECRET_BYTES:
                     raise ProtocolError(f"{name!r} sent a {kind} share of {len(share)} bytes")
         for owner, share in reply.self_mask_shares.items():
             self._b_shares.setdefault(owner, {})[self.params.share_index(owner, name)] = share
@@ -642,8 +645,8 @@ class ServerSession:
             b = self._reconstruct(self._b_shares.get(owner, {}), owner, "self-mask seed")
             masks.append((self_mask_seed(b, p.run_id, p.round, owner), -1))
         for owner in sorted(self._request.dropped):
-            raw = self._reconstruct(self._s_shares.get(owner, {}), owner, "masking key")
-            key = x25519.X25519PrivateKey.from_private_bytes(raw)
+            secret = self._reconstruct(self._s_shares.get(owner, {}), owner, "masking key")
+            key = masking_key(secret, p.run_id, p.round, owner)
             if key.public_key().public_bytes_raw() != self._ads[owner].masking_public:
                 raise ProtocolError(
                     f"the masking key of {owner!r} reconstructed from the shares does not match "

@@ -136,6 +136,9 @@ class FixedPoint:
         values: npt.ArrayLike,
         bound: float | npt.NDArray[np.floating[Any]],
         random: RandomSource,
+        *,
+        scale: float = 1.0,
+        out: UIntArray | None = None,
     ) -> Encoded:
         """Clip to ``[-bound, bound]``, scale by ``1 / step``, round stochastically with uniforms
         from `random`, and reduce mod 2^k (two's complement).
@@ -148,6 +151,11 @@ class FixedPoint:
 
         In production `random` must be a `SecureRandom`: the rounding randomness is part of the
         privacy argument when DP noise is added on the integers.
+
+        `scale` multiplies the values first (the bound applies to the scaled values): a client
+        folds its aggregation weight in without a scaled copy of its update. With `out` (a flat
+        array of `dtype` and the values' size, e.g. a slice of a larger vector) the residues
+        are written there and `Encoded.values` is `out`.
         """
         array = np.asarray(values)
         if array.dtype.kind not in "biuf":
@@ -156,19 +164,27 @@ class FixedPoint:
         flat = array.reshape(-1)
         size = flat.size
         bounds = _bounds(bound, shape)
-        out = np.empty(size, dtype=self.dtype)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be positive and finite, got {scale}")
+        if out is None:
+            out = np.empty(size, dtype=self.dtype)
+        elif out.shape != (size,) or out.dtype != self.dtype:
+            raise ValueError(
+                f"out must be a flat {self.dtype} array of {size} entries, got {out.shape} "
+                f"{out.dtype}"
+            )
         clipped = 0
         # Scratch buffers, reused for every chunk (no allocation in the loop).
         chunk = min(size, _CHUNK)
         scaled_buf = np.empty(chunk, dtype=np.float64)
-        floor_buf = np.empty(chunk, dtype=np.float64)
         int_buf = np.empty(chunk, dtype=np.int64)
-        up_buf = np.empty(chunk, dtype=np.bool_)
         for start in range(0, size, _CHUNK):
             stop = min(start + _CHUNK, size)
             n = stop - start
-            x, floor, integers, round_up = scaled_buf[:n], floor_buf[:n], int_buf[:n], up_buf[:n]
+            x, integers = scaled_buf[:n], int_buf[:n]
             np.copyto(x, flat[start:stop], casting="unsafe")  # real → float64
+            if scale != 1.0:
+                np.multiply(x, scale, out=x)
             low, high = float(x.min()), float(x.max())  # NaN propagates into both
             if not (math.isfinite(low) and math.isfinite(high)):
                 bad = start + int(np.flatnonzero(~np.isfinite(x))[0])
@@ -181,11 +197,11 @@ class FixedPoint:
                 clipped += int(np.count_nonzero(x > b)) + int(np.count_nonzero(x < -b))
                 np.clip(x, -b, b, out=x)
             np.divide(x, self.step, out=x)
-            np.floor(x, out=floor)
-            np.subtract(x, floor, out=x)  # x is now the fractional part, in [0, 1)
-            np.less(random.uniform(n), x, out=round_up)  # P(round up) = fractional part
-            np.add(floor, round_up, out=floor)
-            np.copyto(integers, floor, casting="unsafe")  # exact: integral, |q| < 2^63
+            # Stochastic rounding as floor(x + u), u ~ U[0, 1): it rounds up exactly when
+            # u >= 1 - frac(x), with probability frac(x). u has 32-bit resolution.
+            np.add(x, random.uniform32(n), out=x)
+            np.floor(x, out=x)
+            np.copyto(integers, x, casting="unsafe")  # exact: integral, |q| < 2^63
             # int64 → uint32/uint64 keeps the low bits: two's complement mod 2^32 or 2^64.
             np.copyto(out[start:stop], integers, casting="unsafe")
         self.reduce(out)
