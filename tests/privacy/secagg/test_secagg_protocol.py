@@ -231,15 +231,22 @@ def test_a_substituted_key_is_refused() -> None:
     victim = "org-03"
     impostor = IdentityKey.generate()  # not in the roster
     forged_key = os.urandom(32)
+    commitment = ads[victim].self_mask_commitment
     forged = KeyAdvertisement(
         victim,
         ads[victim].encryption_public,
         forged_key,
         impostor.sign(
             key_advertisement_payload(
-                params.run_id, params.round, victim, ads[victim].encryption_public, forged_key
+                params.run_id,
+                params.round,
+                victim,
+                ads[victim].encryption_public,
+                forged_key,
+                commitment,
             )
         ),
+        commitment,
     )
     with pytest.raises(KeySubstitution, match="org-03"):
         clients["org-00"].share_keys({**ads, victim: forged}, fed.roster)
@@ -462,7 +469,7 @@ def test_round_params_validation() -> None:
 
 
 def test_messages_round_trip_and_reject_garbage() -> None:
-    ad = KeyAdvertisement("a", bytes(32), bytes(range(32)), bytes(64))
+    ad = KeyAdvertisement("a", bytes(32), bytes(range(32)), bytes(64), bytes(32))
     shares = EncryptedShares("a", {"b": b"\x00\x01", "c": b""})
     request = UnmaskRequest(frozenset({"a", "b"}), frozenset({"c"}))
     reply = UnmaskReply("a", {"a": bytes(32)}, {"c": bytes(32)})
@@ -481,4 +488,4 @@ def test_messages_round_trip_and_reject_garbage() -> None:
         with pytest.raises(ProtocolError):
             KeyAdvertisement.from_bytes(data)
     with pytest.raises(ProtocolError, match="32 bytes"):
-        KeyAdvertisement("a", bytes(31), bytes(32), bytes(64))
+        KeyAdvertisement("a", bytes(31), bytes(32), bytes(64), bytes(32))

@@ -46,6 +46,7 @@ __all__ = [
     "mask_sign",
     "masking_key",
     "pairwise_seed",
+    "self_mask_commitment",
     "self_mask_seed",
     "share_encryption_key",
 ]
@@ -55,6 +56,7 @@ SEED_BYTES = 32
 #: Length of the secrets a client Shamir-shares (self-mask secret, masking-key secret).
 SECRET_BYTES = 16
 _MASKING_KEY_LABEL = "secagg-masking-key"
+_COMMITMENT_LABEL = "secagg-self-mask-commitment"
 
 _PAIRWISE_LABEL = "secagg-pairwise-mask"
 _SELF_LABEL = "secagg-self-mask"
@@ -177,6 +179,15 @@ def self_mask_seed(b: bytes, run_id: str, round: int, client: str) -> bytes:
     """The seed of client `client`'s self mask ``PRG(b_u)``: HKDF-SHA256 of its fresh 16-byte
     secret `b` with ``info = signing_payload("secagg-self-mask", run_id, round, client)``."""
     return _expand_secret(b, _SELF_LABEL, run_id, round, client)
+
+
+def self_mask_commitment(b: bytes, run_id: str, round: int, client: str) -> bytes:
+    """SHA-256 of ``signing_payload("secagg-self-mask-commitment", run_id, round, client, b)``:
+    published (signed) with the client's keys so that the server can check the self-mask secret
+    it rebuilds from t shares; hiding because b is 128 fresh random bits."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(signing_payload(_COMMITMENT_LABEL, run_id, round, client, b))
+    return digest.finalize()
 
 
 def masking_key(secret: bytes, run_id: str, round: int, client: str) -> x25519.X25519PrivateKey:

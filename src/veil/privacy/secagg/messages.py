@@ -40,39 +40,61 @@ _M = TypeVar("_M")
 _VERSION = 1
 _PUBLIC_KEY_BYTES = 32
 _SIGNATURE_BYTES = 64
+_COMMITMENT_BYTES = 32
+_ADVERTISEMENT_KEYS = (
+    "client",
+    "encryption_public",
+    "masking_public",
+    "signature",
+    "self_mask_commitment",
+)
 _KEYS_LABEL = "secagg-keys"
 
 
 def key_advertisement_payload(
-    run_id: str, round: int, client: str, encryption_public: bytes, masking_public: bytes
+    run_id: str,
+    round: int,
+    client: str,
+    encryption_public: bytes,
+    masking_public: bytes,
+    self_mask_commitment: bytes,
 ) -> bytes:
-    """What a client signs to advertise its keys:
-    ``signing_payload("secagg-keys", run_id, round, client, encryption_public, masking_public)``.
-    """
-    return signing_payload(_KEYS_LABEL, run_id, round, client, encryption_public, masking_public)
+    """What a client signs to advertise its keys: ``signing_payload("secagg-keys", run_id,
+    round, client, encryption_public, masking_public, self_mask_commitment)``."""
+    return signing_payload(
+        _KEYS_LABEL, run_id, round, client, encryption_public, masking_public, self_mask_commitment
+    )
 
 
 @dataclass(frozen=True)
 class KeyAdvertisement:
     """A client's two fresh X25519 public keys for one round (raw 32 bytes each: one to encrypt
-    share messages, one for pairwise masks), signed by its Ed25519 identity key over
-    `key_advertisement_payload`."""
+    share messages, one for pairwise masks) and a commitment to its self-mask secret (SHA-256,
+    so that the server can check the secret it rebuilds from shares), signed by its Ed25519
+    identity key over `key_advertisement_payload`."""
 
     client: str
     encryption_public: bytes
     masking_public: bytes
     signature: bytes
+    self_mask_commitment: bytes
 
     def __post_init__(self) -> None:
         _check_name(self.client, "client")
         _check_bytes(self.encryption_public, "encryption_public", _PUBLIC_KEY_BYTES)
         _check_bytes(self.masking_public, "masking_public", _PUBLIC_KEY_BYTES)
         _check_bytes(self.signature, "signature", _SIGNATURE_BYTES)
+        _check_bytes(self.self_mask_commitment, "self_mask_commitment", _COMMITMENT_BYTES)
 
     def payload(self, run_id: str, round: int) -> bytes:
         """The signed payload of this advertisement in run `run_id`, round `round`."""
         return key_advertisement_payload(
-            run_id, round, self.client, self.encryption_public, self.masking_public
+            run_id,
+            round,
+            self.client,
+            self.encryption_public,
+            self.masking_public,
+            self.self_mask_commitment,
         )
 
     def verify(self, identity: IdentityPublicKey, run_id: str, round: int) -> None:
@@ -87,17 +109,26 @@ class KeyAdvertisement:
             encryption_public=_b64(self.encryption_public),
             masking_public=_b64(self.masking_public),
             signature=_b64(self.signature),
+            self_mask_commitment=_b64(self.self_mask_commitment),
         )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> KeyAdvertisement:
-        fields = _load(data, cls, ("client", "encryption_public", "masking_public", "signature"))
+        keys = (
+            "client",
+            "encryption_public",
+            "masking_public",
+            "signature",
+            "self_mask_commitment",
+        )
+        fields = _load(data, cls, keys)
         return _build(
             cls,
             client=_str(fields, "client"),
             encryption_public=_bytes(fields, "encryption_public"),
             masking_public=_bytes(fields, "masking_public"),
             signature=_bytes(fields, "signature"),
+            self_mask_commitment=_bytes(fields, "self_mask_commitment"),
         )
 
 

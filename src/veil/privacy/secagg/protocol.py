@@ -34,10 +34,12 @@ Guarantees (honest-but-curious server; clients may drop out at any point):
   clients different stories still cannot collect t shares of both kinds for one peer, since
   2t holders would be needed and each answers once.
 
+A wrong share is detected, not corrected: the server rebuilds each secret from exactly t shares
+and checks it against what the owner signed in its advertisement (a SHA-256 commitment to the
+self-mask secret; the masking public key), so one Shamir reconstruction per secret suffices.
+
 Not covered: the consistency-check round and signed unmask requests of the malicious-server
-variant (Bonawitz §6), and robustness to a client that sends a wrong share of a self-mask seed
-(detected when t + 1 shares arrive; a wrong masking-key share is always detected, since the
-reconstructed key must match the advertised public key).
+variant (Bonawitz §6).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from veil.privacy.secagg.masking import (
     mask_sign,
     masking_key,
     pairwise_seed,
+    self_mask_commitment,
     self_mask_seed,
     share_encryption_key,
 )
@@ -222,6 +225,8 @@ class ClientSession:
         # The masking key comes from a 16-byte secret: that secret is what gets shared.
         self._masking_secret = os.urandom(SECRET_BYTES)
         self._masking_key = masking_key(self._masking_secret, params.run_id, params.round, name)
+        # b_u is drawn now so that the advertisement can commit to it.
+        self._b = os.urandom(SECRET_BYTES)
         self._advertisement: KeyAdvertisement | None = None
         self._aeads: dict[str, AESGCM] = {}
         self._pair_seeds: dict[str, bytes] = {}
@@ -243,8 +248,10 @@ class ClientSession:
         p = self.params
         enc = self._encryption_key.public_key().public_bytes_raw()
         mask = self._masking_key.public_key().public_bytes_raw()
-        payload = key_advertisement_payload(p.run_id, p.round, self.name, enc, mask)
-        self._advertisement = KeyAdvertisement(self.name, enc, mask, self._identity.sign(payload))
+        commitment = self_mask_commitment(self._b, p.run_id, p.round, self.name)
+        payload = key_advertisement_payload(p.run_id, p.round, self.name, enc, mask, commitment)
+        signature = self._identity.sign(payload)
+        self._advertisement = KeyAdvertisement(self.name, enc, mask, signature, commitment)
         return self._advertisement
 
     def share_keys(
@@ -311,12 +318,13 @@ class ClientSession:
             self._aeads[peer] = AESGCM(key)
             self._pair_seeds[peer] = pairwise_seed(mask_secret, p.run_id, p.round, self.name, peer)
 
-        b = os.urandom(SECRET_BYTES)
+        b = self._b
         self._self_seed = self_mask_seed(b, p.run_id, p.round, self.name)
         index = {peer: p.share_index(self.name, peer) for peer in live}
         b_shares = split(b, p.threshold, list(index.values()))
         s_shares = split(self._masking_secret, p.threshold, list(index.values()))
         del b
+        self._b = b""
         self._held[self.name] = (b_shares[index[self.name]], s_shares[index[self.name]])
         ciphertexts = {}
         for peer in sorted(self._aeads):
@@ -643,6 +651,13 @@ class ServerSession:
         masks: list[tuple[bytes, int]] = []
         for owner in sorted(self._request.survivors):
             b = self._reconstruct(self._b_shares.get(owner, {}), owner, "self-mask seed")
+            if self_mask_commitment(b, p.run_id, p.round, owner) != (
+                self._ads[owner].self_mask_commitment
+            ):
+                raise ProtocolError(
+                    f"the self-mask seed of {owner!r} rebuilt from the shares does not match its "
+                    "commitment: some client sent a wrong share"
+                )
             masks.append((self_mask_seed(b, p.run_id, p.round, owner), -1))
         for owner in sorted(self._request.dropped):
             secret = self._reconstruct(self._s_shares.get(owner, {}), owner, "masking key")
@@ -701,17 +716,10 @@ class ServerSession:
                 f"{len(self._replied)} unmask replies of {survivors} survivors; the threshold "
                 f"is {t}"
             )
-        secret = combine(shares, t)
-        if len(shares) > t:
-            # A second reconstruction from a set that differs in one share: a single wrong
-            # share among the t + 1 used changes exactly one of the two results.
-            indices = sorted(shares)
-            other = {i: shares[i] for i in [*indices[: t - 1], indices[t]]}
-            if combine(other, t) != secret:
-                raise ProtocolError(
-                    f"the shares of {owner!r}'s {what} are inconsistent: some client sent a "
-                    "wrong share"
-                )
+        # Exactly t shares: the result is checked against the client's commitment (self-mask
+        # seed) or advertised public key (masking key), so one combine suffices.
+        first = dict(sorted(shares.items())[:t])
+        secret = combine(first, t)
         return secret
 
     def _require_phase(self, phase: int, action: str) -> None:
