@@ -10,7 +10,14 @@ Peer: with `--flower-python PATH` (the interpreter of a separate venv holding Fl
 benchmarks/peers/README.md) the same setup runs on Flower's simulation engine in the same
 benchmark run, and the ratio Flower/Veil per round is reported.
 
+Ray backend (issue 11): with `--ray`, the same rounds for 1000 and 10000 clients run on the
+in-process `LocalTransport` and on `RayTransport` (a local Ray instance, a pool of `--ray-workers`
+actors of one CPU each, `--ray-chunk` clients per call), each size and backend in a fresh
+process, so that its peak memory is its own: the peak RSS (VmHWM) of the server process and, for
+Ray, of each worker actor. The Ray instance's start and the workers' start are not timed.
+
     python benchmarks/simulation.py [--quick] [--flower-python /path/to/flower-venv/bin/python]
+    python benchmarks/simulation.py --ray [--quick]
 
 The last stdout line is one JSON object.
 """
@@ -24,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +41,7 @@ from veil.data import ClientData, make_synthetic_logistic
 from veil.federation import ClientRunner, FedAvg, FederatedServer, TrainingPlan, UpdatePipeline
 from veil.models import LogisticRegression, get_parameters
 from veil.transport import LocalTransport
+from veil.transport.ray import RaySettings, RayTransport
 
 EXAMPLES_PER_CLIENT = 50
 FEATURES = 20
@@ -40,8 +49,16 @@ PLAN = TrainingPlan(epochs=1, batch_size=32, learning_rate=0.1)
 PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "flower_simulation.py"
 
 
-def veil_rounds(n_clients: int, rounds: int, seed: int = 0) -> list[float]:
-    """Seconds per round for `rounds` rounds of an `n_clients` federation (after one warm-up)."""
+def veil_rounds(
+    n_clients: int,
+    rounds: int,
+    seed: int = 0,
+    ray: RaySettings | None = None,
+    worker_peaks: list[int] | None = None,
+) -> list[float]:
+    """Seconds per round for `rounds` rounds of an `n_clients` federation (after one warm-up),
+    in process or, with `ray`, on a local Ray instance (then `worker_peaks` receives each
+    worker's peak RSS in bytes)."""
     data = make_synthetic_logistic(n_clients * EXAMPLES_PER_CLIENT, FEATURES, seed=seed)
     empty_x = np.zeros((0, FEATURES), np.float32)
     empty_y = np.zeros(0, np.int64)
@@ -52,7 +69,13 @@ def veil_rounds(n_clients: int, rounds: int, seed: int = 0) -> list[float]:
         name = f"client-{i}"
         client = ClientData(name, data.features[rows], data.labels[rows], empty_x, empty_y)
         runners[name] = ClientRunner(name, client, n_classes=2, pipeline=pipeline, seed=seed + i)
-    transport = LocalTransport(runners, lambda: LogisticRegression(FEATURES, 2), seed=seed)
+    transport: LocalTransport | RayTransport
+    if ray is None:
+        transport = LocalTransport(runners, lambda: LogisticRegression(FEATURES, 2), seed=seed)
+    else:
+        model = partial(LogisticRegression, FEATURES, 2)
+        transport = RayTransport(runners, model, settings=ray, seed=seed)
+        transport.start()  # not timed: the instance's and the workers' start
     torch.manual_seed(seed)
     server = FederatedServer(
         run_id="bench",
@@ -70,7 +93,69 @@ def veil_rounds(n_clients: int, rounds: int, seed: int = 0) -> list[float]:
         start = time.perf_counter()
         server.run_round(rnd, evaluate=False)
         times.append(time.perf_counter() - start)
+    if isinstance(transport, RayTransport):
+        if worker_peaks is not None:
+            worker_peaks[:] = transport.worker_peak_rss_bytes()
+        transport.close()
     return times
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def one_backend(backend: str, n_clients: int, rounds: int, workers: int, chunk: int) -> None:
+    """Child process: time one size on one backend; print its JSON row."""
+    torch.set_num_threads(1)
+    settings = None
+    if backend == "ray":
+        settings = RaySettings(workers=workers, clients_per_task=chunk, local_cpus=workers)
+    peaks: list[int] = []
+    times = veil_rounds(n_clients, rounds, ray=settings, worker_peaks=peaks)
+    row: dict[str, object] = {
+        "backend": backend,
+        "clients": n_clients,
+        "round_s_median": round(statistics.median(times), 4),
+        "round_s": [round(t, 4) for t in times],
+        "server_peak_rss_mb": round(_peak_rss_mb(), 1),
+    }
+    if backend == "ray":
+        row["workers"] = workers
+        row["clients_per_task"] = chunk
+        row["worker_peak_rss_mb"] = [round(b / 2**20, 1) for b in peaks]
+    print(json.dumps(row))
+
+
+def backend_rows(
+    sizes: list[int], rounds: int, workers: int, chunk: int
+) -> list[dict[str, object]]:
+    """Local and Ray rows for each size, each measured in a fresh process."""
+    rows = []
+    for n in sizes:
+        pair = {}
+        for backend in ("local", "ray"):
+            cmd = [sys.executable, __file__, "--one", backend, str(n), str(rounds)]
+            cmd += ["--ray-workers", str(workers), "--ray-chunk", str(chunk)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=True)
+            pair[backend] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(json.dumps(pair[backend]), file=sys.stderr)
+        local, ray = pair["local"], pair["ray"]
+        rows.append(
+            {
+                "clients": n,
+                "local": local,
+                "ray": ray,
+                "ray_over_local": round(
+                    float(ray["round_s_median"]) / float(local["round_s_median"]),
+                    2,  # type: ignore[arg-type]
+                ),
+            }
+        )
+    return rows
 
 
 def flower_rounds(python: str, n_clients: int, rounds: int) -> dict[str, object]:
@@ -91,7 +176,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="10 and 100 clients, 3 rounds")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per size")
     parser.add_argument("--flower-python", help="python of a venv with flwr[simulation]==1.41")
+    parser.add_argument(
+        "--ray", action="store_true", help="local vs Ray for 1000 and 10000 clients (1000 quick)"
+    )
+    parser.add_argument("--ray-workers", type=int, default=2, help="Ray actors in the pool")
+    parser.add_argument("--ray-chunk", type=int, default=250, help="clients per Ray call")
+    parser.add_argument(
+        "--one", nargs=3, metavar=("BACKEND", "CLIENTS", "ROUNDS"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
+    if args.one:
+        one_backend(
+            args.one[0], int(args.one[1]), int(args.one[2]), args.ray_workers, args.ray_chunk
+        )
+        return 0
+    if args.ray:
+        sizes = [1000] if args.quick else [1000, 10000]
+        rounds = 2 if args.quick else 3
+        summary: dict[str, object] = {
+            "benchmark": "simulation-ray",
+            "data": "synthetic logistic, 20 features, 50 examples per client",
+            "model": "logistic regression, 1 local epoch, batch 32",
+            "quick": args.quick,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "ray": _ray_version(),
+            "results": backend_rows(sizes, rounds, args.ray_workers, args.ray_chunk),
+        }
+        print(json.dumps(summary))
+        return 0
 
     torch.set_num_threads(1)
     sizes = [10, 100] if args.quick else [10, 100, 1000]
@@ -127,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(summary))
     return 0
+
+
+def _ray_version() -> str:
+    import ray
+
+    return str(ray.__version__)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ from rich.console import Console
 from rich.table import Table
 
 from veil import __version__
+from veil.commands import audit as audit_commands
 from veil.commands import deploy as deploy_commands
+from veil.commands import he as he_commands
 from veil.commands import pki as pki_commands
 from veil.commands import privacy as privacy_commands
 from veil.config import RunConfig, load_config
@@ -61,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p_run.add_argument("--quiet", action="store_true", help="no progress bar and no tables")
     p_run.add_argument(
         "--mode",
-        choices=["simulation", "deployment"],
+        choices=["simulation", "deployment", "ray"],
         help="override the config's mode (same config, run another way)",
     )
     p_run.set_defaults(handler=_cmd_run)
@@ -85,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     privacy_commands.register(sub)
     deploy_commands.register(sub)
     pki_commands.register(sub)
+    audit_commands.register(sub)
+    he_commands.register(sub)
     return parser
 
 

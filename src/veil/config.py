@@ -16,15 +16,15 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from veil.errors import ConfigError
-from veil.selection import sample_size
+from veil.selection import count_of, sample_size
 
 DatasetName = Literal["breast_cancer", "digits", "german_credit", "csv", "synthetic_logistic"]
 Mode = Literal["simulation", "deployment", "ray"]
 Aggregation = Literal["plain", "secagg", "ckks", "tee"]
 
 #: What this version can execute; the other values of the contract are refused with a message.
-IMPLEMENTED_MODES: tuple[str, ...] = ("simulation", "deployment")
-IMPLEMENTED_AGGREGATIONS: tuple[str, ...] = ("plain", "secagg")
+IMPLEMENTED_MODES: tuple[str, ...] = ("simulation", "deployment", "ray")
+IMPLEMENTED_AGGREGATIONS: tuple[str, ...] = ("plain", "secagg", "ckks")
 
 
 class _Section(BaseModel):
@@ -264,6 +264,162 @@ class SecAggConfig(_Section):
     neighbours: int | None = Field(None, ge=2)
 
 
+#: Largest total coefficient-modulus bits for 128-bit security (HomomorphicEncryption.org
+#: standard, ternary secrets), by polynomial modulus degree.
+CKKS_MAX_MODULUS_BITS: dict[int, int] = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
+
+
+class CkksConfig(_Section):
+    """CKKS homomorphic encryption of updates (`secure_aggregation = "ckks"`): the server adds
+    ciphertexts and never holds the secret key; a quorum of clients decrypts the sum.
+
+    Each client clips every coordinate of its update to [-clip_range, clip_range], multiplies it
+    by its weight (capped at `max_weight`) and encrypts it. A run whose worst-case sum could
+    exceed the ciphertext modulus at this scale is refused before it starts.
+    """
+
+    #: N: ciphertexts hold N/2 values; 8192 is the smallest secure N for these moduli.
+    poly_modulus_degree: Literal[4096, 8192, 16384, 32768] = 8192
+    #: Bit sizes of the coefficient-modulus primes; aggregation only adds, so one data prime
+    #: and the special prime (the last) suffice: the shortest chain.
+    coeff_modulus_bits: list[Annotated[int, Field(ge=20, le=60)]] = Field(
+        default_factory=lambda: [60, 40]
+    )
+    #: Values are encoded at scale 2^scale_bits (precision against headroom).
+    scale_bits: int = Field(40, ge=20, le=59)
+    #: How many clients decrypt each round's sum; their answers must agree.
+    decryptors: int = Field(2, ge=1)
+    #: Each coordinate of an update is clipped to [-clip_range, clip_range] (counted).
+    clip_range: float = Field(1.0, gt=0)
+    #: The largest aggregation weight a client may use; larger weights are capped at it.
+    max_weight: float = Field(1000.0, gt=0)
+    #: Decryptors add Gaussian noise 2^flood_bits times the ciphertext noise before releasing
+    #: a sum (noise flooding against key recovery from decryptions, Li and Micciancio 2021);
+    #: each bit halves the leakage per value and doubles the error of the released sum.
+    flood_bits: int = Field(12, ge=0, le=40)
+
+    @model_validator(mode="after")
+    def _secure_parameters(self) -> CkksConfig:
+        bits = self.coeff_modulus_bits
+        limit = CKKS_MAX_MODULUS_BITS[self.poly_modulus_degree]
+        if len(bits) < 2:
+            raise ValueError(
+                "coeff_modulus_bits needs at least two primes (the data prime and the special "
+                "prime for key switching), e.g. [60, 40]"
+            )
+        if sum(bits) > limit:
+            raise ValueError(
+                f"coeff_modulus_bits {bits} total {sum(bits)} bits, more than the {limit} bits "
+                f"that are secure with poly_modulus_degree = {self.poly_modulus_degree}; use "
+                "fewer or smaller primes, or a larger poly_modulus_degree"
+            )
+        if self.scale_bits >= sum(bits[:-1]) - 1:
+            raise ValueError(
+                f"scale_bits = {self.scale_bits} leaves no room below the data modulus of "
+                f"{sum(bits[:-1])} bits; lower scale_bits"
+            )
+        return self
+
+
+class RobustConfig(_Section):
+    """Robust aggregation (`veil.federation.robust`): a round's update that a minority of
+    arbitrary updates cannot drag far. The server must see each update, so it works with
+    `secure_aggregation = "plain"` only (masking and CKKS hide individual updates)."""
+
+    #: "median" and "trimmed_mean" (Yin et al. 2018), "krum" and "multi_krum" (Blanchard et
+    #: al. 2017), or "mean" (the weighted mean, for norm bounding alone).
+    method: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"] = "median"
+    #: trimmed_mean: fraction of the values dropped at each end of every coordinate (default 0.1).
+    trim_fraction: float | None = Field(None, ge=0, lt=0.5)
+    #: krum and multi_krum: f, the Byzantine updates to tolerate per round (needs n > 2f + 2).
+    byzantine: int | None = Field(None, ge=0)
+    #: multi_krum: m, how many lowest-scoring updates to average (default n - f).
+    keep: int | None = Field(None, ge=1)
+    #: Scale every update down to this L2 norm before aggregating (Sun et al. 2019).
+    max_update_norm: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _keys_fit_the_method(self) -> RobustConfig:
+        m = self.method
+        if self.trim_fraction is not None and m != "trimmed_mean":
+            raise ValueError(f"trim_fraction applies to method = 'trimmed_mean', not '{m}'")
+        if m in ("krum", "multi_krum") and self.byzantine is None:
+            raise ValueError(f"method = '{m}' needs byzantine = f, the attackers to tolerate")
+        if self.byzantine is not None and m not in ("krum", "multi_krum"):
+            raise ValueError(f"byzantine applies to method = 'krum' or 'multi_krum', not '{m}'")
+        if self.keep is not None and m != "multi_krum":
+            raise ValueError(f"keep applies to method = 'multi_krum', not '{m}'")
+        if m == "mean" and self.max_update_norm is None:
+            raise ValueError(
+                "method = 'mean' without max_update_norm is plain aggregation; set "
+                "max_update_norm, choose a robust method, or remove [robust]"
+            )
+        return self
+
+
+class AttackConfig(_Section):
+    """Simulated malicious clients (`veil.federation.attacks`), for testing defences; simulation
+    and Ray modes only. A fixed set of clients, drawn from the run's seed, misbehaves."""
+
+    kind: Literal["sign_flip", "scale", "gaussian", "label_flip"]
+    #: Fraction of all clients that are malicious (⌊fraction · clients⌋ of them).
+    fraction: float = Field(gt=0, lt=1)
+    #: sign_flip: send -scale·Δ (default 1); scale: scale·Δ (default 10); gaussian: noise of
+    #: standard deviation scale (default 1).
+    scale: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _scale_fits_the_kind(self) -> AttackConfig:
+        if self.kind == "label_flip" and self.scale is not None:
+            raise ValueError("scale does not apply to kind = 'label_flip'; remove it")
+        return self
+
+
+class StragglerConfig(_Section):
+    """Simulated stragglers (`veil.transport.simulated`): clients whose simulated training time
+    exceeds the deadline are dropped from the round; simulation and Ray modes only."""
+
+    #: Simulated seconds a round waits for results.
+    deadline_s: float = Field(gt=0)
+    #: Simulated seconds a client of median speed needs per training example and epoch.
+    seconds_per_example: float = Field(0.001, gt=0)
+    #: σ of the log of each client's persistent speed factor (0: all equally fast).
+    speed_spread: float = Field(0.5, ge=0)
+    #: σ of the log of a per-round slowdown factor (0: none).
+    jitter: float = Field(0.0, ge=0)
+
+
+class RayConfig(_Section):
+    """`mode = "ray"`: clients run on a Ray cluster in a fixed pool of worker actors."""
+
+    #: None: start a local Ray instance for the run (stopped after it); "auto": join the
+    #: cluster this machine belongs to; "ray://HOST:PORT": connect through Ray Client.
+    address: str | None = None
+    #: Worker actors in the pool, each training one client at a time (the bound on concurrent
+    #: clients). None: as many as the cluster's CPUs allow (its CPUs / num_cpus).
+    workers: int | None = Field(None, ge=1)
+    #: Resources each worker reserves (one client trains at a time in a worker).
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory_mb: int | None = Field(None, ge=1)
+    #: Clients one call to a worker trains before returning their updates.
+    clients_per_task: int = Field(8, ge=1)
+    #: A local instance only: the CPUs it offers (None: this machine's) and its object store.
+    local_cpus: int | None = Field(None, ge=1)
+    object_store_mb: int | None = Field(None, ge=80)
+
+    @model_validator(mode="after")
+    def _local_keys_for_a_local_instance(self) -> RayConfig:
+        if self.address is not None and (
+            self.local_cpus is not None or self.object_store_mb is not None
+        ):
+            raise ValueError(
+                "local_cpus and object_store_mb configure a local Ray instance; remove them, "
+                "or remove address"
+            )
+        return self
+
+
 class RunConfig(_Section):
     """Everything one federated run needs. Build it in code or load it with `load_config`."""
 
@@ -277,8 +433,13 @@ class RunConfig(_Section):
     strategy: StrategyConfig = FedAvgConfig()
     privacy: PrivacyConfig | None = None
     secagg: SecAggConfig | None = None
+    ckks: CkksConfig | None = None
     deployment: DeploymentConfig = DeploymentConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    robust: RobustConfig | None = None
+    attack: AttackConfig | None = None
+    stragglers: StragglerConfig | None = None
+    ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _supported_here(self) -> RunConfig:
@@ -315,43 +476,54 @@ class RunConfig(_Section):
                     "= 0 or data.validation_fraction = 0"
                 )
         self._check_secure_aggregation()
+        self._check_robustness()
         if self.model.name == "cnn" and self.data.dataset != "digits":
             raise ValueError("model name = 'cnn' needs image data: use dataset = 'digits'")
         return self
 
     def _check_secure_aggregation(self) -> None:
-        if self.secure_aggregation != "secagg":
-            if self.secagg is not None:
+        kind = self.secure_aggregation
+        for section, owner in (("secagg", "secagg"), ("ckks", "ckks")):
+            if kind != owner and getattr(self, section) is not None:
                 raise ValueError(
-                    "[secagg] settings apply to secure_aggregation = 'secagg'; set it, or remove "
-                    "the [secagg] section"
+                    f"[{section}] settings apply to secure_aggregation = '{owner}'; set it, or "
+                    f"remove the [{section}] section"
                 )
+        if kind not in ("secagg", "ckks"):
             return
         if self.deployment.max_update_norm is not None:
             raise ValueError(
                 "deployment.max_update_norm needs the server to see each update, which "
-                "secure_aggregation = 'secagg' hides; bound updates with [secagg].clip_range"
+                f"secure_aggregation = '{kind}' hides; bound updates with [{kind}].clip_range"
             )
         if self.privacy is not None and self.privacy.target_quantile is not None:
             raise ValueError(
                 "privacy.target_quantile (adaptive clipping) is not available with "
-                "secure_aggregation = 'secagg' in this version: the clients add the noise "
-                "(distributed DP), and the noisy unclipped count is not yet distributed; "
-                "remove target_quantile and set clip_norm"
+                f"secure_aggregation = '{kind}' in this version: the unclipped count would "
+                "have to travel inside the protected sum; remove target_quantile and set "
+                "clip_norm"
             )
         if self.data.scaling == "federated":
             raise ValueError(
                 "data.scaling = 'federated' sends exact per-client feature sums in the clear, "
-                "which secure_aggregation = 'secagg' is meant to hide; use scaling = 'local' "
+                f"which secure_aggregation = '{kind}' is meant to hide; use scaling = 'local' "
                 "or 'none'"
             )
-        s = self.secagg or SecAggConfig()
         selected = sample_size(self.federation.fraction_fit, self.federation.clients)
         if selected < 2:
             raise ValueError(
                 f"secure aggregation needs at least 2 clients per round, and fraction_fit = "
                 f"{self.federation.fraction_fit} selects {selected}; raise fraction_fit"
             )
+        if kind == "ckks":
+            decryptors = (self.ckks or CkksConfig()).decryptors
+            if decryptors > selected:
+                raise ValueError(
+                    f"ckks.decryptors = {decryptors} exceeds the {selected} clients selected "
+                    "per round; lower decryptors or raise fraction_fit"
+                )
+            return
+        s = self.secagg or SecAggConfig()
         if s.neighbours is not None and s.neighbours >= selected:
             raise ValueError(
                 f"secagg.neighbours = {s.neighbours} must be below the {selected} clients "
@@ -363,6 +535,60 @@ class RunConfig(_Section):
                 f"secagg.threshold = {s.threshold} must be a majority of each neighbourhood "
                 f"of {group} clients (from {group // 2 + 1} to {group}), so that a server "
                 "cannot learn one client's update by splitting the clients into two groups"
+            )
+
+    def _check_robustness(self) -> None:
+        """Robust aggregation, simulated attacks and stragglers, and what mode = "ray" runs."""
+        simulated = ("simulation", "ray")
+        if self.attack is not None and self.mode not in simulated:
+            raise ValueError("[attack] simulates malicious clients in mode = 'simulation' or 'ray'")
+        if self.stragglers is not None and self.mode not in simulated:
+            raise ValueError(
+                "[stragglers] applies to mode = 'simulation' or 'ray'; a deployment drops late "
+                "clients after deployment.round_deadline_s"
+            )
+        if self.attack is not None and count_of(self.attack.fraction, self.federation.clients) < 1:
+            raise ValueError(
+                f"attack.fraction = {self.attack.fraction} of {self.federation.clients} clients "
+                "makes no client malicious; raise fraction"
+            )
+        if self.mode == "ray":
+            if self.secure_aggregation in ("secagg", "ckks"):
+                raise ValueError(
+                    f"secure_aggregation = '{self.secure_aggregation}' is not available with "
+                    "mode = 'ray' in this version; use mode = 'simulation' or 'deployment'"
+                )
+            if self.privacy is not None and self.privacy.unit == "record":
+                raise ValueError(
+                    "record-level [privacy] is not available with mode = 'ray' in this version "
+                    "(each worker would need its own secure noise source); use unit = 'client', "
+                    "or mode = 'simulation'"
+                )
+        r = self.robust
+        if r is None:
+            return
+        if self.secure_aggregation in ("secagg", "ckks"):
+            raise ValueError(
+                f"[robust] needs the server to see each update, which secure_aggregation = "
+                f"'{self.secure_aggregation}' hides; use secure_aggregation = 'plain', or "
+                "remove [robust]"
+            )
+        if self.privacy is not None and self.privacy.unit == "client":
+            raise ValueError(
+                "[robust] is not available with client-level [privacy]: DP-FedAvg's noise is "
+                "calibrated to a sum of clipped updates, not to a robust estimate; remove one"
+            )
+        selected = sample_size(self.federation.fraction_fit, self.federation.clients)
+        if r.byzantine is not None and selected < 2 * r.byzantine + 3:
+            raise ValueError(
+                f"robust.method = '{r.method}' with byzantine = {r.byzantine} needs at least "
+                f"{2 * r.byzantine + 3} clients per round (n > 2f + 2), and {selected} are "
+                "selected; lower byzantine or select more clients"
+            )
+        if r.keep is not None and r.byzantine is not None and r.keep > selected - r.byzantine:
+            raise ValueError(
+                f"robust.keep = {r.keep} exceeds the {selected} selected clients less "
+                f"byzantine = {r.byzantine}; lower keep"
             )
 
     @classmethod

@@ -36,6 +36,10 @@ from veil.federation.client import ClientRunner
 from veil.federation.pipeline import UpdatePipeline
 from veil.models import build_model, get_parameters
 from veil.privacy.dp.policy import ClientLevelPrivacy
+from veil.privacy.he import federation as ckks
+from veil.privacy.he import keys as he_keys
+from veil.privacy.he.participant import CkksParticipant
+from veil.privacy.he.settings import settings_from_config as ckks_settings
 from veil.privacy.secagg.layout import UpdateLayout, masked_reference
 from veil.privacy.secagg.participant import SecAggParticipant
 from veil.privacy.secagg.quantize import FixedPoint
@@ -169,6 +173,13 @@ def serve(
             )
         return gateway
 
+    # Under CKKS the server holds the ceremony's public key set only (refused if it holds a
+    # secret key) before it opens a port.
+    ckks_keys = (
+        he_keys.load_public(pki_dir, ckks_settings(config.ckks).params)
+        if config.secure_aggregation == "ckks"
+        else None
+    )
     try:
         with _torch_threads(config.federation.torch_threads):
             result = _run(
@@ -179,6 +190,7 @@ def serve(
                 gateway_factory=factory,
                 resume=resume,
                 checkpoint_key=key,
+                ckks_keys=ckks_keys,
             )
     finally:
         gateway = holder.get("gateway")
@@ -189,7 +201,10 @@ def serve(
 
 
 def _update_reference(config: RunConfig, initial: NamedArrays) -> dict[str, np.ndarray]:
-    """What each client's upload must look like: the parameters, or one masked vector."""
+    """What each client's upload must look like: the parameters, one masked vector, or one
+    vector of CKKS ciphertext frames."""
+    if config.secure_aggregation == "ckks":
+        return ckks.reference(config.ckks, initial)
     settings = secagg_settings(config, _client_privacy(config))
     if settings is None:
         return dict(initial)
@@ -199,9 +214,12 @@ def _update_reference(config: RunConfig, initial: NamedArrays) -> dict[str, np.n
 
 def _participant(
     config: RunConfig, name: str, model: nn.Module, files: pki.NodeFiles, pki_dir: Path
-) -> SecAggParticipant | None:
+) -> SecAggParticipant | CkksParticipant | None:
     """This organisation's SecAgg participant: its identity key, and its peers' identity keys
-    taken from their CA-signed certificates (never from the server)."""
+    taken from their CA-signed certificates (never from the server); or its CKKS participant,
+    with the secret key set sealed to it by the key ceremony."""
+    if config.secure_aggregation == "ckks":
+        return ckks.participant_from_pki(config.ckks, name, get_parameters(model), pki_dir)
     settings = secagg_settings(config, _client_privacy(config))
     if settings is None:
         return None
@@ -356,6 +374,10 @@ def prepare_deployment(config: RunConfig, out: Path, *, config_path: Path) -> De
     if not files.key_file.is_file():
         files.key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         generate_key_file(files.key_file)
+    if config.secure_aggregation == "ckks" and not (files.pki_dir / he_keys.HE_DIR).is_dir():
+        # The key ceremony: a fresh CKKS key for this run, sealed to each client.
+        params = ckks_settings(config.ckks).params
+        he_keys.ceremony(files.pki_dir, params, clients=files.clients)
     for index, client in enumerate(fed.clients):
         write_client_data(files.data_dir / f"{client.name}.npz", client, index=index, fed=fed)
     write_server_data(files.data_dir / TEST_FILE, fed)

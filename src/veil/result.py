@@ -6,6 +6,7 @@ fields are allowed so that later capabilities can add to it without breaking rea
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -29,10 +30,30 @@ class RoundResult(_Open):
     bytes_up: int = 0
     bytes_down: int = 0
     duration_s: float = 0.0
+    #: The first `LISTED_FAILURES` failed clients with their reasons (the run store keeps these).
     failures: list[dict[str, str]] = []
+    #: All failures of the round counted by kind (the reason up to its first colon).
+    failure_counts: dict[str, int] = {}
     #: What the aggregator reported: under SecAgg the protocol, threshold, clipped values,
     #: recovered dropouts (and "error" when the sum could not be unmasked).
     aggregation: dict[str, Any] = {}
+
+
+#: Failed clients listed one by one per round; the others are only counted, so that a round of
+#: 10 000 clients with many stragglers stays small in result.json and in the run store.
+LISTED_FAILURES = 20
+
+
+def compact_failures(failures: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """`RoundResult.failures` and `failure_counts` for a round's (client, reason) pairs."""
+    counts: dict[str, int] = {}
+    for _, reason in failures:
+        kind = reason.split(":", 1)[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    return {
+        "failures": [{"client": c, "reason": r} for c, r in failures[:LISTED_FAILURES]],
+        "failure_counts": counts,
+    }
 
 
 class Mechanism(_Open):

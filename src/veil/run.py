@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,16 +37,28 @@ from veil.federation import (
 )
 from veil.federation.server import ClientGateway, Evaluator
 from veil.federation.strategy import PoissonSource
-from veil.federation.training import as_tensors, evaluate, train_epochs
+from veil.federation.training import LocalTrainer, as_tensors, evaluate, train_epochs
 from veil.models import build_model, get_parameters, set_parameters
 from veil.privacy.dp.ledger import TOLERANCE, BudgetExceeded, PrivacyLedger
 from veil.privacy.dp.policy import ClientLevelPrivacy, RecordLevelPrivacy
+from veil.privacy.he.federation import CkksFederation, ckks_federation
+from veil.privacy.he.keys import PublicKeySet
 from veil.privacy.secagg.aggregator import SecAggAggregator
 from veil.privacy.secagg.layout import UpdateLayout
 from veil.privacy.secagg.participant import SecAggParticipant
 from veil.privacy.secagg.roster import StaticRoster
 from veil.privacy.secagg.settings import DistributedNoise, SecAggSettings, settings_from_config
-from veil.result import Baseline, Communication, PrivacyRecord, Result, RoundResult, Timing
+from veil.result import (
+    Baseline,
+    Communication,
+    PrivacyRecord,
+    Result,
+    RoundResult,
+    Timing,
+    compact_failures,
+)
+from veil.robustness import attack as build_attack
+from veil.robustness import ray_settings, robust_aggregator, stragglers
 from veil.seeding import Purpose, derive_seed, torch_generator
 from veil.store import (
     DB_NAME,
@@ -57,6 +70,7 @@ from veil.store import (
 )
 from veil.tensors import NamedArrays
 from veil.transport import LocalTransport
+from veil.transport.ray import RayTransport
 
 RESULT_FILE = "result.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -94,9 +108,11 @@ def _run(
     gateway_factory: GatewayFactory | None = None,
     resume: bool = False,
     checkpoint_key: bytes | None = None,
+    ckks_keys: PublicKeySet | None = None,
 ) -> Result:
     """One run. Simulation builds the data and an in-process transport; a deployment server
-    passes `fed` (test data and client names only) and a factory for its network gateway.
+    passes `fed` (test data and client names only) and a factory for its network gateway
+    (and, under CKKS, the key ceremony's public key set).
 
     With `resume`, the run continues from `out_dir`'s checkpoint: same run id, parameters and
     strategy state, from the round after the checkpointed one; rounds already in the run store
@@ -120,12 +136,23 @@ def _run(
         initial, start_round = checkpoint.parameters, checkpoint.round + 1
 
     privacy = _privacy_policy(config, fed, plan)
-    secure = _secure_aggregation(config, privacy, initial, [c.name for c in fed.clients])
+    secure = _secure_aggregation(
+        config, privacy, initial, [c.name for c in fed.clients], ckks_keys=ckks_keys
+    )
+    attack = build_attack(config, [c.name for c in fed.clients])
     pipeline = UpdatePipeline(
-        client_stages=privacy.client_stages if isinstance(privacy, ClientLevelPrivacy) else [],
-        aggregator=secure.aggregator if secure else WeightedSum(),
+        client_stages=[
+            *(privacy.client_stages if isinstance(privacy, ClientLevelPrivacy) else []),
+            *(attack.client_stages() if attack else []),
+        ],
+        aggregator=robust_aggregator(config.robust, secure.aggregator if secure else WeightedSum()),
         server_stages=privacy.server_stages if isinstance(privacy, ClientLevelPrivacy) else [],
     )
+
+    def trainer(name: str, index: int) -> LocalTrainer | None:
+        honest = privacy.trainer(name, index) if isinstance(privacy, RecordLevelPrivacy) else None
+        return attack.trainer(name, honest, fed.n_classes) if attack else honest
+
     runners = {
         client.name: ClientRunner(
             client.name,
@@ -133,20 +160,34 @@ def _run(
             n_classes=fed.n_classes,
             pipeline=pipeline,
             seed=derive_seed(config.seed, Purpose.LOCAL_TRAINING, index),
-            trainer=privacy.trainer(client.name, index)
-            if isinstance(privacy, RecordLevelPrivacy)
-            else None,
+            trainer=trainer(client.name, index),
             protocol=secure.participant(client.name) if secure else None,
         )
         for index, client in enumerate(fed.clients)
     }
     gateway: ClientGateway
-    if gateway_factory is None:
+    if gateway_factory is None and config.mode == "ray":
+        gateway = RayTransport(
+            runners,
+            partial(
+                build_model,
+                config.model,
+                n_features=fed.n_features,
+                n_classes=fed.n_classes,
+                image_shape=fed.image_shape,
+            ),
+            settings=ray_settings(config.ray, torch_threads=config.federation.torch_threads),
+            dropout=config.federation.simulated_dropout,
+            seed=config.seed,
+            stragglers=stragglers(config),
+        )
+    elif gateway_factory is None:
         gateway = LocalTransport(
             runners,
             lambda: _model(config, fed),
             dropout=config.federation.simulated_dropout,
             seed=config.seed,
+            stragglers=stragglers(config),
         )
     else:
         gateway = gateway_factory(run_id, initial)
@@ -218,12 +259,16 @@ def _run(
             strategy=server.strategy.name,
             clients=len(runners),
             dataset={"name": fed.dataset_name, "synthetic": fed.synthetic},
+            **({"attack": attack.describe()} if attack else {}),
         )
     except BaseException:
         if store is not None:
             store.finish_run(run_id, status="failed", final=None)
             store.close()
         raise
+    finally:
+        if isinstance(gateway, RayTransport):
+            gateway.close()
     if out is not None:
         atomic_write_text(out / RESULT_FILE, result.to_json())
     _mark_released(config, charges)
@@ -317,8 +362,16 @@ class _SecureAggregation:
 
 
 def _secure_aggregation(
-    config: RunConfig, privacy: PrivacyPolicy | None, initial: NamedArrays, clients: list[str]
-) -> _SecureAggregation | None:
+    config: RunConfig,
+    privacy: PrivacyPolicy | None,
+    initial: NamedArrays,
+    clients: list[str],
+    *,
+    ckks_keys: PublicKeySet | None = None,
+) -> _SecureAggregation | CkksFederation | None:
+    if config.secure_aggregation == "ckks":
+        # A deployment server passes the ceremony's public keys; a simulation makes its own.
+        return ckks_federation(config.ckks, initial, clients, keys=ckks_keys)
     settings = secagg_settings(config, privacy)
     if settings is None:
         return None
@@ -346,14 +399,18 @@ def secagg_settings(config: RunConfig, privacy: PrivacyPolicy | None) -> SecAggS
 
 
 def _privacy_record(
-    config: RunConfig, privacy: PrivacyPolicy | None, secure: _SecureAggregation | None
+    config: RunConfig,
+    privacy: PrivacyPolicy | None,
+    secure: _SecureAggregation | CkksFederation | None,
 ) -> PrivacyRecord:
     record = (
         PrivacyRecord.model_validate(privacy.privacy_record(config.secure_aggregation))
         if privacy
         else PrivacyRecord(aggregation=config.secure_aggregation)
     )
-    if secure is not None:
+    if isinstance(secure, CkksFederation):
+        record.homomorphic_encryption = secure.record(config.mode)  # type: ignore[attr-defined]
+    elif secure is not None:
         s = secure.settings
         record.secure_aggregation = {  # type: ignore[attr-defined]
             "protocol": s.protocol,
@@ -487,7 +544,7 @@ def _round_result(record: RoundRecord) -> RoundResult:
         bytes_up=record.bytes_up,
         bytes_down=record.bytes_down,
         duration_s=record.duration_s,
-        failures=[{"client": f.client, "reason": f.reason} for f in record.failures],
+        **compact_failures([(f.client, f.reason) for f in record.failures]),
         aggregation=record.aggregation,
     )
 

@@ -24,6 +24,8 @@ class Purpose(IntEnum):
     DROPOUT = 5
     LOCAL_TRAINING = 6
     BASELINE = 7
+    ATTACK = 8
+    STRAGGLER = 9
 
 
 def derive_seed(root: int, purpose: Purpose, *keys: int) -> int:

@@ -13,3 +13,8 @@ def sample_size(fraction: float, n_clients: int) -> int:
     """
     exact = Fraction(str(fraction)) * n_clients
     return max(1, math.ceil(exact))
+
+
+def count_of(fraction: float, n_clients: int) -> int:
+    """⌊fraction · n_clients⌋ (possibly 0), computed on the decimal value of `fraction`."""
+    return math.floor(Fraction(str(fraction)) * n_clients)

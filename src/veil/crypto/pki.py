@@ -11,6 +11,7 @@ Layout of a PKI folder::
 
     DIR/ca.crt  DIR/ca.key (0600)  DIR/revoked.txt (one decimal serial per line)
     DIR/nodes/NAME/node.crt  node.key (0600)  identity.key (0600)  identity.pub
+                   encryption.key (0600)
 
 Keys: the CA and node TLS keys are ECDSA P-256 (PKCS#8 PEM), which gRPC's TLS stack (BoringSSL)
 accepts for mutual TLS; signatures are ECDSA with SHA-256. The identity key is Ed25519
@@ -21,7 +22,10 @@ ExtendedKeyUsage serverAuth or clientAuth to match; SubjectAltName the given hos
 a server and DNS:NAME for a client; BasicConstraints CA=false; KeyUsage digitalSignature; and a
 non-critical Veil extension (`IDENTITY_OID`, an OCTET STRING holding the raw 32-byte Ed25519
 public key) that binds the node's identity key to its name under the CA's signature, so that a
-peer can check a relayed signature (SecAgg key advertisements) without trusting the relay.
+peer can check a relayed signature (SecAgg key advertisements) without trusting the relay; and
+a second one (`ENCRYPTION_OID`, the raw 32-byte X25519 public key of the node's encryption key,
+`veil.crypto.sealed_box`) so that keys can be sealed to a node (the CKKS key ceremony) with the
+CA's word for whose key it is.
 
 Revocation: `revoke` appends a serial to ``revoked.txt`` and `verify_certificate` refuses it.
 The TLS handshake itself does not read that list; a node must check its peer's certificate with
@@ -46,6 +50,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from veil.atomic import atomic_write_bytes, atomic_write_text
 from veil.crypto.identity import IdentityKey, IdentityPublicKey
+from veil.crypto.sealed_box import EncryptionKey
 from veil.errors import UserError
 
 __all__ = [
@@ -54,6 +59,7 @@ __all__ = [
     "IssuedNode",
     "NodeFiles",
     "Role",
+    "certificate_encryption_key",
     "certificate_identity",
     "certificate_name",
     "certificate_role",
@@ -78,6 +84,7 @@ NODE_CERT = "node.crt"
 NODE_KEY = "node.key"
 IDENTITY_KEY = "identity.key"
 IDENTITY_PUB = "identity.pub"
+ENCRYPTION_KEY = "encryption.key"
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HOST = re.compile(r"[A-Za-z0-9.*_-]{1,253}")
@@ -85,6 +92,8 @@ _EKU = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID
 #: OID of the extension that carries a node's Ed25519 identity key: a 2.25 (UUID-based, ITU-T
 #: X.667) identifier, unique without registration.
 IDENTITY_OID = x509.ObjectIdentifier("2.25.254227675962433388747850750087626402989")
+#: OID of the extension that carries a node's X25519 encryption key (same construction).
+ENCRYPTION_OID = x509.ObjectIdentifier("2.25.127049348851150900984897569176333437814")
 _OCTET_STRING_32 = b"\x04\x20"
 
 # Certificates start a few minutes in the past so that small clock differences between
@@ -107,6 +116,8 @@ class NodeFiles:
     identity_key: Path
     identity_pub: Path
     ca_cert: Path
+    #: The node's X25519 encryption key (nodes issued before it existed have none).
+    encryption_key: Path
 
 
 @dataclass(frozen=True)
@@ -171,9 +182,11 @@ def issue(
     hosts: Sequence[str] = ("localhost", "127.0.0.1"),
     overwrite: bool = False,
 ) -> NodeFiles:
-    """Issue node `name`: a CA-signed TLS certificate and key, and an Ed25519 identity key.
+    """Issue node `name`: a CA-signed TLS certificate and key, an Ed25519 identity key and an
+    X25519 encryption key.
 
-    Writes ``DIR/nodes/NAME/{node.crt, node.key (0600), identity.key (0600), identity.pub}``.
+    Writes ``DIR/nodes/NAME/{node.crt, node.key (0600), identity.key (0600), identity.pub,
+    encryption.key (0600)}``.
     A server's SubjectAltName lists `hosts` (IP addresses as IP entries, the rest as DNS names);
     a client's holds DNS:NAME and `hosts` is ignored. UserError if the name is not 1-64 of
     ``[A-Za-z0-9._-]``, the role or a host is invalid, the CA is missing, or the node exists and
@@ -201,6 +214,7 @@ def issue(
 
     key = ec.generate_private_key(ec.SECP256R1())
     identity = IdentityKey.generate()
+    encryption = EncryptionKey.generate()
     now = _now()
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
     cert = (
@@ -234,6 +248,12 @@ def issue(
             x509.UnrecognizedExtension(IDENTITY_OID, _OCTET_STRING_32 + identity.public_bytes()),
             critical=False,
         )
+        .add_extension(
+            x509.UnrecognizedExtension(
+                ENCRYPTION_OID, _OCTET_STRING_32 + encryption.public_bytes()
+            ),
+            critical=False,
+        )
         .sign(ca_key, hashes.SHA256())
     )
     files = _node_files(directory, name, role)
@@ -241,6 +261,7 @@ def issue(
     atomic_write_bytes(files.key, _private_pem(key), mode=0o600)
     identity.save(files.identity_key)
     identity.public_key().save(files.identity_pub)
+    encryption.save(files.encryption_key)
     atomic_write_bytes(files.cert, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
     return files
 
@@ -317,6 +338,23 @@ def certificate_identity(cert: x509.Certificate) -> IdentityPublicKey:
     if len(raw) != 34 or not raw.startswith(_OCTET_STRING_32):
         raise CertificateRejected(f"certificate of '{name}' has a malformed identity key")
     return IdentityPublicKey.from_bytes(raw[2:])
+
+
+def certificate_encryption_key(cert: x509.Certificate) -> bytes:
+    """The raw X25519 encryption key bound in a node certificate (check the certificate with
+    `verify_certificate` first). CertificateRejected if it carries none or a malformed one."""
+    name = _safe_name(cert)
+    try:
+        ext = cert.extensions.get_extension_for_oid(ENCRYPTION_OID).value
+    except x509.ExtensionNotFound:
+        raise CertificateRejected(
+            f"certificate of '{name}' carries no encryption key (it was issued by an older "
+            f"version of Veil); reissue it with `veil pki issue DIR {name} --overwrite`"
+        ) from None
+    raw = ext.value if isinstance(ext, x509.UnrecognizedExtension) else b""
+    if len(raw) != 34 or not raw.startswith(_OCTET_STRING_32):
+        raise CertificateRejected(f"certificate of '{name}' has a malformed encryption key")
+    return bytes(raw[2:])
 
 
 def verify_certificate(
@@ -479,6 +517,7 @@ def _node_files(directory: Path, name: str, role: Role) -> NodeFiles:
         identity_key=node_dir / IDENTITY_KEY,
         identity_pub=node_dir / IDENTITY_PUB,
         ca_cert=directory / CA_CERT,
+        encryption_key=node_dir / ENCRYPTION_KEY,
     )
 
 

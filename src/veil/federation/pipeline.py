@@ -136,6 +136,23 @@ class Aggregator(Protocol):
     ) -> Accumulator: ...
 
 
+def check_update(reference: NamedArrays, result: FitResult) -> None:
+    """Raise `UpdateRejected` unless `result` is a plaintext update the server can use: the
+    names, shapes and float32 dtype of `reference`, finite values, a positive finite weight and
+    finite summed scalars."""
+    try:
+        check_compatible(reference, result.update)
+    except ValueError as exc:
+        raise UpdateRejected(str(exc)) from None
+    if not (np.isfinite(result.weight) and result.weight > 0):
+        raise UpdateRejected(f"weight must be a positive number, got {result.weight}")
+    for name, arr in result.update.items():
+        if not np.isfinite(arr).all():
+            raise UpdateRejected(f"parameter '{name}' contains NaN or Inf")
+    if not all(np.isfinite(v) for v in result.sums.values()):
+        raise UpdateRejected("a summed scalar is NaN or Inf")
+
+
 class WeightedSum:
     """Plain aggregation: Σ wᵢ·Δᵢ and Σ wᵢ in float32, after checking each update.
 
@@ -163,17 +180,7 @@ class _WeightedSumAccumulator:
         self._sums: dict[str, float] = {}
 
     def add(self, result: FitResult) -> None:
-        try:
-            check_compatible(self._reference, result.update)
-        except ValueError as exc:
-            raise UpdateRejected(str(exc)) from None
-        if not (np.isfinite(result.weight) and result.weight > 0):
-            raise UpdateRejected(f"weight must be a positive number, got {result.weight}")
-        for name, arr in result.update.items():
-            if not np.isfinite(arr).all():
-                raise UpdateRejected(f"parameter '{name}' contains NaN or Inf")
-        if not all(np.isfinite(v) for v in result.sums.values()):
-            raise UpdateRejected("a summed scalar is NaN or Inf")
+        check_update(self._reference, result)
         add_scaled_(self._total, result.update, result.weight)
         self._weight += result.weight
         self._count += 1

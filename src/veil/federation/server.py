@@ -192,7 +192,8 @@ class FederatedServer:
         context = replace(context, clients=tuple(selected))
         channel = _RoundChannel(self.gateway, self.run_id, rnd)
         accumulator = self.pipeline.aggregator.start(self.parameters, context, channel)
-        training = [c for c in selected if c in set(accumulator.participants)]
+        participants = set(accumulator.participants)
+        training = [c for c in selected if c in participants]
         instruction = FitInstruction(self.run_id, rnd, self.parameters, plan)
         bytes_down = instruction.nbytes * len(training)
         bytes_up = 0

@@ -128,7 +128,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Accuracy and cross-entropy loss of `model` on (x, y); ROC AUC too for two classes.
 
-    The AUC is omitted when only one class is present, since it is undefined then.
+    The AUC is omitted when only one class is present, since it is undefined then, and when
+    the model's scores are not finite (a diverged model, e.g. under attack).
     """
     if x.shape[0] == 0:
         return {}
@@ -142,7 +143,8 @@ def evaluate(
         labels = y.numpy()
         if np.unique(labels).size == 2:
             scores = torch.softmax(logits, dim=1)[:, 1].numpy()
-            metrics["auc"] = float(roc_auc_score(labels, scores))
+            if np.isfinite(scores).all():
+                metrics["auc"] = float(roc_auc_score(labels, scores))
     return metrics
 
 

@@ -173,7 +173,13 @@ def _aggregation_note(aggregation: str) -> str:
 
 
 def print_result(result: Result, console: Console) -> None:
-    """The per-round table and the summary."""
+    """The per-round table, the summary, the privacy record and, once `veil audit` has run,
+    the audit."""
     console.print(rounds_table(result))
     console.print(summary_table(result))
     console.print(privacy_table(result))
+    audit = (result.model_extra or {}).get("audit")
+    if isinstance(audit, dict):
+        from veil.report.audit import audit_table
+
+        console.print(audit_table(audit))

@@ -1,7 +1,8 @@
 """In-process simulation: many clients on one machine, without one OS process each.
 
 Clients run one after another through a single model instance, so memory grows with the data, not
-with the number of clients. Optional simulated dropout makes a selected client return nothing.
+with the number of clients. Optional simulated dropout and stragglers (`veil.transport.simulated`)
+make a selected client return nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from veil.federation.messages import (
     ProtocolInstruction,
     ProtocolReply,
 )
-from veil.seeding import Purpose, numpy_rng
+from veil.transport.simulated import SimulatedFaults, Stragglers
 
 _log = logging.getLogger("veil.simulation")
 
@@ -37,24 +38,29 @@ class LocalTransport:
         *,
         dropout: float = 0.0,
         seed: int = 0,
+        stragglers: Stragglers | None = None,
     ) -> None:
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.runners = dict(runners)
-        self._index = {name: i for i, name in enumerate(self.runners)}
+        self.faults = SimulatedFaults(
+            list(self.runners),
+            seed=seed,
+            dropout=dropout,
+            stragglers=stragglers,
+            examples=lambda name: self.runners[name].num_train_examples,
+        )
         self._model = model_factory()
-        self.dropout = dropout
-        self.seed = seed
 
     def fit(
         self, clients: Sequence[str], instruction: FitInstruction
     ) -> Iterator[FitResult | ClientFailure]:
         for name in clients:
-            if self._drops_out(name, instruction.round):
-                yield ClientFailure(name, instruction.round, "simulated dropout")
+            runner = self._runner(name)
+            reason = self.faults.failure(name, instruction.round, epochs=instruction.plan.epochs)
+            if reason is not None:
+                yield ClientFailure(name, instruction.round, reason)
                 continue
             try:
-                yield self._runner(name).fit(self._model, instruction)
+                yield runner.fit(self._model, instruction)
             except VeilError as exc:
                 _log.warning("client %s refused to train: %s", name, exc)
                 yield ClientFailure(name, instruction.round, f"refused fit: {exc}")
@@ -82,9 +88,3 @@ class LocalTransport:
             return self.runners[name]
         except KeyError:
             raise ValueError(f"unknown client '{name}'") from None
-
-    def _drops_out(self, name: str, round_: int) -> bool:
-        if self.dropout == 0:
-            return False
-        rng = numpy_rng(self.seed, Purpose.DROPOUT, round_, self._index[name])
-        return bool(rng.random() < self.dropout)

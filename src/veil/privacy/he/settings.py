@@ -1,0 +1,86 @@
+"""What the server and every client of a CKKS run agree on: parameters, bounds and precision.
+
+The worst-case sum is bounded before anything is encrypted (every coordinate clipped to
+`clip_range`, every weight capped at `max_weight`, every client selected); a run whose bound
+times the scale could pass q/2 is refused (`OverflowRisk`), because CKKS wraps around without
+a sign. The precision the server checks a decrypted sum against (`tolerance`) follows from the
+ciphertext noise and the decryptors' flooding noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from veil.config import CkksConfig
+from veil.privacy.he.ckks import CkksParams
+from veil.privacy.secagg.layout import UpdateLayout
+
+#: Tolerances are this many standard deviations of the flooding noise (a correct sum fails the
+#: check with probability about 1e-15 per value).
+_SIGMAS = 8.0
+
+
+@dataclass(frozen=True)
+class CkksSettings:
+    """The `[ckks]` settings plus the scalars summed with the update and their bounds."""
+
+    params: CkksParams = field(default_factory=CkksParams)
+    decryptors: int = 2
+    clip_range: float = 1.0
+    max_weight: float = 1000.0
+    flood_bits: int = 12
+    sum_bounds: Mapping[str, float] = field(default_factory=dict)
+
+    def vector_length(self, layout: UpdateLayout) -> int:
+        """[w·Δ | w | sums | 1]: the layout and one count slot (each client adds 1.0)."""
+        return layout.length + 1
+
+    def capacity_bound(self, n_clients: int) -> float:
+        """The largest |value| any slot of a sum of `n_clients` contributions can reach."""
+        weight = self.max_weight
+        return n_clients * max(self.clip_range * weight, weight, 1.0, *self.sum_bounds.values())
+
+    def check_capacity(self, n_clients: int) -> None:
+        """OverflowRisk unless the sum of `n_clients` contributions stays below q/2."""
+        self.params.check_capacity(
+            self.capacity_bound(n_clients),
+            f"the sum of {n_clients} clients' weighted updates (clip_range {self.clip_range:g} "
+            f"× max_weight {self.max_weight:g} each)",
+        )
+
+    def flood_std(self, terms: int) -> float:
+        """Standard deviation of the noise a decryptor adds to a sum of `terms` ciphertexts:
+        2^flood_bits times the ciphertext noise."""
+        return float(2.0**self.flood_bits * self.params.noise_std(max(terms, 1)))
+
+    def release_step(self, terms: int) -> float:
+        """The grid released values are rounded to: the power of two at or below the flood."""
+        return float(2.0 ** math.floor(math.log2(self.flood_std(terms))))
+
+    def tolerance(self, terms: int) -> float:
+        """The largest error a correct decrypted value of a sum of `terms` may have."""
+        noise = _SIGMAS * math.hypot(self.flood_std(terms), self.params.noise_std(terms))
+        return noise + 2 * self.release_step(terms)
+
+    def report(self) -> dict[str, object]:
+        return {
+            **self.params.to_dict(),
+            "decryptors": self.decryptors,
+            "clip_range": self.clip_range,
+            "max_weight": self.max_weight,
+            "flood_bits": self.flood_bits,
+        }
+
+
+def settings_from_config(config: CkksConfig | None) -> CkksSettings:
+    """The settings of a run's `[ckks]` section (defaults when it is absent)."""
+    c = config or CkksConfig()
+    return CkksSettings(
+        params=CkksParams.from_config(c),
+        decryptors=c.decryptors,
+        clip_range=c.clip_range,
+        max_weight=c.max_weight,
+        flood_bits=c.flood_bits,
+    )

@@ -1,0 +1,77 @@
+"""`secure_aggregation = "ckks"` in a real deployment: the key ceremony seals the secret key to
+each client's X25519 key; the server process holds the public context only; ciphertext frames
+and the decryption step travel through the signed, nonce-bound gRPC tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import tenseal as ts
+
+import veil
+from veil.config import load_config
+
+CONFIG = """
+name = "deployed-ckks"
+mode = "deployment"
+seed = 7
+secure_aggregation = "ckks"
+[data]
+dataset = "breast_cancer"
+scaling = "local"
+[data.partition]
+kind = "dirichlet"
+alpha = 0.5
+[model]
+name = "logistic"
+[federation]
+clients = 3
+rounds = 2
+learning_rate = 0.1
+[ckks]
+clip_range = 4.0
+max_weight = 1000
+decryptors = 2
+[deployment]
+round_deadline_s = 60
+timeout_s = 300
+"""
+
+
+def test_ckks_deployment_matches_simulation(tmp_path: Path) -> None:
+    config_path = tmp_path / "run.toml"
+    config_path.write_text(CONFIG)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "veil.cli", "run", str(config_path), "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ},
+    )
+    assert proc.returncode == 0, proc.stderr + (out / "logs" / "server.log").read_text()
+    deployed = json.loads((out / "result.json").read_text())
+    assert deployed["privacy"]["aggregation"] == "ckks"
+    for r in deployed["rounds"]:
+        assert r["clients"] == 3 and r["applied"]
+        assert len(r["aggregation"]["decryptors_answered"]) == 2
+    server_log = (out / "logs" / "server.log").read_text()
+    assert '"kind": "protocol_result"' in server_log and '"kind": "fit_result"' in server_log
+    # The ceremony's outputs: the server's context carries no key, the clients' keys are sealed.
+    he = out / "pki" / "he"
+    public = ts.context_from((he / "public.ctx").read_bytes())
+    assert not public.has_secret_key() and not public.is_private()
+    keyset = json.loads((he / "keyset.json").read_text())
+    assert deployed["rounds"][0]["aggregation"]["key_id"] == keyset["key_id"]
+    for name in ("client-0", "client-1", "client-2"):
+        box = (he / "sealed" / f"{name}.box").read_bytes()
+        assert (
+            box.find(b"context") == -1
+            and (he / "sealed" / f"{name}.box").stat().st_mode & 0o077 == 0
+        )
+    simulated = veil.run(load_config(config_path).model_copy(update={"mode": "simulation"}))
+    assert abs(simulated.final["accuracy"] - deployed["final"]["accuracy"]) <= 0.01
