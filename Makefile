@@ -31,6 +31,9 @@ demo: $(VENV)/.installed
 	$(BIN)/veil run examples/hospitals_private.toml --out runs/demo-hospitals
 	@echo "== 2/2  five hospitals with record-level differential privacy (ε = 1 per patient) =="
 	$(BIN)/veil run examples/medical_diagnosis_dp.toml --out runs/demo-dp
+	@echo "== reports (self-contained HTML, open in any browser): =="
+	@echo "runs/demo-hospitals/report.html"
+	@echo "runs/demo-dp/report.html"
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests benchmarks

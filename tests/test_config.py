@@ -100,8 +100,8 @@ def test_missing_section_is_named(tmp_path: Path) -> None:
         load_config(write(tmp_path, '[data]\ndataset = "digits"\n'))
 
 
-def test_unimplemented_modes_are_refused_with_the_alternatives(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"secure_aggregation = 'tee' is not available.*plain"):
+def test_tee_with_development_evidence_needs_explicit_consent(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"no hardware root of trust.*allow_insecure_dev"):
         load_config(write(tmp_path, 'secure_aggregation = "tee"\n' + MINIMAL))
 
 

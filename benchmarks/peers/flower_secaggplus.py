@@ -63,9 +63,10 @@ round is identical: otherwise the SecAgg+ rounds would broadcast Flower's float6
 
 Correctness: after each round the aggregate is checked against the exact (float64) mean of
 the surviving clients' vectors. Flower's SecAgg+ returns the weighted MEAN (it divides by
-the total weight), so the check is on the mean; the sum is N times it. With stochastic
-rounding each client's quantised value is off by less than one step ``2 * clip / 2**22``,
-so the mean is off by less than one step (3.8e-6); the script asserts that.
+the total weight), so the check is on the mean; the sum is the survivors' count times it.
+With stochastic rounding each client's quantised value is off by less than one step
+``2 * clip / 2**22``, so the mean is off by less than one step (3.8e-6); the script
+asserts that.
 
 Usage (from the isolated venv, repository root)::
 
@@ -322,6 +323,7 @@ class TimedFedAvg(FedAvg):
             min_available_clients=clients,
         )
         self.aggregate_fit_s = 0.0
+        self.aggregate_fit_calls = 0
 
     def aggregate_fit(
         self,
@@ -333,6 +335,7 @@ class TimedFedAvg(FedAvg):
         start = time.perf_counter()
         out = super().aggregate_fit(server_round, results, failures)
         self.aggregate_fit_s += time.perf_counter() - start
+        self.aggregate_fit_calls += 1
         return out
 
 
@@ -372,6 +375,7 @@ def run_round(
     )
     grid.timer = RoundTimer()
     strategy.aggregate_fit_s = 0.0
+    strategy.aggregate_fit_calls = 0
 
     cpu_start = time.process_time()
     start = time.perf_counter()
@@ -379,6 +383,11 @@ def run_round(
     end = time.perf_counter()
     cpu_s = time.process_time() - cpu_start
 
+    if strategy.aggregate_fit_calls != 1:
+        raise RuntimeError(
+            f"round {server_round}: the workflow halted before aggregating "
+            "(too few survivors for the threshold?)"
+        )
     timer = grid.timer
     round_s = end - start
     client_s = timer.client_s

@@ -17,15 +17,20 @@ from rich.table import Table
 
 from veil import __version__
 from veil.commands import audit as audit_commands
+from veil.commands import dashboard as dashboard_commands
 from veil.commands import deploy as deploy_commands
 from veil.commands import he as he_commands
 from veil.commands import pki as pki_commands
 from veil.commands import privacy as privacy_commands
+from veil.commands import report as report_commands
+from veil.commands import tee as tee_commands
+from veil.commands import vertical as vertical_commands
 from veil.config import RunConfig, load_config
 from veil.errors import StoreError, UserError
 from veil.report import ProgressDisplay, print_result
+from veil.report.html import REPORT_FILE
 from veil.run import RESULT_FILE, run
-from veil.store import DB_NAME, RunStore, RunSummary
+from veil.store import RunStore, RunSummary, find_stores
 
 EXIT_USAGE = 2
 
@@ -89,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     pki_commands.register(sub)
     audit_commands.register(sub)
     he_commands.register(sub)
+    tee_commands.register(sub)
+    vertical_commands.register(sub)
+    report_commands.register(sub)
+    dashboard_commands.register(sub)
     return parser
 
 
@@ -115,6 +124,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     path = out / RESULT_FILE
     if not args.quiet:
         print(f"result: {path}")
+        if (out / REPORT_FILE).is_file():
+            print(f"report: {out / REPORT_FILE}")
     return 0
 
 
@@ -124,18 +135,7 @@ def _stdout_console() -> Console:
 
 
 def _stores(where: Path) -> list[Path]:
-    if where.is_file():
-        return [where]
-    if (where / DB_NAME).is_file():
-        return [where / DB_NAME]
-    if where.is_dir():
-        found = sorted(where.glob(f"*/{DB_NAME}"))
-        if found:
-            return found
-    raise StoreError(
-        f"no run store at '{where}': pass a run folder (one holding {DB_NAME}), "
-        "a folder of run folders, or a veil.db file"
-    )
+    return find_stores(where)
 
 
 def _cmd_runs_list(args: argparse.Namespace) -> int:

@@ -18,13 +18,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from veil.errors import ConfigError
 from veil.selection import count_of, sample_size
 
-DatasetName = Literal["breast_cancer", "digits", "german_credit", "csv", "synthetic_logistic"]
+DatasetName = Literal[
+    "breast_cancer",
+    "digits",
+    "german_credit",
+    "csv",
+    "synthetic_logistic",
+    "synthetic_vehicle_faults",
+    "synthetic_machine_failures",
+]
 Mode = Literal["simulation", "deployment", "ray"]
 Aggregation = Literal["plain", "secagg", "ckks", "tee"]
 
 #: What this version can execute; the other values of the contract are refused with a message.
 IMPLEMENTED_MODES: tuple[str, ...] = ("simulation", "deployment", "ray")
-IMPLEMENTED_AGGREGATIONS: tuple[str, ...] = ("plain", "secagg", "ckks")
+IMPLEMENTED_AGGREGATIONS: tuple[str, ...] = ("plain", "secagg", "ckks", "tee")
 
 
 class _Section(BaseModel):
@@ -420,6 +428,25 @@ class RayConfig(_Section):
         return self
 
 
+class TeeConfig(_Section):
+    """Attested aggregation (`secure_aggregation = "tee"`): each client verifies the aggregator's
+    attestation evidence, bound to the server's TLS key, a fresh nonce and the round, before it
+    releases its update (see docs/tee.md). This is the clients' verification policy.
+    """
+
+    #: Attestation backend the aggregator uses. `software_dev` has NO hardware root of trust.
+    backend: Literal["software_dev"] = "software_dev"
+    #: Accepted measurements (hex SHA-256 of the aggregator's code and aggregation config);
+    #: empty: only the measurement the client computes from its own Veil and this config.
+    allowed_measurements: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(
+        default_factory=list
+    )
+    #: Lowest security version (TCB / SVN) accepted.
+    min_security_version: int = Field(0, ge=0)
+    #: Accept evidence with no hardware root of trust (software_dev): development only.
+    allow_insecure_dev: bool = False
+
+
 class RunConfig(_Section):
     """Everything one federated run needs. Build it in code or load it with `load_config`."""
 
@@ -434,6 +461,7 @@ class RunConfig(_Section):
     privacy: PrivacyConfig | None = None
     secagg: SecAggConfig | None = None
     ckks: CkksConfig | None = None
+    tee: TeeConfig | None = None
     deployment: DeploymentConfig = DeploymentConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     robust: RobustConfig | None = None
@@ -483,11 +511,19 @@ class RunConfig(_Section):
 
     def _check_secure_aggregation(self) -> None:
         kind = self.secure_aggregation
-        for section, owner in (("secagg", "secagg"), ("ckks", "ckks")):
+        for section, owner in (("secagg", "secagg"), ("ckks", "ckks"), ("tee", "tee")):
             if kind != owner and getattr(self, section) is not None:
                 raise ValueError(
                     f"[{section}] settings apply to secure_aggregation = '{owner}'; set it, or "
                     f"remove the [{section}] section"
+                )
+        if kind == "tee":
+            tee = self.tee or TeeConfig()
+            if tee.backend == "software_dev" and not tee.allow_insecure_dev:
+                raise ValueError(
+                    "[tee] backend = 'software_dev' has no hardware root of trust and every "
+                    "client would refuse it; set [tee] allow_insecure_dev = true (development "
+                    "only)"
                 )
         if kind not in ("secagg", "ckks"):
             return
@@ -553,7 +589,7 @@ class RunConfig(_Section):
                 "makes no client malicious; raise fraction"
             )
         if self.mode == "ray":
-            if self.secure_aggregation in ("secagg", "ckks"):
+            if self.secure_aggregation in ("secagg", "ckks", "tee"):
                 raise ValueError(
                     f"secure_aggregation = '{self.secure_aggregation}' is not available with "
                     "mode = 'ray' in this version; use mode = 'simulation' or 'deployment'"

@@ -44,6 +44,8 @@ from veil.privacy.secagg.layout import UpdateLayout, masked_reference
 from veil.privacy.secagg.participant import SecAggParticipant
 from veil.privacy.secagg.quantize import FixedPoint
 from veil.privacy.secagg.roster import CertificateRoster
+from veil.privacy.tee import federation as tee
+from veil.privacy.tee.protocol import TeeParticipant
 from veil.result import Result
 from veil.run import RESULT_FILE, _federated_data, _run, _torch_threads, secagg_settings
 from veil.seeding import Purpose, derive_seed
@@ -191,6 +193,10 @@ def serve(
                 resume=resume,
                 checkpoint_key=key,
                 ckks_keys=ckks_keys,
+                # Under TEE the server attests to its own certificate's key.
+                tee_tls_key=tee.deployment_tls_key(pki_dir)
+                if config.secure_aggregation == "tee" and not insecure
+                else None,
             )
     finally:
         gateway = holder.get("gateway")
@@ -214,10 +220,13 @@ def _update_reference(config: RunConfig, initial: NamedArrays) -> dict[str, np.n
 
 def _participant(
     config: RunConfig, name: str, model: nn.Module, files: pki.NodeFiles, pki_dir: Path
-) -> SecAggParticipant | CkksParticipant | None:
+) -> SecAggParticipant | CkksParticipant | TeeParticipant | None:
     """This organisation's SecAgg participant: its identity key, and its peers' identity keys
     taken from their CA-signed certificates (never from the server); or its CKKS participant,
-    with the secret key set sealed to it by the key ceremony."""
+    with the secret key set sealed to it by the key ceremony; or its TEE participant, bound to
+    the server certificate in the PKI folder (checked against the CA)."""
+    if config.secure_aggregation == "tee":
+        return TeeParticipant(name, tee.policy_from_config(config), tee.deployment_tls_key(pki_dir))
     if config.secure_aggregation == "ckks":
         return ckks.participant_from_pki(config.ckks, name, get_parameters(model), pki_dir)
     settings = secagg_settings(config, _client_privacy(config))

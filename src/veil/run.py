@@ -35,6 +35,7 @@ from veil.federation import (
     UpdatePipeline,
     WeightedSum,
 )
+from veil.federation.pipeline import Aggregator
 from veil.federation.server import ClientGateway, Evaluator
 from veil.federation.strategy import PoissonSource
 from veil.federation.training import LocalTrainer, as_tensors, evaluate, train_epochs
@@ -48,6 +49,9 @@ from veil.privacy.secagg.layout import UpdateLayout
 from veil.privacy.secagg.participant import SecAggParticipant
 from veil.privacy.secagg.roster import StaticRoster
 from veil.privacy.secagg.settings import DistributedNoise, SecAggSettings, settings_from_config
+from veil.privacy.tee.federation import TeeFederation, tee_federation
+from veil.privacy.tee.sealed import checkpoint_sealing_key
+from veil.report.html import write_report
 from veil.result import (
     Baseline,
     Communication,
@@ -109,10 +113,11 @@ def _run(
     resume: bool = False,
     checkpoint_key: bytes | None = None,
     ckks_keys: PublicKeySet | None = None,
+    tee_tls_key: bytes | None = None,
 ) -> Result:
     """One run. Simulation builds the data and an in-process transport; a deployment server
     passes `fed` (test data and client names only) and a factory for its network gateway
-    (and, under CKKS, the key ceremony's public key set).
+    (and, under CKKS, the key ceremony's public key set; under TEE, its certificate's key).
 
     With `resume`, the run continues from `out_dir`'s checkpoint: same run id, parameters and
     strategy state, from the round after the checkpointed one; rounds already in the run store
@@ -121,6 +126,9 @@ def _run(
     """
     started = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else None
+    if checkpoint_key is not None and config.secure_aggregation == "tee":
+        # Sealed to the aggregator: another code or aggregation config cannot open them.
+        checkpoint_key = checkpoint_sealing_key(checkpoint_key, config)
     checkpoint: Checkpoint | None = None
     if resume:
         if out is None:
@@ -137,7 +145,12 @@ def _run(
 
     privacy = _privacy_policy(config, fed, plan)
     secure = _secure_aggregation(
-        config, privacy, initial, [c.name for c in fed.clients], ckks_keys=ckks_keys
+        config,
+        privacy,
+        initial,
+        [c.name for c in fed.clients],
+        ckks_keys=ckks_keys,
+        tee_tls_key=tee_tls_key,
     )
     attack = build_attack(config, [c.name for c in fed.clients])
     pipeline = UpdatePipeline(
@@ -145,7 +158,7 @@ def _run(
             *(privacy.client_stages if isinstance(privacy, ClientLevelPrivacy) else []),
             *(attack.client_stages() if attack else []),
         ],
-        aggregator=robust_aggregator(config.robust, secure.aggregator if secure else WeightedSum()),
+        aggregator=_aggregator(config, secure),
         server_stages=privacy.server_stages if isinstance(privacy, ClientLevelPrivacy) else [],
     )
 
@@ -275,6 +288,8 @@ def _run(
     if store is not None:
         store.finish_run(run_id, status="finished", final=final)
         store.close()
+    if out is not None:
+        write_report(out)
     return result
 
 
@@ -346,6 +361,15 @@ def _privacy_policy(
     )
 
 
+def _aggregator(
+    config: RunConfig, secure: _SecureAggregation | CkksFederation | TeeFederation | None
+) -> Aggregator:
+    """The run's aggregator; under TEE the plain or robust rule runs behind attestation."""
+    if isinstance(secure, TeeFederation):
+        return secure.aggregator(robust_aggregator(config.robust, WeightedSum()))
+    return robust_aggregator(config.robust, secure.aggregator if secure else WeightedSum())
+
+
 @dataclass
 class _SecureAggregation:
     """A simulation's SecAgg: the server's aggregator and each client's participant, with
@@ -368,7 +392,10 @@ def _secure_aggregation(
     clients: list[str],
     *,
     ckks_keys: PublicKeySet | None = None,
-) -> _SecureAggregation | CkksFederation | None:
+    tee_tls_key: bytes | None = None,
+) -> _SecureAggregation | CkksFederation | TeeFederation | None:
+    if config.secure_aggregation == "tee":
+        return tee_federation(config, tls_public_key=tee_tls_key)
     if config.secure_aggregation == "ckks":
         # A deployment server passes the ceremony's public keys; a simulation makes its own.
         return ckks_federation(config.ckks, initial, clients, keys=ckks_keys)
@@ -401,14 +428,17 @@ def secagg_settings(config: RunConfig, privacy: PrivacyPolicy | None) -> SecAggS
 def _privacy_record(
     config: RunConfig,
     privacy: PrivacyPolicy | None,
-    secure: _SecureAggregation | CkksFederation | None,
+    secure: _SecureAggregation | CkksFederation | TeeFederation | None,
 ) -> PrivacyRecord:
     record = (
         PrivacyRecord.model_validate(privacy.privacy_record(config.secure_aggregation))
         if privacy
         else PrivacyRecord(aggregation=config.secure_aggregation)
     )
-    if isinstance(secure, CkksFederation):
+    if isinstance(secure, TeeFederation):
+        record.attestation = secure.description()
+        record.tee = secure.record()  # type: ignore[attr-defined]
+    elif isinstance(secure, CkksFederation):
         record.homomorphic_encryption = secure.record(config.mode)  # type: ignore[attr-defined]
     elif secure is not None:
         s = secure.settings

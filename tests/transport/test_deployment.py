@@ -12,6 +12,8 @@ from pathlib import Path
 import veil
 from veil.config import load_config
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
 CONFIG = """
 name = "deployed"
 mode = "deployment"
@@ -62,12 +64,16 @@ def test_deployment_matches_simulation_and_uses_mutual_tls(tmp_path: Path) -> No
 
 
 def test_secure_aggregation_deployment_matches_simulation(tmp_path: Path) -> None:
-    """SecAgg's extra steps travel through the same signed, nonce-bound gRPC tasks; peers'
+    """The medical SecAgg example as real processes (6 of its 20 rounds, to keep the suite
+    short): SecAgg's extra steps travel through the same signed, nonce-bound gRPC tasks; peers'
     identity keys come from their CA-signed certificates, relayed by the server."""
     config_path = tmp_path / "run.toml"
-    text = CONFIG.replace("seed = 7", 'seed = 7\nsecure_aggregation = "secagg"')
-    text = text.replace('dataset = "breast_cancer"', 'dataset = "breast_cancer"\nscaling = "local"')
-    text += "[secagg]\nclip_range = 4.0\nmax_weight = 1000\n"
+    example = (EXAMPLES / "medical_diagnosis_secagg.toml").read_text()
+    assert "rounds = 20" in example
+    text = example.replace("rounds = 20", "rounds = 6").replace(
+        'mode = "simulation"', 'mode = "deployment"'
+    )
+    text += "\n[deployment]\nround_deadline_s = 60\ntimeout_s = 300\n"
     config_path.write_text(text)
     out = tmp_path / "out"
     proc = subprocess.run(
@@ -81,7 +87,7 @@ def test_secure_aggregation_deployment_matches_simulation(tmp_path: Path) -> Non
     deployed = json.loads((out / "result.json").read_text())
     assert deployed["privacy"]["aggregation"] == "secagg"
     for r in deployed["rounds"]:
-        assert r["clients"] == 3 and r["aggregation"]["survivors"] == 3
+        assert r["clients"] == 5 and r["aggregation"]["survivors"] == 5
     server_log = (out / "logs" / "server.log").read_text()
     assert '"kind": "protocol_result"' in server_log and '"kind": "fit_result"' in server_log
     simulated = veil.run(load_config(config_path).model_copy(update={"mode": "simulation"}))

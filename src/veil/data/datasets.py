@@ -32,6 +32,8 @@ DATASET_NAMES: Final[tuple[str, ...]] = (
     "german_credit",
     "csv",
     "synthetic_logistic",
+    "synthetic_vehicle_faults",
+    "synthetic_machine_failures",
 )
 """The names that `load_dataset` accepts."""
 
@@ -127,6 +129,10 @@ def load_dataset(name: str, *, path: Path | None = None, target: str | None = No
             - ``"csv"``: the user's own CSV file at `path`, labels from the column `target`
               (both required).
             - ``"synthetic_logistic"``: ``make_synthetic_logistic(2000, 20, seed=0)``.
+            - ``"synthetic_vehicle_faults"``: SYNTHETIC vehicle telematics, 4000 x 10
+              (`veil.data.synthetic_industry.make_vehicle_faults`).
+            - ``"synthetic_machine_failures"``: SYNTHETIC milling-machine readings, 5000 x 8
+              (`veil.data.synthetic_industry.make_machine_failures`).
 
             For tables (``german_credit``, ``csv``), numeric columns are kept as they are and
             every other column is one-hot encoded with its categories sorted; a missing value in
@@ -165,6 +171,12 @@ def load_dataset(name: str, *, path: Path | None = None, target: str | None = No
         return _load_german_credit(target)
     if name == "csv":
         return _load_csv(path, target)
+    if name in ("synthetic_vehicle_faults", "synthetic_machine_failures"):
+        from veil.data import synthetic_industry
+
+        if name == "synthetic_vehicle_faults":
+            return synthetic_industry.make_vehicle_faults()
+        return synthetic_industry.make_machine_failures()
     return make_synthetic_logistic(2000, 20, seed=0)
 
 

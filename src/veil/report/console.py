@@ -116,6 +116,8 @@ def privacy_table(result: Result) -> Table:
     table.add_column("what", style="bold")
     table.add_column("value")
     table.add_row("aggregation", _aggregation_note(p.aggregation))
+    if p.attestation is not None:
+        table.add_row("  attestation", p.attestation)
     secure = extra.get("secure_aggregation")
     if isinstance(secure, dict):
         dropouts = sum(int(r.aggregation.get("recovered_dropouts", 0)) for r in result.rounds)
@@ -169,6 +171,8 @@ def _aggregation_note(aggregation: str) -> str:
         return "plain: the server sees every client's update"
     if aggregation == "secagg":
         return "secagg: the server sees only masked updates and their sum"
+    if aggregation == "tee":
+        return "tee: updates go in the clear to an aggregator the clients attested"
     return aggregation
 
 

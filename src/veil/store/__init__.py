@@ -2,7 +2,7 @@
 
 from veil.atomic import atomic_write_bytes, atomic_write_text
 from veil.store.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from veil.store.runstore import DB_NAME, RunStore, RunSummary
+from veil.store.runstore import DB_NAME, RunStore, RunSummary, find_stores
 
 __all__ = [
     "DB_NAME",
@@ -11,6 +11,7 @@ __all__ = [
     "RunSummary",
     "atomic_write_bytes",
     "atomic_write_text",
+    "find_stores",
     "load_checkpoint",
     "save_checkpoint",
 ]

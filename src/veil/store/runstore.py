@@ -194,6 +194,26 @@ class RunStore:
         return _summary(row), json.loads(row["config"]), rounds
 
 
+def find_stores(where: str | Path) -> list[Path]:
+    """The run stores at `where`: a veil.db file, a run folder, or a folder of run folders.
+
+    Raises `StoreError` (saying what to pass) when there is none.
+    """
+    where = Path(where)
+    if where.is_file():
+        return [where]
+    if (where / DB_NAME).is_file():
+        return [where / DB_NAME]
+    if where.is_dir():
+        found = sorted(where.glob(f"*/{DB_NAME}"))
+        if found:
+            return found
+    raise StoreError(
+        f"no run store at '{where}': pass a run folder (one holding {DB_NAME}), "
+        "a folder of run folders, or a veil.db file"
+    )
+
+
 def _summary(row: sqlite3.Row) -> RunSummary:
     return RunSummary(
         run_id=row["run_id"],

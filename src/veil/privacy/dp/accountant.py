@@ -41,6 +41,7 @@ step, and loose); `calibrate_noise_multiplier` searches σ on the accountant its
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import numbers
@@ -453,6 +454,22 @@ def calibrate_noise_multiplier(
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
     kind = _check_kind(kind)
     neighbouring = _check_neighbouring(neighbouring)
+    return _calibrate(target, delta, q, steps, kind, neighbouring, tolerance)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrate(
+    target: float,
+    delta: float,
+    q: float,
+    steps: int,
+    kind: AccountantKind,
+    neighbouring: Neighbouring,
+    tolerance: float,
+) -> float:
+    """`calibrate_noise_multiplier` on checked arguments; cached, since the search (about a
+    second of PLD accounting) is a pure function of them and runs repeat it per organisation,
+    per run, and in every process of a deployment."""
 
     def eps_of(sigma: float, which: AccountantKind) -> float:
         return dpsgd_epsilon(sigma, q, steps, delta, kind=which, neighbouring=neighbouring)

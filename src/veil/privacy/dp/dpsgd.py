@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from veil.federation.messages import TrainingPlan
-from veil.federation.training import TrainStats, sgd_step
+from veil.federation.training import TrainStats
 from veil.privacy.dp.per_sample import PerSampleClipper
 from veil.privacy.dp.randomness import RandomSource
 
@@ -46,8 +46,31 @@ def poisson_batch(source: RandomSource, n_examples: int, sampling_rate: float) -
         return np.arange(n_examples)
     if n_examples <= 0:
         return np.zeros(0, dtype=np.int64)
-    expected = sampling_rate * n_examples
-    log_miss = math.log1p(-sampling_rate)
+    return _bernoulli_positions(source, n_examples, sampling_rate)
+
+
+def poisson_batches(
+    source: RandomSource, n_examples: int, sampling_rate: float, steps: int
+) -> list[np.ndarray]:
+    """The batches of `steps` consecutive steps, each Poisson-sampled as by `poisson_batch`.
+
+    The steps·n (step, example) pairs are one Bernoulli process of steps·n slots, each in
+    independently with probability q, slot s being example s mod n of step s div n: exactly the
+    distribution of `steps` independent calls, for one call to the source instead of one per step.
+    """
+    if sampling_rate >= 1:
+        return [np.arange(n_examples) for _ in range(steps)]
+    if n_examples <= 0 or steps <= 0:
+        return [np.zeros(0, dtype=np.int64) for _ in range(steps)]
+    slots = _bernoulli_positions(source, steps * n_examples, sampling_rate)
+    bounds = np.searchsorted(slots, np.arange(1, steps) * n_examples)
+    return np.split(slots % n_examples, bounds)
+
+
+def _bernoulli_positions(source: RandomSource, n: int, rate: float) -> np.ndarray:
+    """The sorted positions in [0, n) kept by n independent Bernoulli(rate) trials, 0 < rate < 1."""
+    expected = rate * n
+    log_miss = math.log1p(-rate)
     position = -1
     chunks = []
     while True:
@@ -55,11 +78,17 @@ def poisson_batch(source: RandomSource, n_examples: int, sampling_rate: float) -
         u = 1.0 - source.uniform(k)  # in (0, 1]
         gaps = np.floor(np.log(u) / log_miss).astype(np.int64) + 1
         positions = position + np.cumsum(gaps)
-        inside = positions[positions < n_examples]
+        inside = positions[positions < n]
         chunks.append(inside)
         if inside.size < k:
             return np.concatenate(chunks)
         position = int(positions[-1])
+
+
+#: Steps whose batches are sampled and gathered together, at most, and the most bytes of examples
+#: gathered at once (in expectation).
+_BATCH_BLOCK_STEPS = 32
+_BATCH_BLOCK_BYTES = 1 << 22
 
 
 class DPSGDTrainer:
@@ -91,35 +120,29 @@ class DPSGDTrainer:
         if steps == 0:
             return TrainStats(loss=None, steps=0)
         clipper = self._clipper(model)
-        params = list(clipper.params.values())
-        names = list(clipper.params)
-        sizes = [p.numel() for p in params]
-        total = sum(sizes)
+        # Updated in place outside autograd, like `sgd_step` under no_grad.
+        params = [p.detach() for p in clipper.params.values()]
         velocity = [torch.zeros_like(p) for p in params] if plan.momentum > 0 else []
-        anchor = [p.detach().clone() for p in params] if plan.proximal_mu > 0 else []
+        anchor = [p.clone() for p in params] if plan.proximal_mu > 0 else []
         expected_batch = q * n
-        std = self.noise_multiplier * self.clip_norm
+        # grad = (Σ clipped + N(0, σ²C²)) / (q·n): the noise term drawn ahead, already scaled.
+        noise = NoiseBlocks(
+            self.source, params, steps, self.noise_multiplier * self.clip_norm / expected_batch
+        )
+        # Batches are sampled, and their examples gathered, several steps at a time.
+        step_bytes = (expected_batch + 1) * math.prod(x.shape[1:]) * x.element_size()
+        per_block = max(1, min(_BATCH_BLOCK_STEPS, int(_BATCH_BLOCK_BYTES / step_bytes)))
         model.train()
-        for _ in range(steps):
-            chosen = poisson_batch(self.source, n, q)
-            if chosen.size:
-                idx = torch.from_numpy(chosen)
-                sums = clipper.clipped_sum(x[idx], y[idx], self.clip_norm).grads
-            else:
-                sums = {}
-            noise = torch.from_numpy(self.source.standard_normal(total).astype(np.float32))
-            # grad = (Σ clipped + N(0, σ²C²)) / (q·n), the noise drawn as one block.
-            noise.mul_(std / expected_batch)
-            for i, chunk in enumerate(torch.split(noise, sizes)):
-                p = params[i]
-                g = chunk.view(p.shape)
-                summed = sums.get(names[i])
-                if summed is not None:
-                    g.add_(summed, alpha=1.0 / expected_batch)
-                if anchor:
-                    g.add_(p.detach() - anchor[i], alpha=plan.proximal_mu)
-                p.grad = g
-            sgd_step(params, velocity, plan)
+        for first in range(0, steps, per_block):
+            batches = poisson_batches(self.source, n, q, min(per_block, steps - first))
+            sizes = [int(b.size) for b in batches]
+            idx = torch.from_numpy(np.concatenate(batches))
+            xs, ys = torch.split(x[idx], sizes), torch.split(y[idx], sizes)
+            for size, xb, yb in zip(sizes, xs, ys, strict=True):
+                grads = noise.next()
+                if size:
+                    clipper.add_clipped_sum(xb, yb, self.clip_norm, grads, 1.0 / expected_batch)
+                _sgd_update(params, grads, velocity, anchor, plan)
         return TrainStats(loss=None, steps=steps)
 
     def _clipper(self, model: nn.Module) -> PerSampleClipper:
@@ -128,3 +151,70 @@ class DPSGDTrainer:
         if clipper is None or clipper.model is not model:
             clipper = self._clippers[key] = PerSampleClipper(model)
         return clipper
+
+
+class NoiseBlocks:
+    """Gaussian noise for every step, drawn from the source several steps at a time.
+
+    `next()` returns, per parameter, a fresh tensor of i.i.d. N(0, 1)·`scale` draws (one step's
+    noise; the caller may write into it). Drawing a block of steps at once amortises the source's
+    per-call cost; the draws are i.i.d., so their grouping changes nothing about their
+    distribution. A block holds at most `_BLOCK_FLOATS` numbers, and never more steps than remain.
+    """
+
+    _BLOCK_FLOATS = 1 << 15
+    _BLOCK_STEPS = 32
+
+    def __init__(
+        self, source: RandomSource, params: list[torch.Tensor], steps: int, scale: float
+    ) -> None:
+        self.source = source
+        self.shapes = [p.shape for p in params]
+        self.sizes = [p.numel() for p in params]
+        self.total = sum(self.sizes)
+        self.dtype = params[0].dtype if params else torch.float32
+        self.scale = scale
+        self.remaining = steps
+        self.per_block = max(1, min(self._BLOCK_STEPS, self._BLOCK_FLOATS // max(self.total, 1)))
+        self._steps: list[tuple[torch.Tensor, ...]] = []  # per parameter: a view per step
+        self._next = self._drawn = 0
+
+    def next(self) -> list[torch.Tensor]:
+        if self._next == self._drawn:
+            self._refill()
+        i = self._next
+        self._next += 1
+        return [views[i] for views in self._steps]
+
+    def _refill(self) -> None:
+        k = min(self.per_block, self.remaining)
+        if k <= 0:
+            raise RuntimeError("all the noise of this schedule was drawn")
+        self.remaining -= k
+        draws = self.source.standard_normal(k * self.total)
+        block = torch.from_numpy(draws).to(self.dtype).mul_(self.scale).view(k, self.total)
+        self._steps = [
+            chunk.view(k, *shape).unbind(0)
+            for chunk, shape in zip(torch.split(block, self.sizes, dim=1), self.shapes, strict=True)
+        ]
+        self._next, self._drawn = 0, k
+
+
+def _sgd_update(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    velocity: list[torch.Tensor],
+    anchor: list[torch.Tensor],
+    plan: TrainingPlan,
+) -> None:
+    """The update of `sgd_step` (FedProx term, weight decay, momentum) with `foreach` kernels:
+    one call per rule for all parameters instead of one per parameter. `grads` is scratch."""
+    if anchor:
+        torch._foreach_add_(grads, torch._foreach_sub(params, anchor), alpha=plan.proximal_mu)
+    if plan.weight_decay:
+        torch._foreach_add_(grads, params, alpha=plan.weight_decay)
+    if velocity:
+        torch._foreach_mul_(velocity, plan.momentum)
+        torch._foreach_add_(velocity, grads)
+        grads = velocity
+    torch._foreach_add_(params, grads, alpha=-plan.learning_rate)

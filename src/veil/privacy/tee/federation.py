@@ -1,0 +1,115 @@
+"""Attested aggregation wired for one run: the server's aggregator and each client's participant.
+
+In a simulation the server's "TLS key" is a P-256 key generated for the run (there is no TLS
+in-process) and each client is given its public key, standing in for the certificate it would
+verify. In a deployment the server attests to its certificate's key and each client takes the
+key from the server certificate in the PKI folder, verified against the federation's CA
+(`deployment_tls_key`): gRPC Python does not expose the peer certificate to the client, so the
+binding is to the certificate the client pinned and verified, and the TLS handshake then proves
+that the server it talks to holds that certificate's private key.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from veil.config import RunConfig, TeeConfig
+from veil.crypto import pki
+from veil.federation.pipeline import Aggregator
+from veil.privacy.tee.attestation import Policy, describe
+from veil.privacy.tee.measurement import measure
+from veil.privacy.tee.protocol import TeeAggregator, TeeParticipant
+from veil.privacy.tee.software_dev import SoftwareDevAttester
+
+__all__ = ["TeeFederation", "deployment_tls_key", "policy_from_config", "spki", "tee_federation"]
+
+SERVER_NAME = "server"
+
+_log = logging.getLogger("veil.tee")
+
+
+def spki(cert: x509.Certificate) -> bytes:
+    """The DER SubjectPublicKeyInfo of a certificate's key (what evidence binds)."""
+    return cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def deployment_tls_key(pki_dir: Path) -> bytes:
+    """The server certificate's public key, after checking the certificate against the CA."""
+    files = pki.node_files(pki_dir, SERVER_NAME)
+    cert = pki.load_certificate(files.cert)
+    pki.verify_certificate(
+        cert,
+        pki.load_certificate(files.ca_cert),
+        role="server",
+        revoked=pki.revoked_serials(pki_dir),
+    )
+    return spki(cert)
+
+
+def policy_from_config(config: RunConfig) -> Policy:
+    """The clients' policy: `[tee]`, or with no allow-list the measurement this Veil and this
+    config give (a client trusts the aggregator to run exactly the code it runs itself)."""
+    tee = config.tee or TeeConfig()
+    allowed = frozenset(tee.allowed_measurements) or frozenset({measure(config)})
+    return Policy(allowed, tee.min_security_version, tee.allow_insecure_dev)
+
+
+@dataclass
+class TeeFederation:
+    """The run's attester and policy, and the TLS key the evidence binds."""
+
+    config: RunConfig
+    attester: SoftwareDevAttester
+    policy: Policy
+    tls_public_key: bytes
+
+    def aggregator(self, inner: Aggregator) -> TeeAggregator:
+        """`inner` (the weighted sum or a robust rule) run behind attestation."""
+        return TeeAggregator(inner, self.attester, self.tls_public_key, hardware=False)
+
+    def participant(self, name: str) -> TeeParticipant:
+        """Client `name`'s half, with the run's policy and the server's TLS key."""
+        return TeeParticipant(name, self.policy, self.tls_public_key)
+
+    def record(self) -> dict[str, Any]:
+        """What result.json says under `privacy.tee`."""
+        return {
+            "backend": self.attester.backend,
+            "attestation": self.description(),
+            "measurement": self.attester.measurement,
+            "allowed_measurements": sorted(self.policy.allowed_measurements),
+            "min_security_version": self.policy.min_security_version,
+            "allow_insecure_dev": self.policy.allow_insecure_dev,
+            "binding": "SHA-256(server TLS public key | client nonce | round) in the report data",
+            "tls_key": "the server certificate's key, verified against the CA by each client"
+            if self.config.mode == "deployment"
+            else "generated per run (simulation)",
+        }
+
+    def description(self) -> str:
+        return describe(self.attester.backend, hardware=False)
+
+
+def tee_federation(config: RunConfig, *, tls_public_key: bytes | None = None) -> TeeFederation:
+    """The run's attested aggregation; a simulation passes no TLS key and gets a fresh one."""
+    if tls_public_key is None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        tls_public_key = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    attester = SoftwareDevAttester(measure(config))
+    _log.warning(
+        "attested aggregation with %s: development evidence only, it proves nothing about "
+        "the server's hardware or the code it runs",
+        describe(attester.backend, hardware=False),
+    )
+    return TeeFederation(config, attester, policy_from_config(config), tls_public_key)

@@ -1,0 +1,610 @@
+"""`report.html`: one self-contained page that says what a run trained, by whom, how well, at what
+privacy cost and with which protections.
+
+The page holds its charts as inline SVG (`veil.report.svg`) and its style inline: it loads nothing
+from anywhere, so it can be mailed to a compliance officer and opened offline. Every value from the
+run passes through `html.escape`. The input is `result.json` read as plain JSON (so that a run
+whose metrics are NaN or null still gets a report) and, when the run folder holds one, the run
+store `veil.db` for the run's configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from veil.atomic import atomic_write_text
+from veil.errors import StoreError, UserError
+from veil.report.svg import Line, bar_chart, finite, line_chart
+from veil.store import DB_NAME, RunStore
+
+REPORT_FILE = "report.html"
+RESULT_FILE = "result.json"
+
+_STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;
+max-width:1180px;padding:16px 24px;color:#1b1f24}
+h1{font-size:22px;margin:8px 0}h2{font-size:18px;border-bottom:1px solid #d0d7de;
+padding-bottom:4px;margin-top:28px}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #d0d7de;padding:3px 8px;
+text-align:left;vertical-align:top}th{background:#f6f8fa}td.n{text-align:right;
+font-variant-numeric:tabular-nums}
+.charts{display:flex;flex-wrap:wrap;gap:12px}.chart{width:560px;max-width:100%;
+border:1px solid #d0d7de;border-radius:6px;background:#fff}
+.chart text{font-size:11px;fill:#1b1f24}.chart .t{font-size:13px;font-weight:600}
+.chart .ax{stroke:#57606a}.chart .g{stroke:#eaeef2}.chart .ref{stroke:#cf222e;
+stroke-dasharray:6 4;stroke-width:1.5}.chart .reft{fill:#cf222e}
+.badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600}
+.warn{background:#fff1e5;color:#953800;border:1px solid #ffb77c}
+.ok{background:#dafbe1;color:#116329;border:1px solid #4ac26b}
+.bad{background:#ffebe9;color:#a40e26;border:1px solid #ff8182}
+dl.answers dt{font-weight:600;margin-top:6px}dl.answers dd{margin-left:16px}
+pre{background:#f6f8fa;padding:8px;overflow:auto}
+section{overflow-x:auto}td{overflow-wrap:break-word}
+"""
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write `RUN_DIR/report.html` from `RUN_DIR/result.json` (and `veil.db` if present).
+
+    Returns the path written. Raises `UserError` when the folder holds no readable result.json.
+    """
+    run_dir = Path(run_dir)
+    result_path = run_dir / RESULT_FILE
+    if not result_path.is_file():
+        raise UserError(
+            f"no {RESULT_FILE} in '{run_dir}': pass the folder of a finished run "
+            "(the --out folder of `veil run`)"
+        )
+    try:
+        result = json.loads(result_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read '{result_path}' ({exc}); re-run the federation") from None
+    if not isinstance(result, dict):
+        raise UserError(f"'{result_path}' is not a Veil result (expected a JSON object)")
+    config, status = _stored_config(run_dir, str(result.get("run_id", "")))
+    path = run_dir / REPORT_FILE
+    atomic_write_text(path, render_report(result, config=config, status=status))
+    return path
+
+
+def _stored_config(run_dir: Path, run_id: str) -> tuple[dict[str, Any] | None, str | None]:
+    if not (run_dir / DB_NAME).is_file() or not run_id:
+        return None, None
+    try:
+        with RunStore.locate(run_dir) as store:
+            summary, config, _ = store.get_run(run_id)
+    except StoreError:
+        return None, None
+    return config, summary.status
+
+
+def render_report(
+    result: Mapping[str, Any],
+    *,
+    config: Mapping[str, Any] | None = None,
+    status: str | None = None,
+) -> str:
+    """The HTML text of the report of one run (`result` as read from result.json)."""
+    rounds = [r for r in _list(result.get("rounds")) if isinstance(r, dict)]
+    privacy = _dict(result.get("privacy"))
+    name = str(result.get("name") or "unnamed run")
+    sections = [
+        _header(result, name, status),
+        _answers(result, rounds, privacy, config),
+        _performance(result, rounds),
+        _privacy_budget(rounds, privacy),
+        _participation(result, rounds, privacy),
+        _communication(result, rounds),
+        _privacy_record(privacy, rounds),
+        _audit(_dict(result.get("audit"))),
+        _configuration(config, result),
+        _rounds_table(rounds),
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>Veil report: {escape(name)}</title><style>{_STYLE}</style></head><body>"
+        + "".join(sections)
+        + "<p><small>Written by Veil from result.json; this page loads nothing from the "
+        "network.</small></p></body></html>\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    v = finite(value)
+    if v is None:
+        return "n/a" if value is None or isinstance(value, float) else escape(str(value))
+    return f"{v:.{digits}g}" if abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-3) else f"{v:.{digits}f}"
+
+
+def _size(n: Any) -> str:
+    v = finite(n)
+    if v is None:
+        return "n/a"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if v >= scale:
+            return f"{v / scale:.2f} {unit}"
+    return f"{int(v)} B"
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, float):
+        return _num(value)
+    if isinstance(value, dict | list):
+        return escape(json.dumps(value, sort_keys=True, default=str))
+    return escape(str(value))
+
+
+def _table(rows: Iterable[tuple[str, str]]) -> str:
+    """Two-column table; the values are HTML already (escaped by the caller)."""
+    body = "".join(f"<tr><th>{escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _grid(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric_from: int = 1) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="n">{c}</td>' if i >= numeric_from else f"<td>{c}</td>"
+            for i, c in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{escape(title)}</h2>{body}</section>'
+
+
+def _series(rounds: Sequence[dict[str, Any]], key: str) -> list[tuple[float, float | None]]:
+    return [
+        (float(r.get("round", i + 1)), finite(_dict(r.get("metrics")).get(key)))
+        for i, r in enumerate(rounds)
+    ]
+
+
+def _round_numbers(rounds: Sequence[dict[str, Any]]) -> list[float]:
+    return [float(finite(r.get("round")) or i + 1) for i, r in enumerate(rounds)]
+
+
+def _aggregation_note(aggregation: str) -> str:
+    return {
+        "plain": "plain: the server sees every organisation's update",
+        "secagg": "secure aggregation (masking): the server sees only the sum of the updates",
+        "ckks": "CKKS homomorphic encryption: the server adds encrypted updates it cannot read",
+        "tee": "trusted execution environment: updates are opened only inside an attested enclave",
+    }.get(aggregation, aggregation)
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+
+
+def _header(result: Mapping[str, Any], name: str, status: str | None) -> str:
+    dataset = _dict(result.get("dataset"))
+    synthetic = bool(dataset.get("synthetic"))
+    badge = (
+        ' <span class="badge warn">SYNTHETIC DATA</span>'
+        if synthetic
+        else ' <span class="badge ok">real data</span>'
+        if dataset
+        else ""
+    )
+    rows = [
+        ("run id", escape(str(result.get("run_id", "")))),
+        ("mode", escape(str(result.get("mode", "")))),
+        ("data set", escape(str(dataset.get("name", "unknown"))) + badge),
+        ("status", escape(status) if status else "finished (result.json written)"),
+        ("duration", f"{_num(_dict(result.get('timing')).get('total_s'), 3)} s"),
+    ]
+    return f"<header><h1>Veil run report: {escape(name)}</h1>{_table(rows)}</header>"
+
+
+def _answers(
+    result: Mapping[str, Any],
+    rounds: Sequence[dict[str, Any]],
+    privacy: Mapping[str, Any],
+    config: Mapping[str, Any] | None,
+) -> str:
+    dataset = _dict(result.get("dataset"))
+    model = _dict(_dict(config).get("model"))
+    model_name = f"The {model.get('name')} model" if model.get("name") else "A model"
+    strategy = str(result.get("strategy") or "federated averaging")
+    what = (
+        f"{escape(model_name)} trained with {escape(strategy)}"
+        f" on {escape(str(dataset.get('name', 'unknown data')))}"
+        f"{' (SYNTHETIC data)' if dataset.get('synthetic') else ''}"
+        f" over {len(rounds)} rounds"
+    )
+    names = _client_names(result, rounds, privacy)
+    who = f"{_text(result.get('clients', len(names)))} organisations"
+    if names:
+        shown = ", ".join(escape(n) for n in names[:12])
+        who += f": {shown}{', ...' if len(names) > 12 else ''}"
+    final = _dict(result.get("final"))
+    how = ", ".join(f"{escape(k)} {_num(v)}" for k, v in final.items()) or "no final metrics"
+    baseline = _dict(result.get("centralized_baseline"))
+    if baseline:
+        how += f" (pooled-data baseline: accuracy {_num(baseline.get('accuracy'))})"
+    eps, delta = privacy.get("epsilon"), privacy.get("delta")
+    if finite(eps) is not None:
+        unit = "record of an organisation" if privacy.get("unit") == "record" else "organisation"
+        cost = f"(ε = {_num(eps, 3)}, δ = {_num(delta, 3)})-differential privacy per {unit}"
+        target = _dict(privacy.get("target"))
+        if target:
+            cost += f", budget ε ≤ {_num(target.get('epsilon'), 3)}"
+    else:
+        cost = "no differential privacy: the model carries no formal privacy guarantee"
+    protections = [_aggregation_note(str(privacy.get("aggregation", "plain")))]
+    if result.get("mode") == "deployment":
+        protections.append("mutual TLS between separate processes, signed uploads")
+    if privacy.get("attestation"):
+        protections.append(f"attestation: {_text(privacy.get('attestation'))}")
+    answers = [
+        ("What was trained?", what),
+        ("By whom?", who),
+        ("How well?", how),
+        ("At what privacy cost?", cost),
+        ("With which protections?", "; ".join(escape(p) for p in protections)),
+    ]
+    body = "".join(f"<dt>{escape(q)}</dt><dd>{a}</dd>" for q, a in answers)
+    return _section("summary", "Summary", f'<dl class="answers">{body}</dl>')
+
+
+def _client_names(
+    result: Mapping[str, Any], rounds: Sequence[dict[str, Any]], privacy: Mapping[str, Any]
+) -> list[str]:
+    names = [str(_dict(o).get("name")) for o in _list(privacy.get("per_organisation"))]
+    for r in rounds:
+        for f in _list(r.get("failures")):
+            client = str(_dict(f).get("client", ""))
+            if client and client not in names:
+                names.append(client)
+    listed = _list(result.get("client_names"))
+    return [str(n) for n in listed] if listed else names
+
+
+def _performance(result: Mapping[str, Any], rounds: Sequence[dict[str, Any]]) -> str:
+    keys = sorted({k for r in rounds for k in _dict(r.get("metrics"))})
+    accuracy = [k for k in keys if "acc" in k or k == "auc"]
+    loss = [k for k in keys if "loss" in k]
+    charts = [
+        line_chart(
+            {k: _series(rounds, k) for k in accuracy},
+            title="Accuracy per round",
+            y_label="accuracy / AUC",
+        ),
+        line_chart({k: _series(rounds, k) for k in loss}, title="Loss per round", y_label="loss"),
+    ]
+    final = _dict(result.get("final"))
+    rows = [(f"final {k}", _num(v)) for k, v in final.items()]
+    baseline = _dict(result.get("centralized_baseline"))
+    rows += [(f"pooled-data baseline {k}", _num(v)) for k, v in baseline.items()]
+    body = f'<div class="charts">{"".join(charts)}</div>{_table(rows)}'
+    return _section("performance", "Accuracy and loss", body)
+
+
+def _privacy_budget(rounds: Sequence[dict[str, Any]], privacy: Mapping[str, Any]) -> str:
+    target = finite(_dict(privacy.get("target")).get("epsilon"))
+    xs = _round_numbers(rounds)
+    spent = [(x, finite(r.get("epsilon"))) for x, r in zip(xs, rounds, strict=True)]
+    if all(e is None for _, e in spent) and target is None:
+        return _section(
+            "budget",
+            "Privacy budget",
+            "<p>No differential privacy in this run: no ε is spent and none is promised.</p>",
+        )
+    chart = line_chart(
+        {"ε spent (cumulative)": spent},
+        title="ε spent per round against the budget",
+        y_label="ε",
+        reference=Line(target, f"budget ε = {_num(target, 3)}") if target is not None else None,
+        y_zero=True,
+    )
+    last = next((e for _, e in reversed(spent) if e is not None), None)
+    note = ""
+    if last is not None and target is not None:
+        share = last / target if target > 0 else math.inf
+        cls = "bad" if last > target * (1 + 1e-9) else "ok"
+        note = (
+            f'<p><span class="badge {cls}">ε = {_num(last, 3)} of {_num(target, 3)} '
+            f"({share:.0%} of the budget)</span></p>"
+        )
+    return _section("budget", "Privacy budget", f'<div class="charts">{chart}</div>{note}')
+
+
+def _participation(
+    result: Mapping[str, Any], rounds: Sequence[dict[str, Any]], privacy: Mapping[str, Any]
+) -> str:
+    xs = _round_numbers(rounds)
+    chart = bar_chart(
+        xs,
+        {
+            "aggregated": [finite(r.get("clients")) for r in rounds],
+            "dropped": [finite(r.get("dropped")) for r in rounds],
+        },
+        title="Organisations per round",
+        y_label="organisations",
+    )
+    failed: dict[str, list[str]] = {}
+    kinds: dict[str, int] = {}
+    for r in rounds:
+        for f in _list(r.get("failures")):
+            f = _dict(f)
+            failed.setdefault(str(f.get("client", "?")), []).append(
+                f"round {_text(r.get('round'))}: {_text(f.get('reason', ''))}"
+            )
+        for kind, count in _dict(r.get("failure_counts")).items():
+            kinds[str(kind)] = kinds.get(str(kind), 0) + int(finite(count) or 0)
+    names = _client_names(result, rounds, privacy)
+    per_client = [
+        (escape(n), str(len(rounds) - len(failed.get(n, []))), str(len(failed.get(n, []))))
+        for n in names
+    ]
+    body = f'<div class="charts">{chart}</div>'
+    total_selected = sum(int(finite(r.get("selected")) or 0) for r in rounds)
+    total_dropped = sum(int(finite(r.get("dropped")) or 0) for r in rounds)
+    body += _table(
+        [
+            ("organisations", _text(result.get("clients", len(names)))),
+            ("selections over all rounds", str(total_selected)),
+            ("dropouts over all rounds", str(total_dropped)),
+        ]
+    )
+    if per_client:
+        body += "<h3>Per organisation</h3>" + _grid(
+            ["organisation", "rounds without a recorded failure", "recorded failures"],
+            per_client,
+        )
+    if kinds:
+        body += "<h3>Dropouts by reason</h3>" + _grid(
+            ["reason", "count"], [(escape(k), str(v)) for k, v in sorted(kinds.items())]
+        )
+    if failed:
+        body += (
+            "<h3>Recorded failures</h3><ul>"
+            + "".join(
+                f"<li>{escape(c)}: {'; '.join(msgs)}</li>" for c, msgs in sorted(failed.items())
+            )
+            + "</ul>"
+        )
+    reported = [(r.get("round"), _dict(r.get("aggregation"))) for r in rounds]
+    reported = [(n, a) for n, a in reported if a]
+    if reported:
+        keys = sorted({k for _, a in reported for k in a})
+        body += "<h3>What the aggregator reported</h3>" + _grid(
+            ["round", *keys],
+            [(_text(n), *(_text(a.get(k, "")) for k in keys)) for n, a in reported],
+        )
+    return _section("participation", "Participation and dropouts", body)
+
+
+def _communication(result: Mapping[str, Any], rounds: Sequence[dict[str, Any]]) -> str:
+    chart = bar_chart(
+        _round_numbers(rounds),
+        {
+            "upload (kB)": [(finite(r.get("bytes_up")) or 0) / 1e3 for r in rounds],
+            "download (kB)": [(finite(r.get("bytes_down")) or 0) / 1e3 for r in rounds],
+        },
+        title="Communication per round",
+        y_label="kB",
+    )
+    total = _dict(result.get("communication"))
+    rows = [
+        ("uploaded in total", _size(total.get("bytes_up"))),
+        ("downloaded in total", _size(total.get("bytes_down"))),
+    ]
+    return _section(
+        "communication", "Communication", f'<div class="charts">{chart}</div>{_table(rows)}'
+    )
+
+
+def _privacy_record(privacy: Mapping[str, Any], rounds: Sequence[dict[str, Any]]) -> str:
+    eps = finite(privacy.get("epsilon"))
+    unit = privacy.get("unit")
+    rows: list[tuple[str, str]] = [
+        (
+            "guarantee",
+            (
+                f"(ε = {_num(eps, 4)}, δ = {_num(privacy.get('delta'), 3)})-DP for "
+                + ("one record of one organisation" if unit == "record" else "one organisation")
+            )
+            if eps is not None
+            else "none: no differential privacy",
+        ),
+        ("unit", _text(unit) if unit else "n/a"),
+        ("ε", _num(privacy.get("epsilon"), 4)),
+        ("δ", _num(privacy.get("delta"), 3)),
+        ("accountant", _text(privacy.get("accountant") or "n/a")),
+    ]
+    if "neighbouring" in privacy:
+        rows.append(("neighbouring relation", _text(privacy["neighbouring"])))
+    if finite(privacy.get("epsilon_rdp")) is not None:
+        rows.append(("RDP cross-check ε", _num(privacy["epsilon_rdp"], 4)))
+    target = _dict(privacy.get("target"))
+    if target:
+        budget = f"ε ≤ {_num(target.get('epsilon'), 3)}, δ = {_text(target.get('delta'))}"
+        rows.append(("target", budget))
+    mechanism = _dict(privacy.get("mechanism"))
+    if mechanism:
+        rows.append(
+            (
+                "mechanism",
+                f"σ = {_num(mechanism.get('noise_multiplier'), 4)}, "
+                f"C = {_num(mechanism.get('clip_norm'), 4)}, "
+                f"q = {_num(mechanism.get('sampling_rate'), 4)}, "
+                f"steps = {_text(mechanism.get('steps'))}"
+                + (f"; noise: {_text(mechanism['noise'])}" if "noise" in mechanism else ""),
+            )
+        )
+    aggregation = str(privacy.get("aggregation", "plain"))
+    rows.append(("aggregation", escape(_aggregation_note(aggregation))))
+    secure = _dict(privacy.get("secure_aggregation"))
+    if secure:
+        recovered = sum(
+            int(finite(_dict(r.get("aggregation")).get("recovered_dropouts")) or 0) for r in rounds
+        )
+        clipped = sum(int(finite(_dict(r.get("aggregation")).get("clipped")) or 0) for r in rounds)
+        detail = ", ".join(f"{escape(k)}: {_text(v)}" for k, v in secure.items())
+        rows.append(
+            (
+                "secure aggregation",
+                f"{detail}; {recovered} dropouts recovered, {clipped} values clipped",
+            )
+        )
+    he = _dict(privacy.get("homomorphic_encryption"))
+    if he:
+        rows.append(
+            ("homomorphic encryption", ", ".join(f"{escape(k)}: {_text(v)}" for k, v in he.items()))
+        )
+    rows.append(("attestation", _text(privacy.get("attestation") or "none")))
+    body = _table(rows)
+    organisations = [_dict(o) for o in _list(privacy.get("per_organisation"))]
+    if organisations:
+        body += "<h3>Per organisation</h3>" + _grid(
+            ["organisation", "ε", "σ", "q", "steps", "examples"],
+            [
+                (
+                    _text(o.get("name")),
+                    _num(o.get("epsilon"), 4),
+                    _num(_dict(o.get("mechanism")).get("noise_multiplier"), 4),
+                    _num(_dict(o.get("mechanism")).get("sampling_rate"), 4),
+                    _text(_dict(o.get("mechanism")).get("steps")),
+                    _text(o.get("examples", "")),
+                )
+                for o in organisations
+            ],
+        )
+    return _section("privacy", "Privacy record", body)
+
+
+def _audit(audit: Mapping[str, Any]) -> str:
+    if not audit:
+        return _section(
+            "audit",
+            "Privacy audit",
+            "<p>Not audited. <code>veil audit RUN_DIR</code> measures an empirical ε lower bound "
+            "(canaries), membership inference and gradient inversion against this run.</p>",
+        )
+    eps, lower = finite(audit.get("epsilon")), finite(audit.get("epsilon_lower"))
+    rows = [
+        (
+            "accountant (upper bound)",
+            f"ε = {_num(eps, 3)}, δ = {_num(audit.get('delta'), 3)}" if eps is not None else "none",
+        )
+    ]
+    canaries = _dict(audit.get("canaries"))
+    if lower is not None:
+        best = _dict(canaries.get("best"))
+        confidence = finite(audit.get("confidence")) or 0.0
+        rows.append(
+            (
+                "empirical lower bound (canaries)",
+                f"ε ≥ {_num(lower, 3)} at {confidence:.0%} confidence "
+                f"({_text(best.get('correct'))} of {_text(best.get('guesses'))} "
+                f"{_text(best.get('kind'))}-canary guesses right)",
+            )
+        )
+    elif canaries.get("skipped"):
+        rows.append(("canaries", f"skipped: {_text(canaries['skipped'])}"))
+    if audit.get("exceeds_epsilon"):
+        verdict = (
+            '<span class="badge bad">the measured lower bound exceeds the accountant\'s ε: the '
+            "run does not deliver its claimed guarantee</span>"
+        )
+    elif lower is not None and eps is not None:
+        verdict = (
+            '<span class="badge ok">consistent: the lower bound stays below the accountant\'s '
+            "ε</span>"
+        )
+    elif lower is not None:
+        verdict = f"no differential privacy: the run leaks at least ε = {_num(lower, 3)}"
+    else:
+        verdict = "no lower bound measured"
+    rows.append(("verdict", verdict))
+    for name, m in _dict(audit.get("membership")).items():
+        m = _dict(m)
+        rows.append(
+            (
+                f"membership inference: {name}",
+                f"AUC {_num(m.get('auc'), 3)}, TPR {_num(m.get('tpr_at_1_percent_fpr'), 3)} "
+                "at 1% FPR",
+            )
+        )
+    inversion = _dict(audit.get("inversion"))
+    if inversion:
+        rows.append(
+            (
+                f"gradient inversion: {_text(inversion.get('attack', ''))}",
+                ", ".join(
+                    f"{escape(k)}: {_text(v)}"
+                    for k, v in inversion.items()
+                    if k in ("server_sees", "ssim", "relative_error", "client", "client_records")
+                ),
+            )
+        )
+    return _section("audit", "Privacy audit", _table(rows))
+
+
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        out: list[tuple[str, Any]] = []
+        for k, v in value.items():
+            out += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [(prefix, value)]
+
+
+def _configuration(config: Mapping[str, Any] | None, result: Mapping[str, Any]) -> str:
+    if config is None:
+        rows = [
+            (k, _text(result.get(k)))
+            for k in ("mode", "strategy", "clients", "pipeline", "dataset")
+            if k in result
+        ]
+        note = "<p>No run store next to result.json; what result.json records:</p>"
+        return _section("configuration", "Configuration", note + _table(rows))
+    rows = [
+        (k, escape(f"{v:g}") if isinstance(v, float) else _text(v))
+        for k, v in _flatten(dict(config))
+        if v is not None
+    ]
+    return _section("configuration", "Configuration", _table(rows))
+
+
+def _rounds_table(rounds: Sequence[dict[str, Any]]) -> str:
+    keys = sorted({k for r in rounds for k in _dict(r.get("metrics"))})
+    headers = ["round", "aggregated", "dropped", *keys, "ε", "kB up", "kB down", "s"]
+    rows = [
+        (
+            _text(r.get("round")),
+            _text(r.get("clients")),
+            _text(r.get("dropped")),
+            *(_num(_dict(r.get("metrics")).get(k)) for k in keys),
+            _num(r.get("epsilon"), 3) if r.get("epsilon") is not None else "-",
+            _num((finite(r.get("bytes_up")) or 0) / 1e3, 3),
+            _num((finite(r.get("bytes_down")) or 0) / 1e3, 3),
+            _num(r.get("duration_s"), 3),
+        )
+        for r in rounds
+    ]
+    return _section("rounds", "Rounds", _grid(headers, rows))
