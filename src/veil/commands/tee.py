@@ -3,6 +3,11 @@
     veil tee measure CONFIG                 the measurement for [tee] allowed_measurements
     veil sign RUN_DIR --identity-key KEY    write RUN_DIR/manifest.json and manifest.sig
     veil verify RUN_DIR [--public-key PUB]  check every artifact against the signed manifest
+    veil model export RUN_DIR --out DIR --identity-key KEY
+                                            the final model, result.json (run id, privacy record)
+                                            and a signed manifest, in a folder of their own
+    veil model verify DIR [--public-key PUB]
+                                            check an exported model; fails on any changed byte
 
 `veil verify` exits 2 with one line naming the first changed, missing or added file, or a bad
 signature.
@@ -39,6 +44,54 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="the signer's identity public key (PEM); without it only integrity is checked",
     )
     p_verify.set_defaults(handler=_cmd_verify)
+
+    p_model = sub.add_parser("model", help="export the final model with a signed manifest")
+    model_sub = p_model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    p_export = model_sub.add_parser("export", help="copy a run's final model and sign it")
+    p_export.add_argument("run_dir", type=Path)
+    p_export.add_argument("--out", type=Path, required=True, help="a new folder for the model")
+    p_export.add_argument(
+        "--identity-key", type=Path, required=True, help="the server's Ed25519 identity key (PEM)"
+    )
+    p_export.set_defaults(handler=_cmd_export)
+    p_model_verify = model_sub.add_parser("verify", help="check an exported model's manifest")
+    p_model_verify.add_argument("model_dir", type=Path)
+    p_model_verify.add_argument(
+        "--public-key", type=Path, help="the signer's identity public key (PEM)"
+    )
+    p_model_verify.set_defaults(handler=_cmd_model_verify)
+
+
+#: What `veil model export` copies: the final global model and the run's record.
+_MODEL_FILES = ("checkpoint.safetensors", "result.json")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from veil.atomic import atomic_write_bytes
+    from veil.crypto.identity import IdentityKey
+    from veil.crypto.manifest import sign_run
+    from veil.errors import UserError
+
+    missing = [f for f in _MODEL_FILES if not (args.run_dir / f).is_file()]
+    if missing:
+        raise UserError(
+            f"'{args.run_dir}' has no {', '.join(missing)}: export a finished run folder "
+            "(the one `veil run --out` wrote)"
+        )
+    if args.out.exists() and any(args.out.iterdir()):
+        raise UserError(f"'{args.out}' is not empty: export into a new folder")
+    key = IdentityKey.load(args.identity_key)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in _MODEL_FILES:
+        atomic_write_bytes(args.out / name, (args.run_dir / name).read_bytes())
+    sign_run(args.out, key)
+    print(f"exported: {args.out} (model, result.json, signed manifest)")
+    return 0
+
+
+def _cmd_model_verify(args: argparse.Namespace) -> int:
+    args.run_dir = args.model_dir
+    return _cmd_verify(args)
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:

@@ -138,3 +138,39 @@ def test_tee_measure_prints_the_measurement(
     code, stdout, err = veil_cli(capsys, "tee", "measure", str(path))
     assert code == 0, err
     assert stdout.strip() == measure(load_config(path))
+
+
+def test_exported_model_verifies_and_a_tampered_model_fails(
+    tee_run: tuple[RunConfig, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`veil model export` signs the final model and the run's record; `veil model verify`
+    fails on any changed byte."""
+    _, out, _ = tee_run
+    server = IdentityKey.generate()
+    key_path, pub_path = tmp_path / "server.key", tmp_path / "server.pub"
+    server.save(key_path)
+    server.public_key().save(pub_path)
+    model = tmp_path / "model"
+    code, _, err = veil_cli(
+        capsys, "model", "export", str(out), "--out", str(model), "--identity-key", str(key_path)
+    )
+    assert code == 0, err
+    assert sorted(p.name for p in model.iterdir()) == [
+        "checkpoint.safetensors",
+        "manifest.json",
+        "manifest.sig",
+        "result.json",
+    ]
+    verify = ("model", "verify", str(model), "--public-key", str(pub_path))
+    code, stdout, err = veil_cli(capsys, *verify)
+    assert code == 0 and "verified: 2 files" in stdout, err
+    weights = model / "checkpoint.safetensors"
+    tampered = bytearray(weights.read_bytes())
+    tampered[-1] ^= 0x01
+    weights.write_bytes(bytes(tampered))
+    code, _, err = veil_cli(capsys, *verify)
+    assert code == 2 and "'checkpoint.safetensors' changed" in err
+    code, _, err = veil_cli(
+        capsys, "model", "export", str(out), "--out", str(model), "--identity-key", str(key_path)
+    )
+    assert code == 2 and "not empty" in err
