@@ -3,14 +3,14 @@ mutual TLS, the same result as simulation."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import veil
 from veil.config import load_config
+
+if TYPE_CHECKING:
+    from conftest import Deploy
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -35,19 +35,9 @@ timeout_s = 300
 """
 
 
-def test_deployment_matches_simulation_and_uses_mutual_tls(tmp_path: Path) -> None:
-    config_path = tmp_path / "run.toml"
-    config_path.write_text(CONFIG)
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "veil.cli", "run", str(config_path), "--out", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env={**os.environ},
-    )
-    assert proc.returncode == 0, proc.stderr + (out / "logs" / "server.log").read_text()
-    deployed = json.loads((out / "result.json").read_text())
+def test_deployment_matches_simulation_and_uses_mutual_tls(deploy: Deploy) -> None:
+    run = deploy(CONFIG)
+    deployed, out = run.result, run.out
     assert deployed["mode"] == "deployment"
     assert [r["clients"] for r in deployed["rounds"]] == [3, 3]
     # Every process left a log; the server accepted signed uploads from every client.
@@ -59,44 +49,33 @@ def test_deployment_matches_simulation_and_uses_mutual_tls(tmp_path: Path) -> No
     # Private keys stay private.
     assert (out / "pki" / "nodes" / "client-0" / "node.key").stat().st_mode & 0o077 == 0
 
-    simulated = veil.run(load_config(config_path).model_copy(update={"mode": "simulation"}))
+    simulated = veil.run(load_config(run.config_path).model_copy(update={"mode": "simulation"}))
     assert abs(simulated.final["accuracy"] - deployed["final"]["accuracy"]) <= 0.01
 
 
-def test_secure_aggregation_deployment_matches_simulation(tmp_path: Path) -> None:
+def test_secure_aggregation_deployment_matches_simulation(deploy: Deploy) -> None:
     """The medical SecAgg example as real processes (6 of its 20 rounds, to keep the suite
     short): SecAgg's extra steps travel through the same signed, nonce-bound gRPC tasks; peers'
     identity keys come from their CA-signed certificates, relayed by the server."""
-    config_path = tmp_path / "run.toml"
     example = (EXAMPLES / "medical_diagnosis_secagg.toml").read_text()
     assert "rounds = 20" in example
     text = example.replace("rounds = 20", "rounds = 6").replace(
         'mode = "simulation"', 'mode = "deployment"'
     )
     text += "\n[deployment]\nround_deadline_s = 60\ntimeout_s = 300\n"
-    config_path.write_text(text)
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "veil.cli", "run", str(config_path), "--out", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env={**os.environ},
-    )
-    assert proc.returncode == 0, proc.stderr + (out / "logs" / "server.log").read_text()
-    deployed = json.loads((out / "result.json").read_text())
+    run = deploy(text)
+    deployed = run.result
     assert deployed["privacy"]["aggregation"] == "secagg"
     for r in deployed["rounds"]:
         assert r["clients"] == 5 and r["aggregation"]["survivors"] == 5
-    server_log = (out / "logs" / "server.log").read_text()
+    server_log = run.log()
     assert '"kind": "protocol_result"' in server_log and '"kind": "fit_result"' in server_log
-    simulated = veil.run(load_config(config_path).model_copy(update={"mode": "simulation"}))
+    simulated = veil.run(load_config(run.config_path).model_copy(update={"mode": "simulation"}))
     assert abs(simulated.final["accuracy"] - deployed["final"]["accuracy"]) <= 0.01
 
 
-def test_client_level_dp_under_secure_aggregation_in_deployment(tmp_path: Path) -> None:
+def test_client_level_dp_under_secure_aggregation_in_deployment(deploy: Deploy) -> None:
     """The clients clip and add the noise (distributed discrete Gaussian); the server accounts."""
-    config_path = tmp_path / "run.toml"
     text = CONFIG.replace("seed = 7", 'seed = 7\nsecure_aggregation = "secagg"')
     text = text.replace(
         'dataset = "breast_cancer"',
@@ -104,17 +83,7 @@ def test_client_level_dp_under_secure_aggregation_in_deployment(tmp_path: Path) 
     )
     text = text.replace("learning_rate = 0.1", "learning_rate = 0.1\nfraction_evaluate = 0.0")
     text += "[privacy]\nunit = 'client'\nepsilon = 5.0\ndelta = 1e-5\nclip_norm = 1.0\n"
-    config_path.write_text(text)
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "veil.cli", "run", str(config_path), "--out", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env={**os.environ},
-    )
-    assert proc.returncode == 0, proc.stderr + (out / "logs" / "server.log").read_text()
-    deployed = json.loads((out / "result.json").read_text())
+    deployed = deploy(text).result
     privacy = deployed["privacy"]
     assert privacy["aggregation"] == "secagg" and privacy["unit"] == "client"
     assert 0 < privacy["epsilon"] <= 5.0 + 1e-9

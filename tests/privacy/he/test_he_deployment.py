@@ -5,15 +5,15 @@ and the decryption step travel through the signed, nonce-bound gRPC tasks."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tenseal as ts
 
 import veil
 from veil.config import load_config
+
+if TYPE_CHECKING:
+    from conftest import Deploy
 
 CONFIG = """
 name = "deployed-ckks"
@@ -42,19 +42,9 @@ timeout_s = 300
 """
 
 
-def test_ckks_deployment_matches_simulation(tmp_path: Path) -> None:
-    config_path = tmp_path / "run.toml"
-    config_path.write_text(CONFIG)
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "veil.cli", "run", str(config_path), "--out", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env={**os.environ},
-    )
-    assert proc.returncode == 0, proc.stderr + (out / "logs" / "server.log").read_text()
-    deployed = json.loads((out / "result.json").read_text())
+def test_ckks_deployment_matches_simulation(deploy: Deploy) -> None:
+    run = deploy(CONFIG, timeout=400)
+    deployed, out, config_path = run.result, run.out, run.config_path
     assert deployed["privacy"]["aggregation"] == "ckks"
     for r in deployed["rounds"]:
         assert r["clients"] == 3 and r["applied"]

@@ -3,13 +3,12 @@ TLS; each client binds the evidence to the server certificate it verified agains
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from conftest import Deploy
 
 CONFIG = """
 name = "deployed-tee"
@@ -33,19 +32,9 @@ timeout_s = 240
 
 
 @pytest.mark.slow
-def test_tee_deployment_attests_every_round(tmp_path: Path) -> None:
-    config_path = tmp_path / "run.toml"
-    config_path.write_text(CONFIG)
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "veil.cli", "run", str(config_path), "--out", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ},
-    )
-    assert proc.returncode == 0, proc.stderr + (out / "logs" / "server.log").read_text()
-    result = json.loads((out / "result.json").read_text())
+def test_tee_deployment_attests_every_round(deploy: Deploy) -> None:
+    run = deploy(CONFIG, timeout=300)
+    result, out = run.result, run.out
     assert result["privacy"]["attestation"] == "software_dev (no hardware root of trust)"
     assert result["privacy"]["tee"]["tls_key"].startswith("the server certificate's key")
     for r in result["rounds"]:
