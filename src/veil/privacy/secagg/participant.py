@@ -7,6 +7,8 @@ the server's steps (`handle`) and, after local training and every client stage, 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from veil.crypto.identity import IdentityKey
@@ -136,8 +138,10 @@ class SecAggParticipant:
             clipped += fixed.encode(values, bound, self.random, scale=weight, out=part).clipped
             offset += values.size
         if noise is not None:
-            # Each client's share of the noise, added in the integer domain mod 2^k.
-            fixed.add_mod(vector[:offset], noise.noise(params.threshold).astype(fixed.dtype))
+            # Each client's share of the noise, added in the integer domain mod 2^k, scaled to
+            # the round's actual step (`check_round` refused a step finer than planned).
+            actual = replace(noise, fixed_point=fixed)
+            fixed.add_mod(vector[:offset], actual.noise(params.threshold).astype(fixed.dtype))
         weight_bound = 1.0 if noise is not None else s.max_weight
         fixed.encode(np.array([weight]), weight_bound, self.random, out=vector[offset : offset + 1])
         if layout.sum_keys:
