@@ -326,34 +326,28 @@ def certificate_role(cert: x509.Certificate) -> Role:
 def certificate_identity(cert: x509.Certificate) -> IdentityPublicKey:
     """The Ed25519 identity key bound in a node certificate (check the certificate itself with
     `verify_certificate` first). CertificateRejected if it carries none or a malformed one."""
-    name = _safe_name(cert)
-    try:
-        ext = cert.extensions.get_extension_for_oid(IDENTITY_OID).value
-    except x509.ExtensionNotFound:
-        raise CertificateRejected(
-            f"certificate of '{name}' carries no identity key (it was issued by an older "
-            f"version of Veil); reissue it with `veil pki issue DIR {name} --overwrite`"
-        ) from None
-    raw = ext.value if isinstance(ext, x509.UnrecognizedExtension) else b""
-    if len(raw) != 34 or not raw.startswith(_OCTET_STRING_32):
-        raise CertificateRejected(f"certificate of '{name}' has a malformed identity key")
-    return IdentityPublicKey.from_bytes(raw[2:])
+    return IdentityPublicKey.from_bytes(_bound_key(cert, IDENTITY_OID, "identity key"))
 
 
 def certificate_encryption_key(cert: x509.Certificate) -> bytes:
     """The raw X25519 encryption key bound in a node certificate (check the certificate with
     `verify_certificate` first). CertificateRejected if it carries none or a malformed one."""
+    return _bound_key(cert, ENCRYPTION_OID, "encryption key")
+
+
+def _bound_key(cert: x509.Certificate, oid: x509.ObjectIdentifier, what: str) -> bytes:
+    """The raw 32-byte key in the Veil extension `oid` (an OCTET STRING)."""
     name = _safe_name(cert)
     try:
-        ext = cert.extensions.get_extension_for_oid(ENCRYPTION_OID).value
+        ext = cert.extensions.get_extension_for_oid(oid).value
     except x509.ExtensionNotFound:
         raise CertificateRejected(
-            f"certificate of '{name}' carries no encryption key (it was issued by an older "
+            f"certificate of '{name}' carries no {what} (it was issued by an older "
             f"version of Veil); reissue it with `veil pki issue DIR {name} --overwrite`"
         ) from None
     raw = ext.value if isinstance(ext, x509.UnrecognizedExtension) else b""
     if len(raw) != 34 or not raw.startswith(_OCTET_STRING_32):
-        raise CertificateRejected(f"certificate of '{name}' has a malformed encryption key")
+        raise CertificateRejected(f"certificate of '{name}' has a malformed {what}")
     return bytes(raw[2:])
 
 

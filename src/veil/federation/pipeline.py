@@ -82,6 +82,14 @@ class ClientStage(Protocol):
     def apply(self, result: FitResult, context: RoundContext) -> FitResult: ...
 
 
+def require_channel(channel: ProtocolChannel | None, what: str) -> ProtocolChannel:
+    """The round's channel, for an aggregator that talks to its clients (`what`, e.g.
+    "secure aggregation"); ValueError if the server gave it none."""
+    if channel is None:
+        raise ValueError(f"{what} needs a protocol channel to the clients")
+    return channel
+
+
 class ClientProtocol(Protocol):
     """The client half of an aggregator that talks to its clients (e.g. SecAgg).
 

@@ -26,6 +26,7 @@ from veil.federation.pipeline import (
     ProtocolChannel,
     RoundContext,
     UpdateRejected,
+    require_channel,
 )
 from veil.privacy.he.ckks import (
     CkksError,
@@ -73,10 +74,8 @@ class CkksAggregator:
         context: RoundContext,
         channel: ProtocolChannel | None = None,
     ) -> Accumulator:
-        if channel is None:
-            raise ValueError("CKKS aggregation needs a protocol channel to the decryptors")
-        if tuple(reference) != self.layout.names:
-            raise ValueError("the model's parameters do not match the CKKS layout")
+        channel = require_channel(channel, "CKKS aggregation")
+        self.layout.check_reference(reference, "CKKS")
         return _CkksAccumulator(self, context, channel)
 
 

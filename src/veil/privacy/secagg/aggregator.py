@@ -19,6 +19,7 @@ from veil.federation.pipeline import (
     ProtocolChannel,
     RoundContext,
     UpdateRejected,
+    require_channel,
 )
 from veil.privacy.secagg.errors import SecAggError
 from veil.privacy.secagg.layout import MASKED, UpdateLayout
@@ -53,10 +54,8 @@ class SecAggAggregator:
         context: RoundContext,
         channel: ProtocolChannel | None = None,
     ) -> Accumulator:
-        if channel is None:
-            raise ValueError("secure aggregation needs a protocol channel to the clients")
-        if tuple(reference) != self.layout.names:
-            raise ValueError("the model's parameters do not match the secure aggregation layout")
+        channel = require_channel(channel, "secure aggregation")
+        self.layout.check_reference(reference, "secure aggregation")
         params = self.settings.plan_round(
             context.run_id, context.round, context.clients, self.layout
         )

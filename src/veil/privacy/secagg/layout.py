@@ -49,6 +49,11 @@ class UpdateLayout:
         """Entries of the summed vector: parameters, the weight, the sum keys."""
         return self.parameter_count + 1 + len(self.sum_keys)
 
+    def check_reference(self, reference: NamedArrays, what: str) -> None:
+        """ValueError unless the round's model parameters are this layout's, in its order."""
+        if tuple(reference) != self.names:
+            raise ValueError(f"the model's parameters do not match the {what} layout")
+
     def flatten(self, update: NamedArrays) -> npt.NDArray[np.float64]:
         """The parameters of `update` as one float64 vector; ValueError if it does not fit."""
         check_compatible(self.reference_view(), update)

@@ -33,6 +33,7 @@ from veil.federation.pipeline import (
     Aggregator,
     ProtocolChannel,
     RoundContext,
+    require_channel,
 )
 from veil.privacy.tee.attestation import (
     NONCE_BYTES,
@@ -77,8 +78,7 @@ class TeeAggregator:
         context: RoundContext,
         channel: ProtocolChannel | None = None,
     ) -> Accumulator:
-        if channel is None:
-            raise ValueError("attested aggregation needs a protocol channel to the clients")
+        channel = require_channel(channel, "attested aggregation")
         nonces = channel.exchange(CHALLENGE, {c: b"" for c in context.clients})
         bodies = {
             client: attest(self.attester, self.tls_public_key, nonce, context.round).to_bytes()
