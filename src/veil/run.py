@@ -14,13 +14,22 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from veil.config import FedAvgConfig, FedOptConfig, FedProxConfig, RunConfig, load_config
+from veil.config import (
+    TEXT_DATASETS,
+    FedAvgConfig,
+    FedOptConfig,
+    FedProxConfig,
+    RunConfig,
+    load_config,
+)
 from veil.crypto.envelope import load_key_file
 from veil.crypto.identity import IdentityKey
 from veil.data import FederatedData, build_federated_data, load_dataset
+from veil.data.text import load_text_dataset
 from veil.errors import StoreError
 from veil.federation import (
     ClientRunner,
@@ -35,18 +44,29 @@ from veil.federation import (
     UpdatePipeline,
     WeightedSum,
 )
+from veil.federation.compression import (
+    DecompressingAggregator,
+    compression_stage,
+    secagg_modulus_bits,
+    update_compressor,
+)
+from veil.federation.compression import upload_reference as compressed_reference
 from veil.federation.pipeline import Aggregator
 from veil.federation.server import ClientGateway, Evaluator
 from veil.federation.strategy import PoissonSource
 from veil.federation.training import LocalTrainer, as_tensors, evaluate, train_epochs
 from veil.models import build_model, get_parameters, set_parameters
+from veil.models.parameters import parameter_counts
+from veil.models.transformer import SequenceClassifier, load_tokenizer
 from veil.privacy.dp.ledger import TOLERANCE, BudgetExceeded, PrivacyLedger
 from veil.privacy.dp.policy import ClientLevelPrivacy, RecordLevelPrivacy
 from veil.privacy.he.federation import CkksFederation, ckks_federation
+from veil.privacy.he.federation import reference as ckks_reference
 from veil.privacy.he.keys import PublicKeySet
 from veil.privacy.secagg.aggregator import SecAggAggregator
-from veil.privacy.secagg.layout import UpdateLayout
+from veil.privacy.secagg.layout import UpdateLayout, masked_reference
 from veil.privacy.secagg.participant import SecAggParticipant
+from veil.privacy.secagg.quantize import FixedPoint
 from veil.privacy.secagg.roster import StaticRoster
 from veil.privacy.secagg.settings import DistributedNoise, SecAggSettings, settings_from_config
 from veil.privacy.tee.federation import TeeFederation, tee_federation
@@ -72,7 +92,7 @@ from veil.store import (
     load_checkpoint,
     save_checkpoint,
 )
-from veil.tensors import NamedArrays
+from veil.tensors import NamedArrays, total_bytes
 from veil.transport import LocalTransport
 from veil.transport.ray import RayTransport
 
@@ -138,7 +158,8 @@ def _run(
 
     fed = fed if fed is not None else _federated_data(config)
     plan = _training_plan(config)
-    initial = get_parameters(_model(config, fed, seed=derive_seed(config.seed, Purpose.MODEL_INIT)))
+    model = _model(config, fed, seed=derive_seed(config.seed, Purpose.MODEL_INIT))
+    initial = get_parameters(model)
     start_round = 1
     if checkpoint is not None:
         initial, start_round = checkpoint.parameters, checkpoint.round + 1
@@ -153,10 +174,12 @@ def _run(
         tee_tls_key=tee_tls_key,
     )
     attack = build_attack(config, [c.name for c in fed.clients])
+    compress = compression_stage(config)
     pipeline = UpdatePipeline(
         client_stages=[
             *(privacy.client_stages if isinstance(privacy, ClientLevelPrivacy) else []),
             *(attack.client_stages() if attack else []),
+            *([compress] if compress else []),
         ],
         aggregator=_aggregator(config, secure),
         server_stages=privacy.server_stages if isinstance(privacy, ClientLevelPrivacy) else [],
@@ -263,9 +286,8 @@ def _run(
             centralized_baseline=Baseline(**baseline) if baseline else None,
             rounds=rounds,
             privacy=_privacy_record(config, privacy, secure),
-            communication=Communication(
-                bytes_up=sum(r.bytes_up for r in rounds),
-                bytes_down=sum(r.bytes_down for r in rounds),
+            communication=_communication(
+                rounds, model, upload_reference(config, initial, privacy), config
             ),
             timing=Timing(total_s=time.perf_counter() - started),
             pipeline=pipeline.describe(),
@@ -364,10 +386,13 @@ def _privacy_policy(
 def _aggregator(
     config: RunConfig, secure: _SecureAggregation | CkksFederation | TeeFederation | None
 ) -> Aggregator:
-    """The run's aggregator; under TEE the plain or robust rule runs behind attestation."""
+    """The run's aggregator; under TEE the plain or robust rule runs behind attestation; with
+    compressed uploads each one is decompressed before it is summed."""
     if isinstance(secure, TeeFederation):
         return secure.aggregator(robust_aggregator(config.robust, WeightedSum()))
-    return robust_aggregator(config.robust, secure.aggregator if secure else WeightedSum())
+    aggregator = robust_aggregator(config.robust, secure.aggregator if secure else WeightedSum())
+    compressor = update_compressor(config)
+    return aggregator if compressor is None else DecompressingAggregator(aggregator, compressor)
 
 
 @dataclass
@@ -422,7 +447,23 @@ def secagg_settings(config: RunConfig, privacy: PrivacyPolicy | None) -> SecAggS
     noise = None
     if isinstance(privacy, ClientLevelPrivacy):
         noise = DistributedNoise(privacy.noise_multiplier, privacy.config.clip_norm)
-    return settings_from_config(config.secagg, distributed_dp=noise)
+    return settings_from_config(
+        config.secagg, distributed_dp=noise, modulus_bits=secagg_modulus_bits(config)
+    )
+
+
+def upload_reference(
+    config: RunConfig, initial: NamedArrays, privacy: PrivacyPolicy | None
+) -> dict[str, np.ndarray]:
+    """What each client's upload must look like: the parameters, their compressed form, one
+    masked vector, or one vector of CKKS ciphertext frames."""
+    if config.secure_aggregation == "ckks":
+        return ckks_reference(config.ckks, initial)
+    settings = secagg_settings(config, privacy)
+    if settings is None:
+        return compressed_reference(update_compressor(config), initial)
+    layout = UpdateLayout.of(initial, settings.sum_bounds)
+    return masked_reference(layout, FixedPoint(settings.modulus_bits, 1.0).dtype)
 
 
 def _privacy_record(
@@ -496,7 +537,11 @@ def _mark_released(config: RunConfig, charge_ids: list[int]) -> None:
 
 def _federated_data(config: RunConfig) -> FederatedData:
     d = config.data
-    dataset = load_dataset(d.dataset, path=d.path, target=d.target)
+    if d.dataset in TEXT_DATASETS:
+        tokenizer = load_tokenizer(config.model.model_dir)
+        dataset = load_text_dataset(d.dataset, tokenizer, config.model.max_length)
+    else:
+        dataset = load_dataset(d.dataset, path=d.path, target=d.target)
     return build_federated_data(
         dataset,
         n_clients=config.federation.clients,
@@ -545,9 +590,24 @@ def _test_evaluator(config: RunConfig, fed: FederatedData) -> Evaluator:
 def _centralized_baseline(
     config: RunConfig, fed: FederatedData, initial: NamedArrays
 ) -> dict[str, float]:
-    """The same model, initial weights and epoch budget, trained on the pooled training data."""
+    """The same model, initial weights and epoch budget, trained on the pooled training data;
+    for a transformer also a linear probe (the head alone on the frozen pretrained encoder)."""
+    baseline = _train_pooled(config, fed, initial)
+    if config.model.name == "transformer":
+        probe = _train_pooled(config, fed, initial, head_only=True)
+        baseline |= {f"linear_probe_{k}": v for k, v in probe.items()}
+    return baseline
+
+
+def _train_pooled(
+    config: RunConfig, fed: FederatedData, initial: NamedArrays, *, head_only: bool = False
+) -> dict[str, float]:
     model = _model(config, fed)
     set_parameters(model, initial)
+    if head_only:
+        assert isinstance(model, SequenceClassifier)
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
     x, y = as_tensors(*fed.pooled_train())
     plan = _training_plan(config)
     epochs = config.federation.rounds * config.federation.local_epochs
@@ -560,6 +620,27 @@ def _centralized_baseline(
     )
     xt, yt = as_tensors(fed.x_test, fed.y_test)
     return evaluate(model, xt, yt, fed.n_classes)
+
+
+def _communication(
+    rounds: Sequence[RoundResult], model: nn.Module, upload: NamedArrays, config: RunConfig
+) -> Communication:
+    """Bytes moved, and how one client's upload compares with the whole model in float32 (the
+    frozen base of a LoRA model included: what full fine-tuning would send)."""
+    trainable, total = parameter_counts(model)
+    update_bytes = total_bytes(upload)
+    per_client = [r.bytes_up / r.clients for r in rounds if r.clients]
+    return Communication(
+        bytes_up=sum(r.bytes_up for r in rounds),
+        bytes_down=sum(r.bytes_down for r in rounds),
+        update_bytes_per_client=update_bytes,
+        bytes_up_per_client_round=sum(per_client) / len(per_client) if per_client else 0.0,
+        trainable_parameters=trainable,
+        model_parameters=total,
+        model_bytes_float32=4 * total,
+        update_fraction_of_model=update_bytes / (4 * total),
+        compression=config.compression.kind if config.compression else "none",
+    )
 
 
 def _round_result(record: RoundRecord) -> RoundResult:

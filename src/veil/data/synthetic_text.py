@@ -62,15 +62,8 @@ def make_synthetic_text_dataset(
     tokenizer: Any, n_examples: int = 400, *, max_length: int = 16, seed: int = 0
 ) -> Dataset:
     """The SYNTHETIC review corpus tokenised with `tokenizer`: features are token ids (n, L)."""
-    from veil.models.transformer import tokenize
+    from veil.data.text import TextCorpus, tokenized
 
     texts, labels = synthetic_reviews(n_examples, seed=seed)
-    features = tokenize(tokenizer, texts, max_length)
-    return Dataset(
-        name="synthetic-reviews",
-        features=features,
-        labels=labels,
-        feature_names=tuple(f"token_{i}" for i in range(max_length)),
-        class_names=CLASS_NAMES,
-        synthetic=True,
-    )
+    corpus = TextCorpus("synthetic-reviews", tuple(texts), labels, CLASS_NAMES, synthetic=True)
+    return tokenized(corpus, tokenizer, max_length)

@@ -18,13 +18,29 @@ def build_model(
     image_shape: tuple[int, int, int] | None = None,
     seed: int | None = None,
 ) -> nn.Module:
-    """A fresh model; with `seed`, its initial weights depend only on the seed."""
+    """A fresh model; with `seed`, its initial weights depend only on the seed (for a
+    transformer: the head and adapters; the pretrained base comes from its files)."""
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return build_model(
                 config, n_features=n_features, n_classes=n_classes, image_shape=image_shape
             )
+    if config.name == "transformer":
+        from veil.models.transformer import LoRASettings, build_sequence_classifier
+
+        lora = config.lora
+        return build_sequence_classifier(
+            n_classes,
+            model_dir=config.model_dir,
+            lora=LoRASettings(
+                rank=lora.rank,
+                alpha=lora.alpha,
+                dropout=lora.dropout,
+                target_modules=tuple(lora.target_modules) if lora.target_modules else None,
+            ),
+            gradient_checkpointing=config.gradient_checkpointing,
+        )
     if config.name == "logistic":
         return LogisticRegression(n_features, n_classes)
     if config.name == "mlp":

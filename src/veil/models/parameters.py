@@ -34,3 +34,9 @@ def set_parameters(model: nn.Module, arrays: NamedArrays) -> None:
 def _as_array_spec(p: torch.Tensor) -> np.ndarray:
     # check_compatible needs only shape and dtype: a zero-strided view costs no memory.
     return np.broadcast_to(np.float32(0), tuple(p.shape))
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts: what travels versus the whole model."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

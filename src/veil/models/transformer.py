@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,20 @@ import torch
 from torch import nn
 
 from veil.errors import UserError
+from veil.models.parameters import parameter_counts
+
+__all__ = [
+    "CausalLM",
+    "LoRASettings",
+    "SequenceClassifier",
+    "build_causal_lm",
+    "build_sequence_classifier",
+    "default_model_dir",
+    "load_tokenizer",
+    "parameter_counts",
+    "tiny_gpt2_config",
+    "tokenize",
+]
 
 #: Token ids must stay exact in float32 features.
 _FLOAT32_EXACT = 1 << 24
@@ -104,21 +118,40 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> np.ndarra
 
 
 class SequenceClassifier(nn.Module):
-    """A LoRA-adapted Hugging Face sequence classifier: token ids (n, L) → logits (n, classes).
+    """A LoRA-adapted Hugging Face encoder with a trainable linear head on the mean of its token
+    embeddings: token ids (n, L) → logits (n, classes).
 
-    Positions holding `pad_token_id` are masked out of attention.
+    Mean pooling over the non-padding positions is how sentence encoders such as the bundled
+    MiniLM were trained (Reimers & Gurevych 2019, "Sentence-BERT"); a checkpoint's `[CLS]` pooler
+    is often left over from pre-training and, frozen, makes a poor feature. Positions holding
+    `pad_token_id` are masked out of attention and of the mean.
     """
 
-    def __init__(self, model: nn.Module, pad_token_id: int) -> None:
+    def __init__(self, encoder: nn.Module, hidden_size: int, n_classes: int, pad_token_id: int):
         super().__init__()
-        self.model = model
+        self.encoder = encoder
+        self.classifier = nn.Linear(hidden_size, n_classes)
         self.pad_token_id = pad_token_id
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = x.long()
-        mask = (ids != self.pad_token_id).long()
-        logits: torch.Tensor = self.model(input_ids=ids, attention_mask=mask).logits
+        logits: torch.Tensor = self.classifier(self.embed(x))
         return logits
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean-pooled sentence embeddings (n, hidden) that the head classifies."""
+        ids = x.long()
+        keep = ids != self.pad_token_id
+        # Drop the columns that are padding in every row: the result is the same (padding is
+        # masked out), and a batch of short texts costs what its longest text costs.
+        used = keep.any(dim=0).nonzero()
+        width = int(used[-1]) + 1 if used.numel() else 1
+        if width < ids.shape[1]:
+            ids, keep = ids[:, :width], keep[:, :width]
+        hidden: torch.Tensor = self.encoder(
+            input_ids=ids, attention_mask=keep.long()
+        ).last_hidden_state
+        weights = keep.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
 class CausalLM(nn.Module):
@@ -184,32 +217,36 @@ def build_sequence_classifier(
                 gradient_checkpointing=gradient_checkpointing,
             )
     _offline()
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoModel
 
-    path = _model_dir(model_dir)
-    # Quiet while loading: the "head newly initialised" report is expected here.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    try:
-        base = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=n_classes, local_files_only=True
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+    base = _quietly(lambda: AutoModel.from_pretrained(_model_dir(model_dir), local_files_only=True))
     if gradient_checkpointing:
         # Recompute activations in the backward pass: less memory, about one more forward.
         # transformers 5 renamed the method; 4.x only has the old name.
         enable = getattr(base, "activation_checkpointing_enable", None)
         (enable or base.gradient_checkpointing_enable)()
     pad = base.config.pad_token_id
-    # task_type SEQ_CLS makes peft keep the head (`classifier`/`score`) trainable.
-    model = _with_lora(base, lora or LoRASettings(), "SEQ_CLS")
-    return SequenceClassifier(model, 0 if pad is None else int(pad))
+    hidden = getattr(base.config, "hidden_size", None) or getattr(base.config, "n_embd", None)
+    if not isinstance(hidden, int):
+        raise UserError(f"cannot tell the hidden size of the model in {model_dir}")
+    encoder = _with_lora(base, lora or LoRASettings(), "FEATURE_EXTRACTION")
+    return SequenceClassifier(encoder, hidden, n_classes, 0 if pad is None else int(pad))
+
+
+def _quietly(load: Callable[[], Any]) -> Any:
+    """Run a `from_pretrained` without transformers' load report and progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        return load()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def tiny_gpt2_config(vocab_size: int = 256, n_positions: int = 64) -> Any:
@@ -243,11 +280,6 @@ def build_causal_lm(
     if config is not None:
         base = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     else:
-        base = AutoModelForCausalLM.from_pretrained(_model_dir(model_dir), local_files_only=True)
+        path = _model_dir(model_dir)
+        base = _quietly(lambda: AutoModelForCausalLM.from_pretrained(path, local_files_only=True))
     return CausalLM(_with_lora(base, lora or LoRASettings(), "CAUSAL_LM"))
-
-
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts: what travels versus the whole model."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())

@@ -24,7 +24,7 @@ from veil.privacy.secagg.masking import (
 def test_expand_mask_is_the_aes_ctr_keystream_little_endian() -> None:
     seed = os.urandom(32)
     length = 70_001  # more than one internal chunk, not a multiple of one
-    for dtype in (np.uint32, np.uint64):
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
         mask = expand_mask(seed, length, dtype)
         size = length * np.dtype(dtype).itemsize
         stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(size))
@@ -47,6 +47,13 @@ def test_apply_masks_adds_and_subtracts_the_expansions() -> None:
     assert np.array_equal(acc, expected)
     apply_masks(acc, [(seeds[0], -1), (seeds[1], 1), (seeds[2], -1)])
     assert np.array_equal(acc, np.arange(length, dtype=np.uint32))
+    narrow = np.arange(length, dtype=np.uint16)
+    apply_masks(narrow, [(seeds[0], 1), (seeds[1], -1)])
+    assert not np.array_equal(narrow, np.arange(length, dtype=np.uint16))
+    apply_masks(narrow, [(seeds[1], 1), (seeds[0], -1)])
+    assert np.array_equal(narrow, np.arange(length, dtype=np.uint16))  # masks cancel mod 2^16
+    with pytest.raises(TypeError, match="unsigned"):
+        apply_masks(np.zeros(4, np.int32), [(seeds[0], 1)])
     with pytest.raises(ValueError, match="sign"):
         apply_masks(acc, [(seeds[0], 2)])
     with pytest.raises(ValueError, match="32 bytes"):

@@ -14,7 +14,7 @@ from veil.errors import UserError
 from veil.privacy.dp.randomness import SeededRandom
 from veil.privacy.secagg.quantize import CapacityError, FixedPoint
 
-BITS = st.sampled_from([16, 20, 32, 40, 64])
+BITS = st.sampled_from([8, 12, 16, 20, 32, 40, 64])
 
 
 def _sum_decoded(fp: FixedPoint, vectors: list[np.ndarray], bound: float, seed: int):
@@ -156,6 +156,10 @@ def test_add_and_sub_mod_wrap_at_the_modulus() -> None:
 
 
 def test_validation() -> None:
+    assert FixedPoint(8, 1.0).dtype == np.uint8
+    assert FixedPoint(9, 1.0).dtype == np.uint16
+    assert FixedPoint(16, 1.0).dtype == np.uint16
+    assert FixedPoint(17, 1.0).dtype == np.uint32
     assert FixedPoint(32, 1.0).dtype == np.uint32
     assert FixedPoint(33, 1.0).dtype == np.uint64
     assert FixedPoint(64, 1.0).modulus == 2**64

@@ -75,7 +75,7 @@ def expand_mask(
     dtype: npt.DTypeLike,
     modulus_bits: int | None = None,
 ) -> UIntArray:
-    """``PRG(seed)``: `length` pseudo-random unsigned integers of `dtype` (uint32 or uint64).
+    """``PRG(seed)``: `length` pseudo-random unsigned integers of `dtype` (uint8 to uint64).
 
     The AES-256-CTR keystream under the 32-byte `seed`, from an all-zero counter block, read as
     little-endian integers (the same on every platform). With `modulus_bits` the values are
@@ -103,9 +103,9 @@ def apply_masks(acc: UIntArray, masks: Iterable[tuple[bytes, int]]) -> UIntArray
     """Add ``sign · PRG(seed)`` to `acc` in place, for every ``(seed, sign)`` in `masks`
     (``sign`` is +1 or -1); returns `acc`.
 
-    The result is the same as adding each `expand_mask` of ``acc.size`` entries, mod 2^32 or
-    2^64 (reduce mod 2^k afterwards). It streams: the masks advance together over cache-sized
-    chunks of `acc`, so no mask is ever held whole.
+    The result is the same as adding each `expand_mask` of ``acc.size`` entries, mod 2^width
+    of `acc`'s dtype (reduce mod 2^k afterwards). It streams: the masks advance together over
+    cache-sized chunks of `acc`, so no mask is ever held whole.
     """
     dt = _uint_dtype(acc.dtype)
     if not acc.flags.c_contiguous:
@@ -236,8 +236,8 @@ def _check_seed(seed: bytes) -> None:
 
 def _uint_dtype(dtype: npt.DTypeLike) -> np.dtype[Any]:
     dt = np.dtype(dtype)
-    if dt not in (np.dtype(np.uint32), np.dtype(np.uint64)):
-        raise TypeError(f"masks are uint32 or uint64, got {dt}")
+    if dt.kind != "u":
+        raise TypeError(f"masks are unsigned integers (uint8 to uint64), got {dt}")
     return dt
 
 

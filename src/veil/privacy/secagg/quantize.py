@@ -34,7 +34,7 @@ from veil.privacy.dp.randomness import RandomSource
 
 __all__ = ["CapacityError", "Encoded", "FixedPoint", "UIntArray"]
 
-#: An array of unsigned integers (``uint32`` or ``uint64``): residues mod 2^k.
+#: An array of unsigned integers (``uint8`` to ``uint64``): residues mod 2^k.
 UIntArray: TypeAlias = npt.NDArray[np.unsignedinteger[Any]]
 
 _MIN_BITS = 8
@@ -60,8 +60,9 @@ class FixedPoint:
     """Fixed-point numbers ``q · step`` stored as residues mod ``2**modulus_bits``.
 
     Contract: ``8 <= modulus_bits <= 64``; ``step`` is a positive finite float. Residues are held
-    in `dtype` (``uint32`` for up to 32 bits, ``uint64`` above); every array this class returns
-    holds values below `modulus`.
+    in `dtype`, the narrowest of ``uint8``, ``uint16``, ``uint32`` and ``uint64`` that holds
+    them, so that a narrow modulus also makes a small upload (8-bit compression is this encoding
+    at 8 bits); every array this class returns holds values below `modulus`.
     """
 
     modulus_bits: int
@@ -84,8 +85,9 @@ class FixedPoint:
 
     @property
     def dtype(self) -> np.dtype[np.unsignedinteger[Any]]:
-        """``uint32`` when ``modulus_bits <= 32``, else ``uint64``."""
-        return np.dtype(np.uint32) if self.modulus_bits <= 32 else np.dtype(np.uint64)
+        """The narrowest unsigned integer type of 8, 16, 32 or 64 bits that holds `modulus_bits`."""
+        width = next(w for w in (8, 16, 32, 64) if self.modulus_bits <= w)
+        return np.dtype(f"uint{width}")
 
     @property
     def modulus(self) -> int:
@@ -202,7 +204,7 @@ class FixedPoint:
             np.add(x, random.uniform32(n), out=x)
             np.floor(x, out=x)
             np.copyto(integers, x, casting="unsafe")  # exact: integral, |q| < 2^63
-            # int64 → uint32/uint64 keeps the low bits: two's complement mod 2^32 or 2^64.
+            # int64 → uint8..uint64 keeps the low bits: two's complement mod 2^width.
             np.copyto(out[start:stop], integers, casting="unsafe")
         self.reduce(out)
         return Encoded(values=out.reshape(shape), clipped=clipped)
@@ -219,7 +221,7 @@ class FixedPoint:
         total = np.asarray(total)
         self._check_dtype(total, "total")
         width = 8 * total.dtype.itemsize
-        signed_type = np.int32 if width == 32 else np.int64
+        signed_type = np.dtype(f"int{width}").type
         shift = width - self.modulus_bits
         if shift:
             shifted = np.left_shift(total, total.dtype.type(shift))
@@ -227,7 +229,7 @@ class FixedPoint:
             np.right_shift(signed, signed_type(shift), out=signed)  # arithmetic: sign-extends
         else:
             signed = total.view(signed_type)
-        result = signed.astype(np.float64)
+        result: npt.NDArray[np.float64] = signed.astype(np.float64)
         np.multiply(result, self.step, out=result)
         return result
 
@@ -248,10 +250,10 @@ class FixedPoint:
     def reduce(self, acc: UIntArray) -> UIntArray:
         """Reduce `acc` mod 2^k in place; returns it.
 
-        Sums may be left unreduced in between: ``uint32``/``uint64`` arithmetic wraps mod 2^32
-        or 2^64, and 2^k divides both, so one reduction at the end gives the same residues.
+        Sums may be left unreduced in between: unsigned arithmetic wraps mod 2^width, and 2^k
+        divides it, so one reduction at the end gives the same residues.
         """
-        if self.modulus_bits not in (32, 64):
+        if self.modulus_bits != 8 * self.dtype.itemsize:
             np.bitwise_and(acc, acc.dtype.type(self.modulus - 1), out=acc)
         return acc
 

@@ -179,14 +179,18 @@ def params_from_bytes(data: bytes) -> RoundParams:
 
 
 def settings_from_config(
-    config: SecAggConfig | None, *, distributed_dp: DistributedNoise | None = None
+    config: SecAggConfig | None,
+    *,
+    distributed_dp: DistributedNoise | None = None,
+    modulus_bits: int | None = None,
 ) -> SecAggSettings:
-    """The settings of a run's `[secagg]` section (defaults when it is absent)."""
+    """The settings of a run's `[secagg]` section (defaults when it is absent); `modulus_bits`
+    overrides the section's (int8 compression narrows the ring)."""
     c = config or SecAggConfig()
     return SecAggSettings(
         clip_range=c.clip_range,
         max_weight=c.max_weight,
-        modulus_bits=c.modulus_bits,
+        modulus_bits=c.modulus_bits if modulus_bits is None else modulus_bits,
         step=c.step,
         threshold=c.threshold,
         neighbours=c.neighbours,

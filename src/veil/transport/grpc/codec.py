@@ -21,7 +21,7 @@ from veil.crypto.identity import signing_payload
 from veil.transport.grpc import veil_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
-ALLOWED_DTYPES = frozenset({"<f4", "<f8", "<i8", "<i4", "<u4", "<u8", "|u1"})
+ALLOWED_DTYPES = frozenset({"<f4", "<f8", "<i8", "<i4", "<u2", "<u4", "<u8", "|u1"})
 
 
 class MalformedMessage(ValueError):
