@@ -143,6 +143,30 @@ def test_client_level_dp_under_secure_aggregation_with_lora(sample: Dataset) -> 
     assert result.rounds[-1].aggregation["protocol"] == "secagg"
 
 
+def test_any_hugging_face_model_directory_works_the_same_way(
+    sample: Dataset, tmp_path: Path
+) -> None:
+    # A GPT-2-style decoder saved locally (initialised here: no pretrained decoder ships
+    # offline) with the MiniLM's tokenizer; its config names no padding token, so the
+    # tokenizer's is used.
+    from transformers import GPT2Config, GPT2Model
+
+    tokenizer = load_tokenizer()
+    folder = tmp_path / "tiny-gpt2"
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_layer=2, n_head=2, n_embd=32)
+    GPT2Model(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    run_config = _config(
+        model={"model_dir": str(folder), "lora": {"rank": 4, "target_modules": ["c_attn"]}}
+    )
+    result = _run(run_config, sample)
+    c = result.communication
+    # rank 4 on c_attn (32 -> 96) in 2 layers, plus a 32 x 2 head.
+    assert c.trainable_parameters == 2 * 4 * (32 + 96) + 32 * 2 + 2
+    assert c.update_bytes_per_client == 4 * c.trainable_parameters
+    assert all(r.applied for r in result.rounds)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -96,11 +96,23 @@ def _offline() -> None:
 
 
 def load_tokenizer(model_dir: str | Path | None = None) -> Any:
-    """The tokenizer saved with the model in `model_dir` (default: the bundled MiniLM), offline."""
+    """The tokenizer saved with the model in `model_dir` (default: the bundled MiniLM), offline.
+
+    A tokenizer without a padding token (GPT-2's) pads with its end-of-text token, which the
+    model then masks out like any padding.
+    """
     _offline()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_model_dir(model_dir), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(_model_dir(model_dir), local_files_only=True)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(
+                f"the tokenizer in {model_dir} has neither a padding nor an end-of-text token; "
+                "save one with a pad_token"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> np.ndarray:
@@ -225,12 +237,13 @@ def build_sequence_classifier(
         # transformers 5 renamed the method; 4.x only has the old name.
         enable = getattr(base, "activation_checkpointing_enable", None)
         (enable or base.gradient_checkpointing_enable)()
-    pad = base.config.pad_token_id
+    # Pad with what the tokenizer pads with (the model's config may not say, e.g. GPT-2's).
+    pad = load_tokenizer(model_dir).pad_token_id
     hidden = getattr(base.config, "hidden_size", None) or getattr(base.config, "n_embd", None)
     if not isinstance(hidden, int):
         raise UserError(f"cannot tell the hidden size of the model in {model_dir}")
     encoder = _with_lora(base, lora or LoRASettings(), "FEATURE_EXTRACTION")
-    return SequenceClassifier(encoder, hidden, n_classes, 0 if pad is None else int(pad))
+    return SequenceClassifier(encoder, hidden, n_classes, int(pad))
 
 
 def _quietly(load: Callable[[], Any]) -> Any:
