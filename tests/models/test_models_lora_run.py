@@ -211,3 +211,15 @@ def test_example_federated_lora_matches_centralised_and_beats_the_linear_probe(
     assert federated >= baseline.accuracy - 0.03
     assert federated > probe
     assert result.communication.update_fraction_of_model <= 0.006  # type: ignore[operator]
+
+
+@pytest.mark.slow
+def test_lora_deployment_with_secagg_and_int8(deploy: Any) -> None:
+    # Three organisations as real processes with mutual TLS, each loading the MiniLM from its
+    # own copy of the package files; SecAgg's 16-bit masked vectors travel over gRPC as uint16.
+    config = (Path(__file__).parent / "lora_deployment.toml").read_text()
+    result = deploy(config).result
+    assert [r["clients"] for r in result["rounds"]] == [3, 3]
+    assert result["privacy"]["secure_aggregation"]["modulus_bits"] == 16
+    assert result["communication"]["update_bytes_per_client"] == 2 * (74_498 + 1)
+    assert result["final"]["accuracy"] > 0.6

@@ -99,11 +99,21 @@ def summary_table(result: Result) -> Table:
         table.add_row(
             "centralized baseline accuracy", f"{result.centralized_baseline.accuracy:.4f}"
         )
+        probe = getattr(result.centralized_baseline, "linear_probe_accuracy", None)
+        if probe is not None:
+            table.add_row("linear probe accuracy (frozen encoder)", f"{probe:.4f}")
     table.add_row("aggregation", _aggregation_note(result.privacy.aggregation))
     table.add_row(
         "communication",
         f"{_size(result.communication.bytes_up)} up, {_size(result.communication.bytes_down)} down",
     )
+    c = result.communication
+    if c.update_bytes_per_client is not None and c.update_fraction_of_model is not None:
+        table.add_row(
+            "upload per client and round",
+            f"{_size(c.update_bytes_per_client)} ({c.update_fraction_of_model:.3%} of the "
+            f"model in float32; compression {c.compression})",
+        )
     table.add_row("time", f"{result.timing.total_s:.1f} s")
     return table
 

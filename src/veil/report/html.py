@@ -298,7 +298,15 @@ def _performance(result: Mapping[str, Any], rounds: Sequence[dict[str, Any]]) ->
     final = _dict(result.get("final"))
     rows = [(f"final {k}", _num(v)) for k, v in final.items()]
     baseline = _dict(result.get("centralized_baseline"))
-    rows += [(f"pooled-data baseline {k}", _num(v)) for k, v in baseline.items()]
+    rows += [
+        (
+            f"linear probe of the frozen encoder, {k.removeprefix('linear_probe_')}"
+            if k.startswith("linear_probe_")
+            else f"pooled-data baseline {k}",
+            _num(v),
+        )
+        for k, v in baseline.items()
+    ]
     body = f'<div class="charts">{"".join(charts)}</div>{_table(rows)}'
     return _section("performance", "Accuracy and loss", body)
 
@@ -413,6 +421,19 @@ def _communication(result: Mapping[str, Any], rounds: Sequence[dict[str, Any]]) 
         ("uploaded in total", _size(total.get("bytes_up"))),
         ("downloaded in total", _size(total.get("bytes_down"))),
     ]
+    per_client, fraction = (
+        total.get("update_bytes_per_client"),
+        total.get("update_fraction_of_model"),
+    )
+    if isinstance(per_client, int) and isinstance(fraction, float):
+        rows.append(
+            (
+                "one client's upload per round",
+                f"{_size(per_client)}: {fraction:.3%} of the model in float32 "
+                f"({total.get('trainable_parameters')} of {total.get('model_parameters')} "
+                f"parameters train; compression {total.get('compression', 'none')})",
+            )
+        )
     return _section(
         "communication", "Communication", f'<div class="charts">{chart}</div>{_table(rows)}'
     )
