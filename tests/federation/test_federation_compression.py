@@ -219,3 +219,17 @@ def test_int8_with_secagg_masks_a_16_bit_ring() -> None:
 def test_compression_config_refusals(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         _config(**overrides)
+
+
+def test_a_stage_travels_to_another_process_without_its_csprng_state() -> None:
+    # Ray ships client stages with pickle: the cipher state of a SecureRandom must not travel
+    # (it cannot be pickled, and a copy would repeat the rounding randomness); the copy makes
+    # its own.
+    import pickle
+
+    stage = CompressionStage(Int8Compressor(), error_feedback=False)
+    update = {"w": np.linspace(-1, 1, 9, dtype=np.float32)}
+    stage.apply(_fit(update), RoundContext("run", 1))  # creates the CSPRNG
+    copy = pickle.loads(pickle.dumps(stage))  # noqa: S301 - our own bytes, as Ray ships them
+    sent = copy.apply(_fit(update), RoundContext("run", 2))
+    assert sent.update["w"].dtype == np.uint8

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -222,27 +223,29 @@ class CompressionStage:
         self.compressor = compressor
         self.error_feedback = error_feedback
         self.name = f"compress-{compressor.name}" + ("+ef" if error_feedback else "")
-        self._random = random if random is not None else SecureRandom()
+        self._random = random
         self._residuals: dict[str, NamedArrays] = {}
+
+    def __getstate__(self) -> dict[str, object]:
+        # A CSPRNG's cipher state cannot (and must not) be copied to another process (Ray ships
+        # client stages): the copy draws from a fresh `SecureRandom` of its own.
+        state = dict(self.__dict__)
+        if isinstance(state["_random"], SecureRandom):
+            state["_random"] = None
+        return state
 
     def apply(self, result: FitResult, context: RoundContext) -> FitResult:
         update = dict(result.update)
         residual = self._residuals.get(result.client)
         if self.error_feedback and residual is not None and residual.keys() == update.keys():
             update = {n: update[n] + residual[n] for n in update}
+        if self._random is None:
+            self._random = SecureRandom()
         payload = self.compressor.compress(update, self._random)
         if self.error_feedback:
             sent = self.compressor.decompress(payload, update)
             self._residuals[result.client] = {n: update[n] - sent[n] for n in update}
-        return FitResult(
-            client=result.client,
-            round=result.round,
-            update=payload,
-            weight=result.weight,
-            num_examples=result.num_examples,
-            metrics=result.metrics,
-            sums=result.sums,
-        )
+        return replace(result, update=payload)
 
     def residual_norm(self, client: str) -> float:
         """The L2 norm of what `client` still owes the server (0 before its first upload)."""
@@ -281,17 +284,7 @@ class _Decompressing:
 
     def add(self, result: FitResult) -> None:
         dense = self._compressor.decompress(result.update, self._reference)
-        self._inner.add(
-            FitResult(
-                client=result.client,
-                round=result.round,
-                update=dense,
-                weight=result.weight,
-                num_examples=result.num_examples,
-                metrics=result.metrics,
-                sums=result.sums,
-            )
-        )
+        self._inner.add(replace(result, update=dense))
 
     def finish(self) -> Aggregate:
         aggregate = self._inner.finish()
