@@ -119,6 +119,18 @@ def test_only_adapters_and_head_travel_within_the_byte_budget(sample: Dataset) -
     assert int8.final["accuracy"] > 0.6 and plain.final["accuracy"] > 0.6  # chance is 0.5
 
 
+def test_gradient_checkpointing_gives_the_same_training(sample: Dataset) -> None:
+    # Recomputing activations in the backward pass changes memory, not the model: the same seed
+    # gives nearly the same result (the recomputation replays each dropout mask, but the random
+    # stream then continues from another point, so later masks differ).
+    plain = _run(_config(federation={"rounds": 1}), sample)
+    recomputed = _run(
+        _config(federation={"rounds": 1}, model={"gradient_checkpointing": True}), sample
+    )
+    assert recomputed.final["loss"] == pytest.approx(plain.final["loss"], rel=0.01)
+    assert recomputed.communication.update_bytes_per_client == 4 * 74_498
+
+
 def test_dp_sgd_with_lora_at_epsilon_8_moves_the_adapters(sample: Dataset, tmp_path: Path) -> None:
     config = _config(privacy={"unit": "record", "epsilon": 8.0, "delta": 1e-5, "clip_norm": 1.0})
     result = _run(config, sample, tmp_path)
