@@ -606,6 +606,18 @@ class RunConfig(_Section):
                 "compression kind = 'topk' leaves most coordinates zero, which robust "
                 "aggregation would read as agreement; use kind = 'int8' with [robust]"
             )
+        client_dp = self.privacy is not None and self.privacy.unit == "client"
+        if (
+            client_dp
+            and self.secure_aggregation == "plain"
+            and (c.kind == "int8" or c.error_feedback)
+        ):
+            raise ValueError(
+                "with client-level [privacy], int8 rounding and error feedback can make an "
+                "upload longer than clip_norm, the sensitivity the server's noise is calibrated "
+                "to; use secure_aggregation = 'secagg' (its distributed noise covers the "
+                "rounding), or kind = 'topk' with error_feedback = false"
+            )
         if self.mode == "ray" and c.error_feedback:
             raise ValueError(
                 "compression error_feedback keeps each client's residual between rounds, and "

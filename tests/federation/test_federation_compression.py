@@ -233,3 +233,31 @@ def test_a_stage_travels_to_another_process_without_its_csprng_state() -> None:
     copy = pickle.loads(pickle.dumps(stage))  # noqa: S301 - our own bytes, as Ray ships them
     sent = copy.apply(_fit(update), RoundContext("run", 2))
     assert sent.update["w"].dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    "compression",
+    [{"kind": "int8", "error_feedback": False}, {"kind": "topk", "error_feedback": True}],
+)
+def test_client_level_dp_refuses_compression_that_can_lengthen_an_update(
+    compression: dict[str, Any],
+) -> None:
+    privacy = {"unit": "client", "epsilon": 5.0, "delta": 1e-3}
+    with pytest.raises(ConfigError, match="longer than clip_norm"):
+        _config(
+            privacy=privacy,
+            compression=compression,
+            data={"dataset": "breast_cancer", "scaling": "local", "validation_fraction": 0.0},
+        )
+    # Allowed: top-k without error feedback (never longer), and int8 inside SecAgg's encoding.
+    _config(
+        privacy=privacy,
+        compression={"kind": "topk", "error_feedback": False},
+        data={"dataset": "breast_cancer", "scaling": "local", "validation_fraction": 0.0},
+    )
+    _config(
+        privacy=privacy,
+        secure_aggregation="secagg",
+        compression={"kind": "int8"},
+        data={"dataset": "breast_cancer", "scaling": "local", "validation_fraction": 0.0},
+    )
