@@ -152,7 +152,7 @@ class CompressionConfig(_Section):
 
     @model_validator(mode="after")
     def _fraction_is_for_topk(self) -> CompressionConfig:
-        if self.kind != "topk" and self.fraction != 0.01:
+        if self.kind != "topk" and "fraction" in self.model_fields_set:
             raise ValueError("fraction applies to kind = 'topk'; remove it")
         return self
 

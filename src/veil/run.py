@@ -9,7 +9,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -56,7 +56,7 @@ from veil.federation.server import ClientGateway, Evaluator
 from veil.federation.strategy import PoissonSource
 from veil.federation.training import LocalTrainer, as_tensors, evaluate, train_epochs
 from veil.models import build_model, get_parameters, set_parameters
-from veil.models.parameters import parameter_counts
+from veil.models.parameters import frozen_fingerprint, parameter_counts
 from veil.models.transformer import SequenceClassifier, load_tokenizer
 from veil.privacy.dp.ledger import TOLERANCE, BudgetExceeded, PrivacyLedger
 from veil.privacy.dp.policy import ClientLevelPrivacy, RecordLevelPrivacy
@@ -160,6 +160,7 @@ def _run(
     plan = _training_plan(config)
     model = _model(config, fed, seed=derive_seed(config.seed, Purpose.MODEL_INIT))
     initial = get_parameters(model)
+    plan = replace(plan, base_model=frozen_fingerprint(model))
     start_round = 1
     if checkpoint is not None:
         initial, start_round = checkpoint.parameters, checkpoint.round + 1

@@ -242,3 +242,34 @@ def test_synthetic_corpus_is_labelled_and_reproducible() -> None:
     dataset = make_synthetic_text_dataset(load_tokenizer(), 20, max_length=8)
     assert dataset.synthetic and "synthetic" in dataset.name
     assert dataset.features.shape == (20, 8) and dataset.features.dtype == np.float32
+
+
+def test_a_client_with_another_base_model_refuses_to_train(
+    model: SequenceClassifier, data: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    from veil.config import ModelConfig
+    from veil.models import build_model
+    from veil.models.parameters import frozen_fingerprint
+
+    fingerprint = frozen_fingerprint(model)
+    assert fingerprint is not None and len(fingerprint) == 64
+    assert frozen_fingerprint(build_sequence_classifier(2, lora=LORA, seed=7)) == fingerprint
+    assert frozen_fingerprint(build_model(ModelConfig(), n_features=3, n_classes=2)) is None
+    other = build_sequence_classifier(2, lora=LORA, seed=0)
+    with torch.no_grad():  # one frozen weight differs: another checkpoint
+        next(p for p in other.parameters() if not p.requires_grad)[0, 0] += 1.0
+    assert frozen_fingerprint(other) != fingerprint
+
+    x, y = data
+    client = ClientRunner(
+        "org",
+        ClientData("org", x.numpy(), y.numpy(), x[:0].numpy(), y[:0].numpy()),
+        n_classes=2,
+        pipeline=UpdatePipeline(),
+        seed=0,
+    )
+    plan = TrainingPlan(epochs=1, batch_size=16, learning_rate=0.1, base_model=fingerprint)
+    instruction = FitInstruction("run", 1, get_parameters(model), plan)
+    assert client.fit(model, instruction).update  # the same base: trains
+    with pytest.raises(UserError, match="another pretrained base model"):
+        client.fit(other, instruction)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from veil.data import ClientData
+from veil.errors import UserError
 from veil.federation.messages import (
     EvaluateInstruction,
     EvaluateResult,
@@ -17,6 +18,7 @@ from veil.federation.messages import (
 from veil.federation.pipeline import ClientProtocol, RoundContext, UpdatePipeline
 from veil.federation.training import LocalTrainer, SGDTrainer, as_tensors, evaluate
 from veil.models import get_parameters, set_parameters
+from veil.models.parameters import frozen_fingerprint
 from veil.seeding import Purpose, torch_generator
 
 
@@ -54,6 +56,13 @@ class ClientRunner:
     def fit(self, model: nn.Module, instruction: FitInstruction) -> FitResult:
         """Train from the global parameters and return the processed update."""
         global_params = instruction.parameters
+        expected = instruction.plan.base_model
+        if expected is not None and frozen_fingerprint(model) != expected:
+            raise UserError(
+                f"client '{self.name}' has another pretrained base model than the server (its "
+                "frozen weights differ), so its adapters would not fit the federation's; install "
+                "the same model files (same package version or model_dir) as the server"
+            )
         set_parameters(model, global_params)
         generator = torch_generator(self.seed, Purpose.LOCAL_TRAINING, instruction.round)
         stats = self.trainer.train(model, self._x_train, self._y_train, instruction.plan, generator)

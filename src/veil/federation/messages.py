@@ -23,6 +23,9 @@ class TrainingPlan:
     proximal_mu: float = 0.0
     #: Client-level DP: the norm each client clips its whole update to (None: no clipping).
     update_clip_norm: float | None = None
+    #: SHA-256 of the frozen base the update applies to (`models.frozen_fingerprint`; None for
+    #: a model that trains every parameter): a client with another base refuses the round.
+    base_model: str | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
