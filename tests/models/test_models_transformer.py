@@ -273,3 +273,52 @@ def test_a_client_with_another_base_model_refuses_to_train(
     assert client.fit(model, instruction).update  # the same base: trains
     with pytest.raises(UserError, match="another pretrained base model"):
         client.fit(other, instruction)
+
+
+def test_causal_lm_federated_round_and_dp_sgd_per_sample_gradients() -> None:
+    # Next-token prediction on a SYNTHETIC token stream (a repeating pattern with noise): labels
+    # are the inputs shifted by one, shape (n, L), which Veil's loop and DP-SGD take unchanged.
+    lm = build_causal_lm(config=tiny_gpt2_config(vocab_size=32, n_positions=16), seed=0)
+    _randomise_lora_b(lm)
+    generator = torch.Generator().manual_seed(1)
+    start = torch.randint(0, 32, (48, 1), generator=generator)
+    tokens = (start + torch.arange(10)) % 32  # each row counts up from a random start
+    x, y = tokens[:, :-1].float(), tokens[:, 1:]
+
+    # Per-sample gradients of every adapter match one backward pass per example.
+    lm.eval()
+    clipper = PerSampleClipper(lm)
+    assert set(clipper.params) == set(get_parameters(lm))
+    clipped = clipper.clipped_sum(x[:3], y[:3], clip_norm=1e6)
+    expected = {n: torch.zeros_like(p) for n, p in clipper.params.items()}
+    for i in range(3):
+        lm.zero_grad()
+        # Per example: the sum of its token losses, as the clipper's per-example loss is.
+        F.cross_entropy(lm(x[i : i + 1]), y[i : i + 1], reduction="none").sum().backward()
+        for n, p in clipper.params.items():
+            assert p.grad is not None
+            expected[n] += p.grad
+    for n in expected:
+        torch.testing.assert_close(clipped.grads[n], expected[n], atol=1e-5, rtol=1e-3)
+
+    # A federated round of two organisations moves the adapters.
+    pipeline = UpdatePipeline(aggregator=WeightedSum())
+    runners = [
+        ClientRunner(
+            f"org{i}",
+            ClientData(f"org{i}", xs.numpy(), ys.numpy(), xs[:0].numpy(), ys[:0].numpy()),
+            n_classes=32,
+            pipeline=pipeline,
+            seed=i,
+        )
+        for i, (xs, ys) in enumerate([(x[:24], y[:24]), (x[24:], y[24:])])
+    ]
+    global_params = get_parameters(lm)
+    plan = TrainingPlan(epochs=2, batch_size=8, learning_rate=0.5)
+    accumulator = pipeline.aggregator.start(
+        global_params, RoundContext("run", 1, None, ("org0", "org1"))
+    )
+    for runner in runners:
+        accumulator.add(runner.fit(lm, FitInstruction("run", 1, global_params, plan)))
+    mean = accumulator.finish().mean()
+    assert all(np.abs(mean[n]).max() > 0 for n in global_params)
