@@ -322,3 +322,32 @@ def test_causal_lm_federated_round_and_dp_sgd_per_sample_gradients() -> None:
         accumulator.add(runner.fit(lm, FitInstruction("run", 1, global_params, plan)))
     mean = accumulator.finish().mean()
     assert all(np.abs(mean[n]).max() > 0 for n in global_params)
+
+
+def test_weights_a_checkpoint_lacks_are_the_same_in_every_process(tmp_path: object) -> None:
+    # A BERT saved without its pooler: loading adds one, initialised, and frozen. Every party
+    # must initialise it alike, or their bases (and fingerprints) would differ.
+    from pathlib import Path
+
+    from transformers import BertConfig, BertModel
+
+    from veil.models.parameters import frozen_fingerprint
+
+    folder = Path(str(tmp_path)) / "bert-without-pooler"
+    tokenizer = load_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    lora = LoRASettings(rank=2, target_modules=("query", "value"))
+    torch.manual_seed(1)
+    first = build_sequence_classifier(2, model_dir=folder, lora=lora)
+    torch.manual_seed(2)
+    second = build_sequence_classifier(2, model_dir=folder, lora=lora)
+    assert any("pooler" in n for n, _ in first.named_parameters())
+    assert frozen_fingerprint(first) == frozen_fingerprint(second)

@@ -231,7 +231,8 @@ def build_sequence_classifier(
     _offline()
     from transformers import AutoModel
 
-    base = _quietly(lambda: AutoModel.from_pretrained(_model_dir(model_dir), local_files_only=True))
+    path = _model_dir(model_dir)
+    base = _load_base(lambda: AutoModel.from_pretrained(path, local_files_only=True))
     if gradient_checkpointing:
         # Recompute activations in the backward pass: less memory, about one more forward.
         # transformers 5 renamed the method; 4.x only has the old name.
@@ -244,6 +245,15 @@ def build_sequence_classifier(
         raise UserError(f"cannot tell the hidden size of the model in {model_dir}")
     encoder = _with_lora(base, lora or LoRASettings(), "FEATURE_EXTRACTION")
     return SequenceClassifier(encoder, hidden, n_classes, int(pad))
+
+
+def _load_base(load: Callable[[], Any]) -> Any:
+    """Run a `from_pretrained` quietly (no load report, no progress bar) and deterministically:
+    weights the checkpoint lacks are initialised from a fixed seed, so that every party builds
+    the same frozen base (`frozen_fingerprint`) from the same files."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _quietly(load)
 
 
 def _quietly(load: Callable[[], Any]) -> Any:
@@ -294,5 +304,5 @@ def build_causal_lm(
         base = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     else:
         path = _model_dir(model_dir)
-        base = _quietly(lambda: AutoModelForCausalLM.from_pretrained(path, local_files_only=True))
+        base = _load_base(lambda: AutoModelForCausalLM.from_pretrained(path, local_files_only=True))
     return CausalLM(_with_lora(base, lora or LoRASettings(), "CAUSAL_LM"))
