@@ -261,3 +261,17 @@ def test_client_level_dp_refuses_compression_that_can_lengthen_an_update(
         compression={"kind": "int8"},
         data={"dataset": "breast_cancer", "scaling": "local", "validation_fraction": 0.0},
     )
+
+
+def test_int8_never_wraps_the_largest_entry() -> None:
+    # A step rounded to float32 could put the peak a hair above 127 steps; stochastic rounding
+    # must still never give 128 (which would decode as -128, flipping the sign).
+    rng = np.random.default_rng(4)
+    codec = Int8Compressor()
+    for _ in range(200):
+        x = (rng.normal(size=64) * 10 ** rng.uniform(-30, 30)).astype(np.float32)
+        back = codec.decompress(codec.compress({"w": x}, SeededRandom(5)), {"w": x})["w"]
+        big = np.argmax(np.abs(x))
+        assert np.sign(back[big]) == np.sign(x[big])
+    tiny = {"w": np.full(4, 1e-45, np.float32)}  # a denormal peak: step 1, zeros
+    assert not codec.decompress(codec.compress(tiny, SeededRandom(0)), tiny)["w"].any()

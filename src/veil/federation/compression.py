@@ -87,9 +87,14 @@ class Int8Compressor:
             peak = float(np.max(np.abs(values))) if values.size else 0.0
             if not math.isfinite(peak):
                 raise ValueError(f"cannot compress parameter '{name}': it holds NaN or Inf")
-            step = peak / _INT8_LEVELS if peak > 0 else 1.0
+            # The step travels as float32: encode with exactly that step, and clip at 127 steps
+            # so that no value can round to 128 and wrap to -128 (a float32 step rounded down
+            # clips the peak by at most one part in 10⁷). An all-zero or denormal tensor gets
+            # step 1, and encodes as zeros.
+            step = float(np.float32(peak / _INT8_LEVELS))
+            step = step if step > 0 else 1.0
             fixed = FixedPoint(8, step)
-            payload[name] = fixed.encode(values, max(peak, step), random).values
+            payload[name] = fixed.encode(values, _INT8_LEVELS * step, random).values
             payload[name + _SEP + "step"] = np.array([step], dtype=np.float32)
         return payload
 
