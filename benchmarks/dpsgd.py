@@ -24,7 +24,6 @@ import json
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -32,6 +31,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+from opacus_dpsgd import train_opacus
 from veil.federation.messages import TrainingPlan
 from veil.federation.training import train_epochs
 from veil.models import MLP, SmallCNN
@@ -100,30 +100,16 @@ def run_veil(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) ->
 
 
 def run_opacus(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
-    from opacus import PrivacyEngine
-
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x, y), batch_size=BATCH, shuffle=True
+    train_opacus(
+        model,
+        x,
+        y,
+        batch=BATCH,
+        learning_rate=0.05,
+        noise_multiplier=SIGMA,
+        clip=CLIP,
+        epochs=epochs,
     )
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        engine = PrivacyEngine()
-        model, optimizer, loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=SIGMA,
-            max_grad_norm=CLIP,
-            poisson_sampling=True,
-            grad_sample_mode="hooks",
-        )
-        loss_fn = nn.CrossEntropyLoss()
-        for _ in range(epochs):
-            for xb, yb in loader:
-                optimizer.zero_grad()
-                loss_fn(model(xb), yb).backward()
-                optimizer.step()
 
 
 def main(argv: list[str] | None = None) -> int:

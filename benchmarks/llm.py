@@ -40,15 +40,14 @@ import platform
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from opacus_dpsgd import train_opacus
 from veil.config import RunConfig
 from veil.data import FederatedData, build_federated_data
 from veil.data.datasets import Dataset
@@ -83,30 +82,15 @@ def run_veil(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
 
 
 def run_opacus(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-    from opacus import PrivacyEngine
-
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x, y), batch_size=BATCH, shuffle=True
+    train_opacus(
+        model,
+        x,
+        y,
+        batch=BATCH,
+        learning_rate=LEARNING_RATE,
+        noise_multiplier=SIGMA,
+        clip=CLIP,
     )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=LEARNING_RATE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        engine = PrivacyEngine()
-        model, optimizer, loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=SIGMA,
-            max_grad_norm=CLIP,
-            poisson_sampling=True,
-            grad_sample_mode="hooks",
-        )
-        model.train()
-        for xb, yb in loader:
-            optimizer.zero_grad()
-            F.cross_entropy(model(xb), yb).backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
 
 
 def lexicon_sample(n: int) -> Dataset:

@@ -23,13 +23,14 @@ from typing import Any, Final
 
 import numpy as np
 
+from veil.config import TEXT_DATASETS
 from veil.data.datasets import Dataset
 from veil.errors import DataError
 
 __all__ = ["TEXT_DATASET_NAMES", "TextCorpus", "load_text", "load_text_dataset"]
 
-TEXT_DATASET_NAMES: Final[tuple[str, ...]] = ("vader_lexicon", "synthetic_reviews")
-"""The names that `load_text` accepts."""
+TEXT_DATASET_NAMES: Final[tuple[str, ...]] = TEXT_DATASETS
+"""The names that `load_text` accepts (the config's `TEXT_DATASETS`)."""
 
 #: Examples in the built-in synthetic corpus.
 _SYNTHETIC_REVIEWS: Final[int] = 4000

@@ -24,20 +24,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from veil.config import CompressionConfig, RunConfig, SecAggConfig
 from veil.federation.messages import FitResult
-from veil.federation.pipeline import (
-    Accumulator,
-    Aggregate,
-    Aggregator,
-    ProtocolChannel,
-    RoundContext,
-    UpdateRejected,
-)
+from veil.federation.pipeline import Aggregator, MappedAggregator, RoundContext, UpdateRejected
 from veil.privacy.dp.randomness import RandomSource, SecureRandom
 from veil.privacy.secagg.quantize import FixedPoint
 from veil.tensors import NamedArrays, Payload
@@ -260,41 +253,29 @@ class CompressionStage:
         )
 
 
-class DecompressingAggregator:
+class DecompressingAggregator(MappedAggregator):
     """Wraps an aggregator: each compressed upload is decompressed, then added as usual, so the
     server still holds one running sum and never every client's update."""
 
     def __init__(self, inner: Aggregator, compressor: Compressor) -> None:
-        self.inner = inner
         self.compressor = compressor
-        self.name = f"{inner.name}+{compressor.name}"
-
-    def start(
-        self,
-        reference: NamedArrays,
-        context: RoundContext,
-        channel: ProtocolChannel | None = None,
-    ) -> Accumulator:
-        return _Decompressing(self.inner.start(reference, context, channel), self, reference)
+        super().__init__(
+            inner,
+            f"{inner.name}+{compressor.name}",
+            lambda reference: _Decompress(compressor, reference),
+        )
 
 
-class _Decompressing:
-    def __init__(
-        self, inner: Accumulator, owner: DecompressingAggregator, reference: NamedArrays
-    ) -> None:
-        self._inner = inner
-        self._compressor = owner.compressor
+class _Decompress:
+    def __init__(self, compressor: Compressor, reference: NamedArrays) -> None:
+        self._compressor = compressor
         self._reference = reference
-        self.participants = inner.participants
 
-    def add(self, result: FitResult) -> None:
-        dense = self._compressor.decompress(result.update, self._reference)
-        self._inner.add(replace(result, update=dense))
+    def apply(self, result: FitResult) -> FitResult:
+        return replace(result, update=self._compressor.decompress(result.update, self._reference))
 
-    def finish(self) -> Aggregate:
-        aggregate = self._inner.finish()
-        aggregate.report.setdefault("compression", self._compressor.name)
-        return aggregate
+    def report(self) -> dict[str, Any]:
+        return {"compression": self._compressor.name}
 
 
 def upload_reference(compressor: Compressor | None, reference: Mapping[str, np.ndarray]) -> Payload:

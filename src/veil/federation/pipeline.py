@@ -11,7 +11,7 @@ than one copy of the model per client.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -234,3 +234,49 @@ class UpdatePipeline:
             f"aggregate:{self.aggregator.name}",
             *(f"server:{s.name}" for s in self.server_stages),
         ]
+
+
+class UpdateMap(Protocol):
+    """One round's step applied to each update before a wrapped aggregator adds it (e.g.
+    decompress it, bound its norm); `report` joins the round's aggregation report."""
+
+    def apply(self, result: FitResult) -> FitResult: ...
+
+    def report(self) -> dict[str, Any]: ...
+
+
+class MappedAggregator:
+    """Any aggregator, after a per-round `UpdateMap` of each update: `make_map(reference)` builds
+    the round's map in `start`, and every update passes through it, one at a time, so the
+    server still holds only the inner aggregator's state."""
+
+    def __init__(
+        self, inner: Aggregator, name: str, make_map: Callable[[NamedArrays], UpdateMap]
+    ) -> None:
+        self.inner = inner
+        self.name = name
+        self._make_map = make_map
+
+    def start(
+        self,
+        reference: NamedArrays,
+        context: RoundContext,
+        channel: ProtocolChannel | None = None,
+    ) -> Accumulator:
+        inner = self.inner.start(reference, context, channel)
+        return _MappedAccumulator(inner, self._make_map(reference))
+
+
+class _MappedAccumulator:
+    def __init__(self, inner: Accumulator, update_map: UpdateMap) -> None:
+        self._inner = inner
+        self._map = update_map
+        self.participants = inner.participants
+
+    def add(self, result: FitResult) -> None:
+        self._inner.add(self._map.apply(result))
+
+    def finish(self) -> Aggregate:
+        aggregate = self._inner.finish()
+        aggregate.report = {**aggregate.report, **self._map.report()}
+        return aggregate

@@ -49,6 +49,7 @@ from veil.federation.pipeline import (
     Aggregate,
     AggregationFailed,
     Aggregator,
+    MappedAggregator,
     ProtocolChannel,
     RoundContext,
     UpdateRejected,
@@ -145,7 +146,7 @@ class Krum(RobustAggregator):
         return mean, chosen, {"byzantine": self.byzantine, "kept": keep}
 
 
-class NormBound:
+class NormBound(MappedAggregator):
     """Any aggregator, after scaling each update down to an L2 norm of at most `max_norm`
     (Sun et al. 2019). Updates within the bound pass unchanged; the round's report counts the
     scaled ones."""
@@ -153,42 +154,25 @@ class NormBound:
     def __init__(self, inner: Aggregator, max_norm: float) -> None:
         if not max_norm > 0:
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
-        self.inner = inner
         self.max_norm = max_norm
-        self.name = f"norm_bound+{inner.name}"
-
-    def start(
-        self,
-        reference: NamedArrays,
-        context: RoundContext,
-        channel: ProtocolChannel | None = None,
-    ) -> Accumulator:
-        return _NormBoundAccumulator(self.inner.start(reference, context, channel), self.max_norm)
+        super().__init__(inner, f"norm_bound+{inner.name}", lambda _: _NormBounder(max_norm))
 
 
-class _NormBoundAccumulator:
-    def __init__(self, inner: Accumulator, max_norm: float) -> None:
-        self.inner = inner
-        self.participants = inner.participants
+class _NormBounder:
+    def __init__(self, max_norm: float) -> None:
         self.max_norm = max_norm
         self.scaled = 0
 
-    def add(self, result: FitResult) -> None:
+    def apply(self, result: FitResult) -> FitResult:
         norm = l2_norm(result.update)
         if np.isfinite(norm) and norm > self.max_norm:
             factor = np.float32(self.max_norm / norm)
             result = replace(result, update={k: a * factor for k, a in result.update.items()})
             self.scaled += 1
-        self.inner.add(result)
+        return result
 
-    def finish(self) -> Aggregate:
-        aggregate = self.inner.finish()
-        aggregate.report = {
-            **aggregate.report,
-            "max_update_norm": self.max_norm,
-            "norm_bounded": self.scaled,
-        }
-        return aggregate
+    def report(self) -> dict[str, Any]:
+        return {"max_update_norm": self.max_norm, "norm_bounded": self.scaled}
 
 
 class _BufferedAccumulator:
