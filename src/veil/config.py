@@ -322,8 +322,9 @@ class SecAggConfig(_Section):
     #: Quantization step in units of weight × update; None takes the finest step for which the
     #: sum cannot overflow the modulus.
     step: float | None = Field(None, gt=0)
-    #: Survivors needed to finish a round (Shamir threshold t); None: a majority of each
-    #: client's neighbourhood (itself included).
+    #: Survivors needed to finish a round (Shamir threshold t), the same in every round; None:
+    #: ⌊2|H|/3⌋ + 1 for the largest set H of share holders (a client and its neighbours; in the
+    #: complete graph, every client selected per round), which withstands a malicious server.
     threshold: int | None = Field(None, ge=2)
     #: SecAgg+: each client masks with this many neighbours of a random k-regular graph;
     #: None: with every other selected client (the complete graph of SecAgg).
@@ -680,12 +681,22 @@ class RunConfig(_Section):
                 f"secagg.neighbours = {s.neighbours} must be below the {selected} clients "
                 "selected per round; lower it, or remove it for the complete graph"
             )
-        group = (s.neighbours if s.neighbours is not None else selected - 1) + 1
-        if s.threshold is not None and not group // 2 < s.threshold <= group:
+        k = s.neighbours
+        smallest = selected if k is None else k + 1
+        largest = selected if k is None else k + 1 + k % 2
+        lowest = 2 * largest // 3 + 1
+        if s.threshold is not None and not lowest <= s.threshold <= smallest:
             raise ValueError(
-                f"secagg.threshold = {s.threshold} must be a majority of each neighbourhood "
-                f"of {group} clients (from {group // 2 + 1} to {group}), so that a server "
-                "cannot learn one client's update by splitting the clients into two groups"
+                f"secagg.threshold = {s.threshold} must be above two thirds of the largest "
+                f"set of {largest} share holders and at most {smallest} (from {lowest} to "
+                f"{smallest}), so that a malicious server cannot gather enough signatures on "
+                "two different unmask requests (Bonawitz et al. 2017, §6); change it or "
+                "remove it for that default"
+            )
+        if lowest > smallest:
+            raise ValueError(
+                f"secagg.neighbours = {k} leaves no safe threshold (holder sets of {smallest} "
+                f"to {largest} clients); use an even number of neighbours"
             )
 
     def _check_robustness(self) -> None:

@@ -84,6 +84,7 @@ from veil.result import (
 from veil.robustness import attack as build_attack
 from veil.robustness import ray_settings, robust_aggregator, stragglers
 from veil.seeding import Purpose, derive_seed, torch_generator
+from veil.selection import sample_size
 from veil.store import (
     DB_NAME,
     Checkpoint,
@@ -449,8 +450,23 @@ def secagg_settings(config: RunConfig, privacy: PrivacyPolicy | None) -> SecAggS
     if isinstance(privacy, ClientLevelPrivacy):
         noise = DistributedNoise(privacy.noise_multiplier, privacy.config.clip_norm)
     return settings_from_config(
-        config.secagg, distributed_dp=noise, modulus_bits=secagg_modulus_bits(config)
+        config.secagg,
+        round_size=planned_round_size(config, poisson=isinstance(privacy, ClientLevelPrivacy)),
+        distributed_dp=noise,
+        modulus_bits=secagg_modulus_bits(config),
     )
+
+
+def planned_round_size(config: RunConfig, *, poisson: bool) -> int:
+    """The most clients a round of this configuration selects, for SecAgg's threshold: the
+    fraction's count, or under Poisson sampling (client-level DP) the 99.9 % quantile of
+    Binomial(clients, fraction_fit)."""
+    fed = config.federation
+    if not poisson or fed.fraction_fit >= 1:
+        return sample_size(fed.fraction_fit, fed.clients)
+    from scipy.stats import binom
+
+    return max(2, int(binom.ppf(0.999, fed.clients, fed.fraction_fit)))
 
 
 def upload_reference(
@@ -486,7 +502,7 @@ def _privacy_record(
         s = secure.settings
         record.secure_aggregation = {  # type: ignore[attr-defined]
             "protocol": s.protocol,
-            "threshold": s.threshold or "majority of each neighbourhood",
+            "threshold": s.round_threshold,
             "neighbours": s.neighbours,
             "modulus_bits": s.modulus_bits,
             "clip_range": None if s.distributed_dp else s.clip_range,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -14,21 +14,25 @@ from veil.crypto.identity import IdentityKey, IdentityPublicKey
 from veil.privacy.dp.randomness import SeededRandom
 from veil.privacy.secagg import (
     ClientSession,
+    ConsistencyCheck,
     EncryptedShares,
     FixedPoint,
+    InconsistentView,
     KeyAdvertisement,
     KeySubstitution,
     NotEnoughShares,
     ProtocolError,
+    RoundGraph,
     RoundParams,
     ServerSession,
     ShareTampered,
     UnmaskReply,
     UnmaskRequest,
     UnsafeUnmaskRequest,
-    majority_threshold,
+    active_threshold,
 )
 from veil.privacy.secagg.messages import key_advertisement_payload
+from veil.privacy.secagg.protocol import largest_holder_set
 
 LENGTH = 257
 
@@ -62,9 +66,8 @@ def make_params(
         run_id="run-1",
         round=round,
         clients=tuple(fed.names),
-        threshold=threshold or majority_threshold(n, degree),
+        threshold=threshold or active_threshold(largest_holder_set(n, degree)),
         degree=degree,
-        graph_seed=os.urandom(16),
         length=length,
         fixed_point=FixedPoint.fit(n, 1.0, bits),
     )
@@ -107,8 +110,8 @@ def run_round(
     }
     for client in clients.values():
         server.collect(wire(client.advertise()))
-    for name, client in clients.items():
-        ads = {v: wire(ad) for v, ad in server.advertisements_for(name).items()}
+    ads = {v: wire(ad) for v, ad in server.advertisements().items()}
+    for client in clients.values():
         server.route(wire(client.share_keys(ads, fed.roster)))
     masked = {}
     for name, client in clients.items():
@@ -117,11 +120,21 @@ def run_round(
         client.receive_shares(server.shares_for(name))
         masked[name] = client.mask(encoded[name])
         server.add_masked(name, masked[name])
+    unmask(server, clients, silent=silent_at_unmask)
+    return Outcome(server.finish(), masked, server)
+
+
+def unmask(
+    server: ServerSession, clients: Mapping[str, ClientSession], silent: Collection[str] = ()
+) -> None:
+    """The honest server's consistency round and unmask round, every message on the wire."""
     request = wire(server.unmask_request())
     for name in sorted(request.survivors):
-        if name not in silent_at_unmask:
-            server.add_unmask_reply(wire(clients[name].unmask(request)))
-    return Outcome(server.finish(), masked, server)
+        server.add_signature(wire(clients[name].sign_request(request)))
+    check = wire(server.consistency_check())
+    for name in sorted(check.signatures):
+        if name not in silent:
+            server.add_unmask_reply(wire(clients[name].unmask(check)))
 
 
 def expected_sum(params: RoundParams, encoded: dict[str, np.ndarray], names) -> np.ndarray:
@@ -162,10 +175,10 @@ def test_decoded_sum_matches_the_float_sum() -> None:
 
 def test_dropouts_after_sharing_with_exactly_threshold_survivors() -> None:
     fed = federation(7)
-    params = make_params(fed)  # threshold 4
-    assert params.threshold == 4
+    params = make_params(fed)  # threshold 5: above two thirds of 7
+    assert params.threshold == 5
     encoded = inputs(params)
-    dropped = fed.names[1:4]
+    dropped = fed.names[1:3]
     outcome = run_round(fed, params, encoded, drop_after_sharing=dropped)
     survivors = [name for name in fed.names if name not in dropped]
     assert np.array_equal(outcome.total, expected_sum(params, encoded, survivors))
@@ -176,46 +189,47 @@ def test_dropouts_after_sharing_with_exactly_threshold_survivors() -> None:
 def test_one_survivor_fewer_than_threshold_cannot_complete() -> None:
     fed = federation(7)
     params = make_params(fed)
-    with pytest.raises(NotEnoughShares, match="threshold 4"):
-        run_round(fed, params, inputs(params), drop_after_sharing=fed.names[:4])
+    with pytest.raises(NotEnoughShares, match="threshold 5"):
+        run_round(fed, params, inputs(params), drop_after_sharing=fed.names[:3])
 
 
 def test_too_few_unmask_replies_raise_not_enough_shares() -> None:
     fed = federation(7)
     params = make_params(fed)
-    with pytest.raises(NotEnoughShares, match="3 unmask replies of 4 survivors"):
+    with pytest.raises(NotEnoughShares, match="4 unmask replies of 5 survivors"):
         run_round(
             fed,
             params,
             inputs(params),
-            drop_after_sharing=fed.names[:3],
-            silent_at_unmask=fed.names[3:4],
+            drop_after_sharing=fed.names[:2],
+            silent_at_unmask=fed.names[2:3],
         )
 
 
 def test_dropouts_before_advertising_are_left_out() -> None:
-    fed = federation(6)
-    params = make_params(fed)  # threshold 4
+    fed = federation(7)
+    params = make_params(fed)  # threshold 5
     encoded = inputs(params)
     outcome = run_round(
-        fed, params, encoded, drop_before_advertising=["org-00"], drop_after_sharing=["org-05"]
+        fed, params, encoded, drop_before_advertising=["org-00"], drop_after_sharing=["org-06"]
     )
-    survivors = fed.names[1:5]
+    survivors = fed.names[1:6]
     assert np.array_equal(outcome.total, expected_sum(params, encoded, survivors))
     summary = outcome.server.summary()
     assert summary.dropped_early == ("org-00",)
-    assert summary.dropped == ("org-05",)
+    assert summary.dropped == ("org-06",)
 
 
-def test_secagg_plus_degree_four_among_ten_with_two_dropouts() -> None:
+def test_secagg_plus_degree_six_among_ten_with_two_dropouts() -> None:
     fed = federation(10)
-    params = make_params(fed, degree=4)
-    assert params.threshold == 3  # a strict majority of 5 holders
-    for name in params.clients:
-        assert len(params.neighbours_of(name)) == 4
+    params = make_params(fed, degree=6)
+    assert params.threshold == 5  # above two thirds of 7 holders
     encoded = inputs(params)
     dropped = ["org-02", "org-07"]
     outcome = run_round(fed, params, encoded, drop_after_sharing=dropped)
+    graph = outcome.server.graph
+    for name in params.clients:
+        assert len(graph.neighbours_of(name)) == 6
     survivors = [name for name in fed.names if name not in dropped]
     assert np.array_equal(outcome.total, expected_sum(params, encoded, survivors))
 
@@ -244,9 +258,11 @@ def test_a_substituted_key_is_refused() -> None:
                 ads[victim].encryption_public,
                 forged_key,
                 commitment,
+                params.view,
             )
         ),
         commitment,
+        params.view,
     )
     with pytest.raises(KeySubstitution, match="org-03"):
         clients["org-00"].share_keys({**ads, victim: forged}, fed.roster)
@@ -324,7 +340,7 @@ def _masked_clients(fed: Federation, params: RoundParams, drop: Collection[str] 
 
 def test_unmask_refuses_unsafe_requests() -> None:
     fed = federation(5)
-    params = make_params(fed)  # threshold 3
+    params = make_params(fed)  # threshold 4
     clients, _ = _masked_clients(fed, params)
     client = clients["org-00"]
     everyone = frozenset(fed.names)
@@ -336,14 +352,18 @@ def test_unmask_refuses_unsafe_requests() -> None:
     ]
     for request, message in unsafe:
         with pytest.raises(UnsafeUnmaskRequest, match=message):
-            client.unmask(request)
+            client.sign_request(request)
     first = UnmaskRequest(everyone - {"org-04"}, frozenset({"org-04"}))
-    reply = client.unmask(first)
+    signatures = {name: clients[name].sign_request(first).signature for name in first.survivors}
+    assert client.sign_request(first).signature == signatures["org-00"]  # identical repeat
+    with pytest.raises(UnsafeUnmaskRequest, match="already signed"):
+        client.sign_request(UnmaskRequest(everyone, frozenset()))
+    reply = client.unmask(ConsistencyCheck(first, signatures))
     assert set(reply.key_shares) == {"org-04"}
     assert set(reply.self_mask_shares) == everyone - {"org-04"}
-    assert client.unmask(first) == reply  # an identical repeat is harmless
+    assert client.unmask(ConsistencyCheck(first, signatures)) == reply  # harmless repeat
     with pytest.raises(UnsafeUnmaskRequest, match="already answered"):
-        client.unmask(UnmaskRequest(everyone, frozenset()))  # would reveal org-04's b share
+        client.unmask(ConsistencyCheck(UnmaskRequest(everyone, frozenset()), signatures))
 
 
 def test_unmask_refuses_a_peer_it_holds_no_shares_of() -> None:
@@ -362,7 +382,7 @@ def test_unmask_refuses_a_peer_it_holds_no_shares_of() -> None:
     client.receive_shares(server.shares_for("org-00"))
     client.mask(np.zeros(params.length, np.uint32))
     with pytest.raises(UnsafeUnmaskRequest, match="never received"):
-        client.unmask(UnmaskRequest(frozenset(fed.names[:4]), frozenset({"org-04"})))
+        client.sign_request(UnmaskRequest(frozenset(fed.names[:4]), frozenset({"org-04"})))
 
 
 def test_tampered_or_misrouted_share_messages_are_rejected() -> None:
@@ -389,11 +409,14 @@ def test_tampered_or_misrouted_share_messages_are_rejected() -> None:
 @pytest.mark.parametrize("kind", ["self-mask", "key"])
 def test_a_wrong_share_is_detected(kind: str) -> None:
     fed = federation(5)
-    params = make_params(fed)  # threshold 3: four replies allow a cross-check
+    params = make_params(fed)  # threshold 4
     clients, server = _masked_clients(fed, params, drop=["org-04"])
     request = server.unmask_request()
     for name in sorted(request.survivors):
-        reply = clients[name].unmask(request)
+        server.add_signature(clients[name].sign_request(request))
+    check = server.consistency_check()
+    for name in sorted(request.survivors):
+        reply = clients[name].unmask(check)
         if name == "org-00":
             b, s = dict(reply.self_mask_shares), dict(reply.key_shares)
             if kind == "self-mask":
@@ -452,9 +475,9 @@ def test_client_does_not_modify_its_input() -> None:
 
 def test_round_params_validation() -> None:
     fed = federation(6)
-    with pytest.raises(ValueError, match="strict majority"):
-        make_params(fed, threshold=3)
-    relaxed = replace(make_params(fed), threshold=3, require_majority=False)
+    with pytest.raises(ValueError, match="two thirds"):
+        make_params(fed, threshold=4)
+    relaxed = replace(make_params(fed), threshold=3, require_active_bound=False)
     assert relaxed.threshold == 3
     with pytest.raises(ValueError, match="between 2 and 6"):
         make_params(fed, threshold=7)
@@ -464,12 +487,26 @@ def test_round_params_validation() -> None:
         replace(make_params(fed), clients=("a", "a", "b"))
     params = make_params(fed)
     assert params.clients == tuple(sorted(fed.names))
-    assert params.holders("org-00") == params.clients
-    assert params.share_index("org-00", "org-02") == 3
+    graph = RoundGraph(params)
+    assert graph.holders("org-00") == params.clients
+    assert graph.share_index("org-00", "org-02") == 3
+    # The view digest changes with every field the clients must agree on.
+    views = {
+        replace(params, **change).view
+        for change in (
+            {},
+            {"clients": (*fed.names[:5], "org-99")},
+            {"threshold": 6},
+            {"length": LENGTH + 1},
+            {"binding": b"noise"},
+            {"fixed_point": FixedPoint(32, params.fixed_point.step * 2)},
+        )
+    }
+    assert len(views) == 6
 
 
 def test_messages_round_trip_and_reject_garbage() -> None:
-    ad = KeyAdvertisement("a", bytes(32), bytes(range(32)), bytes(64), bytes(32))
+    ad = KeyAdvertisement("a", bytes(32), bytes(range(32)), bytes(64), bytes(32), bytes(32))
     shares = EncryptedShares("a", {"b": b"\x00\x01", "c": b""})
     request = UnmaskRequest(frozenset({"a", "b"}), frozenset({"c"}))
     reply = UnmaskReply("a", {"a": bytes(32)}, {"c": bytes(32)})
@@ -488,4 +525,20 @@ def test_messages_round_trip_and_reject_garbage() -> None:
         with pytest.raises(ProtocolError):
             KeyAdvertisement.from_bytes(data)
     with pytest.raises(ProtocolError, match="32 bytes"):
-        KeyAdvertisement("a", bytes(31), bytes(32), bytes(64), bytes(32))
+        KeyAdvertisement("a", bytes(31), bytes(32), bytes(64), bytes(32), bytes(32))
+
+
+def test_an_advertisement_over_another_view_is_refused_before_any_share() -> None:
+    fed = federation(5)
+    params = make_params(fed)
+    other = replace(params, clients=tuple(fed.names[:4]))  # a server's second story
+    honest = {name: ClientSession(name, fed.identities[name], params) for name in fed.names}
+    told_other = ClientSession("org-00", fed.identities["org-00"], other)
+    ads = {name: c.advertise() for name, c in honest.items() if name != "org-00"}
+    ads["org-00"] = told_other.advertise()
+    with pytest.raises(InconsistentView, match="'org-00' signed another view"):
+        honest["org-01"].share_keys(ads, fed.roster)
+    with pytest.raises(InconsistentView, match="another view"):
+        told_other.share_keys({v: a for v, a in ads.items() if v != "org-04"}, fed.roster)
+    with pytest.raises(InconsistentView, match="another view"):
+        ServerSession(params, identities=fed.roster).collect(ads["org-00"])

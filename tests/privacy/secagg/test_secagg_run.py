@@ -209,23 +209,23 @@ def test_masked_bytes_are_uniform() -> None:
 
 
 def test_exactly_threshold_survivors_complete_and_one_fewer_fails_clearly() -> None:
-    cfg = config(secagg={"threshold": 4})
+    cfg = config(secagg={"threshold": 5})
     names = [f"client-{i}" for i in range(6)]
-    aggregate, _, plain = round_once(cfg, drop=names[:2])
-    assert aggregate.count == 4 and aggregate.report["recovered_dropouts"] == 2
+    aggregate, _, plain = round_once(cfg, drop=names[:1])
+    assert aggregate.count == 5 and aggregate.report["recovered_dropouts"] == 1
     expected, _ = plain_sum(plain, 1000)
     step = aggregate.report["step"]
     for name, value in expected.items():
         np.testing.assert_allclose(aggregate.total[name], value, atol=6 * step + 1e-5)
-    failed, _, _ = round_once(cfg, drop=names[:3])
+    failed, _, _ = round_once(cfg, drop=names[:2])
     assert isinstance(failed, AggregationFailed)
-    assert "fewer than the threshold 4" in str(failed)
+    assert "fewer than the threshold 5" in str(failed)
 
 
 def test_secagg_plus_with_dropouts_sums_the_survivors() -> None:
-    cfg = config(federation={"clients": 8}, secagg={"neighbours": 4})
+    cfg = config(federation={"clients": 10}, secagg={"neighbours": 6})  # threshold 5 of 7
     aggregate, _, plain = round_once(cfg, drop=["client-2", "client-5"])
-    assert aggregate.report["protocol"] == "secagg+" and aggregate.count == 6
+    assert aggregate.report["protocol"] == "secagg+" and aggregate.count == 8
     expected, _ = plain_sum(plain, 1000)
     step = aggregate.report["step"]
     for name, value in expected.items():

@@ -8,10 +8,13 @@ modules, bottom up:
 * `shamir`: t-of-n secret sharing of 32-byte secrets (pycryptodome's GF(2^128));
 * `graph`: who masks with whom (complete graph, or SecAgg+'s sparse random graph);
 * `messages`: the round's messages with a safe wire encoding;
-* `protocol`: `ClientSession` and `ServerSession`, pure state machines for one round.
+* `protocol`: `ClientSession` and `ServerSession`, pure state machines for one round, secure
+  against a malicious server (signed round views, a consistency round, a graph the server
+  cannot choose).
 """
 
 from veil.privacy.secagg.errors import (
+    InconsistentView,
     KeySubstitution,
     NotEnoughShares,
     ProtocolError,
@@ -20,6 +23,8 @@ from veil.privacy.secagg.errors import (
     UnsafeUnmaskRequest,
 )
 from veil.privacy.secagg.messages import (
+    ConsistencyCheck,
+    ConsistencySignature,
     EncryptedShares,
     KeyAdvertisement,
     UnmaskReply,
@@ -27,23 +32,28 @@ from veil.privacy.secagg.messages import (
 )
 from veil.privacy.secagg.protocol import (
     ClientSession,
+    RoundGraph,
     RoundParams,
     RoundSummary,
     ServerSession,
-    majority_threshold,
+    active_threshold,
 )
 from veil.privacy.secagg.quantize import CapacityError, Encoded, FixedPoint
 
 __all__ = [
     "CapacityError",
     "ClientSession",
+    "ConsistencyCheck",
+    "ConsistencySignature",
     "Encoded",
     "EncryptedShares",
     "FixedPoint",
+    "InconsistentView",
     "KeyAdvertisement",
     "KeySubstitution",
     "NotEnoughShares",
     "ProtocolError",
+    "RoundGraph",
     "RoundParams",
     "RoundSummary",
     "SecAggError",
@@ -52,5 +62,5 @@ __all__ = [
     "UnmaskReply",
     "UnmaskRequest",
     "UnsafeUnmaskRequest",
-    "majority_threshold",
+    "active_threshold",
 ]

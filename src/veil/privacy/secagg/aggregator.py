@@ -23,14 +23,19 @@ from veil.federation.pipeline import (
 )
 from veil.privacy.secagg.errors import SecAggError
 from veil.privacy.secagg.layout import MASKED, UpdateLayout
-from veil.privacy.secagg.messages import EncryptedShares, UnmaskReply
-from veil.privacy.secagg.participant import CLIPPED, WEIGHT_CAPPED
+from veil.privacy.secagg.messages import ConsistencySignature, EncryptedShares, UnmaskReply
 from veil.privacy.secagg.protocol import RoundParams, ServerSession
-from veil.privacy.secagg.settings import SecAggSettings, params_to_bytes
+from veil.privacy.secagg.settings import (
+    CLIPPED_FRACTION,
+    WEIGHT_CAPPED,
+    SecAggSettings,
+    params_to_bytes,
+)
 from veil.privacy.secagg.wire import (
     DELIVER,
     SETUP,
     SHARE,
+    SIGN,
     UNMASK,
     Advertised,
     KeyBundle,
@@ -56,36 +61,33 @@ class SecAggAggregator:
     ) -> Accumulator:
         channel = require_channel(channel, "secure aggregation")
         self.layout.check_reference(reference, "secure aggregation")
-        params = self.settings.plan_round(
-            context.run_id, context.round, context.clients, self.layout
-        )
-        return _SecAggAccumulator(params, self.settings, self.layout, channel)
+        return _SecAggAccumulator(context, self.settings, self.layout, channel)
 
 
 class _SecAggAccumulator:
     def __init__(
         self,
-        params: RoundParams,
+        context: RoundContext,
         settings: SecAggSettings,
         layout: UpdateLayout,
         channel: ProtocolChannel,
     ) -> None:
-        self.params = params
         self.layout = layout
         self.channel = channel
-        self.session = ServerSession(params)
         self.participants: list[str] = []
         self._report: dict[str, Any] = {
             "protocol": settings.protocol,
-            "threshold": params.threshold,
-            "neighbours": params.degree,
-            "modulus_bits": params.fixed_point.modulus_bits,
-            "step": params.fixed_point.step,
-            "clipped": 0,
-            "weights_capped": 0,
+            "threshold": settings.round_threshold,
+            "neighbours": settings.neighbours,
+            "modulus_bits": settings.modulus_bits,
         }
         self._error: str | None = None
         try:
+            self.params: RoundParams = settings.plan_round(
+                context.run_id, context.round, context.clients, layout
+            )
+            self.session = ServerSession(self.params)
+            self._report["step"] = self.params.fixed_point.step
             self._key_exchange()
         except SecAggError as exc:
             self._error = str(exc)
@@ -108,18 +110,12 @@ class _SecAggAccumulator:
                 continue  # a malformed answer drops that client from the round
             credentials[client] = advertised
         self.session.advertisements()  # closes key collection
-        bundles = {
-            client: KeyBundle(
-                {
-                    peer: credentials[peer]
-                    for peer in self.session.advertisements_for(client)
-                    if peer in credentials
-                }
-            ).to_bytes()
-            for client in credentials
-        }
+        # Every client gets every advertisement: each checks all views, and derives the graph.
+        bundle = KeyBundle(credentials).to_bytes()
         shared = []
-        for client, body in self.channel.exchange(SHARE, bundles).items():
+        for client, body in self.channel.exchange(
+            SHARE, dict.fromkeys(credentials, bundle)
+        ).items():
             try:
                 shares = EncryptedShares.from_bytes(body)
                 if shares.sender != client:
@@ -145,8 +141,6 @@ class _SecAggAccumulator:
             self.session.add_masked(result.client, result.update[MASKED])
         except SecAggError as exc:
             raise UpdateRejected(str(exc)) from None
-        self._report["clipped"] += int(result.metrics.get(CLIPPED, 0))
-        self._report["weights_capped"] += int(result.metrics.get(WEIGHT_CAPPED, 0))
 
     def finish(self) -> Aggregate:
         if self._error is not None:
@@ -154,7 +148,18 @@ class _SecAggAccumulator:
         try:
             request = self.session.unmask_request()
             body = request.to_bytes()
-            replies = self.channel.exchange(UNMASK, {c: body for c in sorted(request.survivors)})
+            signed = self.channel.exchange(SIGN, dict.fromkeys(sorted(request.survivors), body))
+            for client, reply in signed.items():
+                try:
+                    signature = ConsistencySignature.from_bytes(reply)
+                    if signature.client != client:
+                        raise SecAggError(f"{client!r} signed in another client's name")
+                    self.session.add_signature(signature)
+                except SecAggError:
+                    continue
+            check = self.session.consistency_check()
+            body = check.to_bytes()
+            replies = self.channel.exchange(UNMASK, dict.fromkeys(sorted(check.signatures), body))
             for client, reply in replies.items():
                 try:
                     unmask = UnmaskReply.from_bytes(reply)
@@ -168,7 +173,13 @@ class _SecAggAccumulator:
             raise AggregationFailed(f"secure aggregation: {exc}") from None
         summary = self.session.summary()
         update, weight, sums = self.layout.split(self.params.fixed_point.decode(total))
+        clipped = sums.pop(CLIPPED_FRACTION) * self.layout.parameter_count
+        capped = sums.pop(WEIGHT_CAPPED)
         self._report.update(
+            # Sums over the survivors, decoded from the masked vector (stochastic rounding:
+            # within a few quantisation steps of the true counts).
+            clipped=max(0, round(clipped)),
+            weights_capped=max(0, round(capped)),
             survivors=len(summary.survivors),
             recovered_dropouts=len(summary.dropped),
             dropped_before_masking=len(summary.dropped_early),

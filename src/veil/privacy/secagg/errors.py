@@ -10,6 +10,7 @@ from __future__ import annotations
 from veil.errors import VeilError
 
 __all__ = [
+    "InconsistentView",
     "KeySubstitution",
     "NotEnoughShares",
     "ProtocolError",
@@ -31,6 +32,12 @@ class NotEnoughShares(SecAggError):
 class KeySubstitution(SecAggError):
     """A key advertisement is not signed by the roster identity of the client it names (or names
     no roster client): someone (the server included) tried to substitute a public key."""
+
+
+class InconsistentView(SecAggError):
+    """Two clients were told different rounds: a peer's signed view (member list, threshold,
+    graph, encoding, noise plan) differs from this client's. The server lied, or the two
+    organisations run different configurations; no share is released."""
 
 
 class UnsafeUnmaskRequest(SecAggError):

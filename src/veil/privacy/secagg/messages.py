@@ -6,13 +6,15 @@ Each message is a frozen dataclass whose constructor validates its fields, and w
 those keys and types (ProtocolError otherwise), so a peer can send nothing but data: no pickle,
 no eval, no object construction by name.
 
-The phases (Bonawitz et al. 2017, §4, Figure 4; the consistency check of the malicious-server
-variant is not implemented, see `veil.privacy.secagg.protocol`):
+The phases (Bonawitz et al. 2017, §4 and the actively secure variant of §6; see
+`veil.privacy.secagg.protocol`):
 
-0. client → server `KeyAdvertisement`; the server broadcasts them.
+0. client → server `KeyAdvertisement` (signed over the round view); the server broadcasts them.
 1. client → server `EncryptedShares`; the server routes each ciphertext to its recipient.
 2. client → server its masked vector (a uint array, carried by the transport).
-3. server → client `UnmaskRequest`; client → server `UnmaskReply`.
+3. server → client `UnmaskRequest`; client → server `ConsistencySignature` over it.
+4. server → client `ConsistencyCheck` (the request and the signatures collected);
+   client → server `UnmaskReply`.
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ from veil.crypto.identity import IdentityPublicKey, signing_payload
 from veil.privacy.secagg.errors import ProtocolError
 
 __all__ = [
+    "ConsistencyCheck",
+    "ConsistencySignature",
     "EncryptedShares",
     "KeyAdvertisement",
     "UnmaskReply",
     "UnmaskRequest",
+    "consistency_payload",
     "key_advertisement_payload",
 ]
 
@@ -41,14 +46,9 @@ _VERSION = 1
 _PUBLIC_KEY_BYTES = 32
 _SIGNATURE_BYTES = 64
 _COMMITMENT_BYTES = 32
-_ADVERTISEMENT_KEYS = (
-    "client",
-    "encryption_public",
-    "masking_public",
-    "signature",
-    "self_mask_commitment",
-)
+_VIEW_BYTES = 32
 _KEYS_LABEL = "secagg-keys"
+_CONSISTENCY_LABEL = "secagg-consistency"
 
 
 def key_advertisement_payload(
@@ -58,11 +58,36 @@ def key_advertisement_payload(
     encryption_public: bytes,
     masking_public: bytes,
     self_mask_commitment: bytes,
+    view: bytes,
 ) -> bytes:
     """What a client signs to advertise its keys: ``signing_payload("secagg-keys", run_id,
-    round, client, encryption_public, masking_public, self_mask_commitment)``."""
+    round, client, encryption_public, masking_public, self_mask_commitment, view)``, where
+    `view` is the SHA-256 digest of the whole round as this client was told it
+    (`RoundParams.view`): a peer told another story sees a different digest."""
     return signing_payload(
-        _KEYS_LABEL, run_id, round, client, encryption_public, masking_public, self_mask_commitment
+        _KEYS_LABEL,
+        run_id,
+        round,
+        client,
+        encryption_public,
+        masking_public,
+        self_mask_commitment,
+        view,
+    )
+
+
+def consistency_payload(
+    run_id: str, round: int, view: bytes, survivors: Iterable[str], dropped: Iterable[str]
+) -> bytes:
+    """What a client signs in the consistency round (Bonawitz et al. 2017, §6): the survivor
+    and dropout sets of the unmask request it was shown, in its round view."""
+    return signing_payload(
+        _CONSISTENCY_LABEL,
+        run_id,
+        round,
+        view,
+        "\n".join(sorted(survivors)),
+        "\n".join(sorted(dropped)),
     )
 
 
@@ -78,6 +103,8 @@ class KeyAdvertisement:
     masking_public: bytes
     signature: bytes
     self_mask_commitment: bytes
+    #: The digest of the round view the client signed (`RoundParams.view`).
+    view: bytes
 
     def __post_init__(self) -> None:
         _check_name(self.client, "client")
@@ -85,6 +112,7 @@ class KeyAdvertisement:
         _check_bytes(self.masking_public, "masking_public", _PUBLIC_KEY_BYTES)
         _check_bytes(self.signature, "signature", _SIGNATURE_BYTES)
         _check_bytes(self.self_mask_commitment, "self_mask_commitment", _COMMITMENT_BYTES)
+        _check_bytes(self.view, "view", _VIEW_BYTES)
 
     def payload(self, run_id: str, round: int) -> bytes:
         """The signed payload of this advertisement in run `run_id`, round `round`."""
@@ -95,6 +123,7 @@ class KeyAdvertisement:
             self.encryption_public,
             self.masking_public,
             self.self_mask_commitment,
+            self.view,
         )
 
     def verify(self, identity: IdentityPublicKey, run_id: str, round: int) -> None:
@@ -110,6 +139,7 @@ class KeyAdvertisement:
             masking_public=_b64(self.masking_public),
             signature=_b64(self.signature),
             self_mask_commitment=_b64(self.self_mask_commitment),
+            view=_b64(self.view),
         )
 
     @classmethod
@@ -120,6 +150,7 @@ class KeyAdvertisement:
             "masking_public",
             "signature",
             "self_mask_commitment",
+            "view",
         )
         fields = _load(data, cls, keys)
         return _build(
@@ -129,6 +160,7 @@ class KeyAdvertisement:
             masking_public=_bytes(fields, "masking_public"),
             signature=_bytes(fields, "signature"),
             self_mask_commitment=_bytes(fields, "self_mask_commitment"),
+            view=_bytes(fields, "view"),
         )
 
 
@@ -178,6 +210,60 @@ class UnmaskRequest:
             survivors=frozenset(_str_list(fields, "survivors")),
             dropped=frozenset(_str_list(fields, "dropped")),
         )
+
+
+@dataclass(frozen=True)
+class ConsistencySignature:
+    """A survivor's signature over the unmask request it was shown
+    (`consistency_payload`): it signs one request per round, and answers only a request that
+    at least `threshold` of its share holders signed the same way."""
+
+    client: str
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _check_name(self.client, "client")
+        _check_bytes(self.signature, "signature", _SIGNATURE_BYTES)
+
+    def to_bytes(self) -> bytes:
+        return _dump(self, client=self.client, signature=_b64(self.signature))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ConsistencySignature:
+        fields = _load(data, cls, ("client", "signature"))
+        return _build(cls, client=_str(fields, "client"), signature=_bytes(fields, "signature"))
+
+
+@dataclass(frozen=True)
+class ConsistencyCheck:
+    """The server's unmask request again, with the consistency signatures it collected (signer
+    → signature). A client checks them before it reveals any share."""
+
+    request: UnmaskRequest
+    signatures: Mapping[str, bytes]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.request, UnmaskRequest):
+            raise ProtocolError("request must be an UnmaskRequest")
+        object.__setattr__(self, "signatures", _frozen_map(self.signatures, "signatures"))
+
+    def to_bytes(self) -> bytes:
+        return _dump(
+            self,
+            survivors=sorted(self.request.survivors),
+            dropped=sorted(self.request.dropped),
+            signatures=_b64_map(self.signatures),
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ConsistencyCheck:
+        fields = _load(data, cls, ("survivors", "dropped", "signatures"))
+        request = _build(
+            UnmaskRequest,
+            survivors=frozenset(_str_list(fields, "survivors")),
+            dropped=frozenset(_str_list(fields, "dropped")),
+        )
+        return _build(cls, request=request, signatures=_bytes_map(fields, "signatures"))
 
 
 @dataclass(frozen=True)

@@ -17,26 +17,27 @@ from veil.federation.pipeline import RoundContext
 from veil.privacy.dp.randomness import RandomSource, SecureRandom
 from veil.privacy.secagg.errors import ProtocolError
 from veil.privacy.secagg.layout import MASKED, UpdateLayout
-from veil.privacy.secagg.messages import UnmaskRequest
+from veil.privacy.secagg.messages import ConsistencyCheck, UnmaskRequest
 from veil.privacy.secagg.protocol import ClientSession
 from veil.privacy.secagg.quantize import UIntArray
 from veil.privacy.secagg.roster import Roster
-from veil.privacy.secagg.settings import SecAggSettings, params_from_bytes
+from veil.privacy.secagg.settings import (
+    CLIPPED_FRACTION,
+    WEIGHT_CAPPED,
+    SecAggSettings,
+    params_from_bytes,
+)
 from veil.privacy.secagg.wire import (
     DELIVER,
     SETUP,
     SHARE,
+    SIGN,
     UNMASK,
     Advertised,
     KeyBundle,
     shares_from_bytes,
 )
 from veil.tensors import check_compatible
-
-#: Per-client metric: how many of its values were clipped to the declared range.
-CLIPPED = "secagg_clipped"
-#: Per-client metric: 1 if its weight was capped at `max_weight`.
-WEIGHT_CAPPED = "secagg_weight_capped"
 
 
 class SecAggParticipant:
@@ -86,27 +87,28 @@ class SecAggParticipant:
         if stage == DELIVER:
             session.receive_shares(shares_from_bytes(body))
             return b""
+        if stage == SIGN:
+            return session.sign_request(UnmaskRequest.from_bytes(body)).to_bytes()
         if stage == UNMASK:
-            return session.unmask(UnmaskRequest.from_bytes(body)).to_bytes()
+            return session.unmask(ConsistencyCheck.from_bytes(body)).to_bytes()
         raise ProtocolError(f"unknown secure aggregation step '{stage}'")
 
     def seal(self, result: FitResult, context: RoundContext) -> FitResult:
-        """Encode the update (weight folded in) and mask it; only the masked vector leaves."""
+        """Encode the update (weight folded in) and mask it; only the masked vector leaves (the
+        clipping and weight-cap counters travel inside it, summed)."""
         session = self._session
         if session is None or session.params.round != context.round:
             raise ProtocolError(
                 f"no secure aggregation set-up for round {context.round}: the server must run "
                 "the key exchange before asking for an update"
             )
-        vector, clipped, capped = self._encode(result, session)
-        masked = session.mask(vector)
+        masked = session.mask(self._encode(result, session))
         return FitResult(
             client=result.client,
             round=result.round,
             update={MASKED: masked},
             weight=0.0,
             num_examples=0,
-            metrics={CLIPPED: float(clipped), WEIGHT_CAPPED: float(capped)},
         )
 
     def _current(self, instruction: ProtocolInstruction) -> ClientSession:
@@ -117,9 +119,10 @@ class SecAggParticipant:
             )
         return session
 
-    def _encode(self, result: FitResult, session: ClientSession) -> tuple[UIntArray, int, bool]:
+    def _encode(self, result: FitResult, session: ClientSession) -> UIntArray:
         """[w·Δ | w | sums] as residues, each parameter encoded straight into its slice of the
-        vector; under distributed DP with this client's noise added."""
+        vector; under distributed DP with this client's noise added. The sums include the
+        fraction of coordinates clipped and whether the weight was capped."""
         s, params, layout = self.settings, session.params, self.layout
         fixed = params.fixed_point
         check_compatible(layout.reference_view(), result.update)
@@ -146,6 +149,7 @@ class SecAggParticipant:
         fixed.encode(np.array([weight]), weight_bound, self.random, out=vector[offset : offset + 1])
         if layout.sum_keys:
             bounds = np.array([s.sum_bounds[k] for k in layout.sum_keys], np.float64)
-            sums = layout.sums_vector(result.sums)
+            counters = {CLIPPED_FRACTION: clipped / max(offset, 1), WEIGHT_CAPPED: float(capped)}
+            sums = layout.sums_vector({**result.sums, **counters})
             fixed.encode(sums, bounds, self.random, out=vector[offset + 1 :])
-        return vector, clipped, capped
+        return vector

@@ -1,27 +1,33 @@
 """What the server and every client of a SecAgg run agree on, and how each round is planned.
 
-The server plans each round (`RoundParams`: the selected clients, the threshold, the neighbour
-graph, the encoding) and announces it; every client re-derives what it can from its own copy of
-the settings and refuses a round that would weaken it: a lower threshold than its own, another
-graph degree, another modulus, or an encoding that could overflow. So a curious server cannot
-talk a client into revealing more than the settings allow.
+The server plans each round (`RoundParams`: the selected clients, the threshold, the graph
+degree, the encoding) and announces it; every client re-derives what it can from its own copy of
+the run's configuration and refuses a round that differs: another threshold than its own (the
+threshold comes from the configuration, never from the server's announcement or the number of
+clients it announces), another graph degree, modulus, encoding bounds or noise plan, or an
+encoding that could overflow. The clients' signed views then make sure that they were all told
+the same round (`veil.privacy.secagg.protocol`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from veil.config import SecAggConfig
 from veil.privacy.secagg.distributed_dp import DistributedGaussian
-from veil.privacy.secagg.errors import ProtocolError
+from veil.privacy.secagg.errors import NotEnoughShares, ProtocolError
 from veil.privacy.secagg.layout import UpdateLayout
-from veil.privacy.secagg.protocol import RoundParams, majority_threshold
+from veil.privacy.secagg.protocol import RoundParams, active_threshold
 from veil.privacy.secagg.quantize import FixedPoint
 
-_GRAPH_SEED_BYTES = 32
+#: Reserved summed scalars: the fraction of a client's coordinates clipped to the declared
+#: range, and whether its weight was capped. They are summed inside the masked vector, so the
+#: server learns only their totals, never a client's own.
+CLIPPED_FRACTION = "secagg/clipped_fraction"
+WEIGHT_CAPPED = "secagg/weight_capped"
+RESERVED_SUMS: Mapping[str, float] = {CLIPPED_FRACTION: 1.0, WEIGHT_CAPPED: 1.0}
 
 
 @dataclass(frozen=True)
@@ -44,21 +50,49 @@ class SecAggSettings:
     step: float | None = None
     threshold: int | None = None
     neighbours: int | None = None
-    #: Scalars clients send only as sums (e.g. adaptive clipping's bit), with their bounds.
-    sum_bounds: Mapping[str, float] = field(default_factory=dict)
+    #: The largest round the run's configuration plans for (its selected clients); the
+    #: default threshold is derived from it, never from a round's announcement.
+    round_size: int = 2
+    #: Scalars clients send only as sums (e.g. adaptive clipping's bit), with their bounds;
+    #: the reserved clipping and weight-cap counters are always among them.
+    sum_bounds: Mapping[str, float] = field(default_factory=lambda: dict(RESERVED_SUMS))
     distributed_dp: DistributedNoise | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sum_bounds", {**self.sum_bounds, **RESERVED_SUMS})
 
     @property
     def protocol(self) -> str:
         """ "secagg" (complete graph, Bonawitz et al.) or "secagg+" (Bell et al.)."""
         return "secagg" if self.neighbours is None else "secagg+"
 
-    def threshold_for(self, n_clients: int) -> int:
-        """The Shamir threshold for a round of `n_clients`: the configured one, else a majority
-        of the largest neighbourhood."""
+    @property
+    def round_threshold(self) -> int:
+        """The Shamir threshold of every round: the configured one, else the smallest that
+        withstands a malicious server (``⌊2|H|/3⌋ + 1``, `active_threshold`) for the largest
+        share-holder set H of the planned round size: `round_size` clients in the complete
+        graph, ``neighbours + 1`` (+1 for an odd degree) in SecAgg+."""
         if self.threshold is not None:
             return self.threshold
-        return max(2, majority_threshold(n_clients, self.neighbours))
+        k = self.neighbours
+        largest = self.round_size if k is None else k + 1 + k % 2
+        return max(2, active_threshold(largest))
+
+    def binding(self) -> bytes:
+        """The agreed parameters a round view binds beyond `RoundParams`' own fields: the
+        encoding bounds, the summed scalars and the distributed-noise plan."""
+        dp = self.distributed_dp
+        return json.dumps(
+            {
+                "clip_range": float(self.clip_range).hex(),
+                "max_weight": float(self.max_weight).hex(),
+                "sum_bounds": {k: float(v).hex() for k, v in sorted(self.sum_bounds.items())},
+                "distributed_dp": None
+                if dp is None
+                else [float(dp.noise_multiplier).hex(), float(dp.clip_norm).hex()],
+            },
+            sort_keys=True,
+        ).encode()
 
     def noise(self, layout: UpdateLayout, n_clients: int) -> DistributedGaussian | None:
         """The round's distributed DP plan, if client-level DP is on."""
@@ -70,7 +104,7 @@ class SecAggSettings:
             clip_norm=dp.clip_norm,
             dimension=layout.parameter_count,
             n_clients=n_clients,
-            threshold=self.threshold_for(n_clients),
+            threshold=self.round_threshold,
             modulus_bits=self.modulus_bits,
         )
 
@@ -96,26 +130,43 @@ class SecAggSettings:
     def plan_round(
         self, run_id: str, round_: int, clients: tuple[str, ...], layout: UpdateLayout
     ) -> RoundParams:
-        """The server's plan of one round (fresh graph seed)."""
-        return RoundParams(
-            run_id=run_id,
-            round=round_,
-            clients=clients,
-            threshold=self.threshold_for(len(clients)),
-            degree=self.neighbours,
-            graph_seed=os.urandom(_GRAPH_SEED_BYTES),
-            length=layout.length,
-            fixed_point=self.fixed_point(layout, len(clients)),
-        )
+        """The server's plan of one round. NotEnoughShares for fewer selected clients than the
+        threshold; ProtocolError for a round the clients would refuse (more clients than the
+        threshold withstands, see `RoundParams`)."""
+        t = self.round_threshold
+        if len(clients) < t:
+            raise NotEnoughShares(
+                f"round {round_} selected {len(clients)} clients, fewer than the secure "
+                f"aggregation threshold {t}: nothing can be aggregated"
+            )
+        try:
+            return RoundParams(
+                run_id=run_id,
+                round=round_,
+                clients=clients,
+                threshold=t,
+                degree=self.neighbours,
+                length=layout.length,
+                fixed_point=self.fixed_point(layout, len(clients)),
+                binding=self.binding(),
+            )
+        except ValueError as exc:
+            raise ProtocolError(f"round {round_} of {len(clients)} clients: {exc}") from None
 
     def check_round(self, params: RoundParams, layout: UpdateLayout) -> None:
         """A client's check of the server's plan; ProtocolError naming what it refuses."""
         n = len(params.clients)
-        expected = self.threshold_for(n)
-        if params.threshold < expected:
+        expected = self.round_threshold
+        if params.threshold != expected:
             raise ProtocolError(
-                f"the server asks for threshold {params.threshold}, below this client's "
-                f"{expected}: refusing a round in which fewer clients could unmask"
+                f"the server announces threshold {params.threshold}, this federation's "
+                f"configuration says {expected}: refusing the round (the threshold comes from "
+                "the configuration, never from the server)"
+            )
+        if params.binding != self.binding():
+            raise ProtocolError(
+                "the server's round binds other encoding bounds or another noise plan than "
+                "this client's configuration: are both running the same configuration?"
             )
         if params.degree != self.neighbours:
             raise ProtocolError(
@@ -151,10 +202,10 @@ def params_to_bytes(params: RoundParams) -> bytes:
             "clients": list(params.clients),
             "threshold": params.threshold,
             "degree": params.degree,
-            "graph_seed": params.graph_seed.hex(),
             "length": params.length,
             "modulus_bits": params.fixed_point.modulus_bits,
             "step": params.fixed_point.step,
+            "binding": params.binding.hex(),
         },
         sort_keys=True,
     ).encode()
@@ -170,9 +221,9 @@ def params_from_bytes(data: bytes) -> RoundParams:
             clients=tuple(str(c) for c in raw["clients"]),
             threshold=int(raw["threshold"]),
             degree=None if raw["degree"] is None else int(raw["degree"]),
-            graph_seed=bytes.fromhex(raw["graph_seed"]),
             length=int(raw["length"]),
             fixed_point=FixedPoint(int(raw["modulus_bits"]), float(raw["step"])),
+            binding=bytes.fromhex(raw["binding"]),
         )
     except (ValueError, TypeError, KeyError) as exc:
         raise ProtocolError(f"malformed round announcement: {exc}") from None
@@ -181,13 +232,16 @@ def params_from_bytes(data: bytes) -> RoundParams:
 def settings_from_config(
     config: SecAggConfig | None,
     *,
+    round_size: int,
     distributed_dp: DistributedNoise | None = None,
     modulus_bits: int | None = None,
 ) -> SecAggSettings:
-    """The settings of a run's `[secagg]` section (defaults when it is absent); `modulus_bits`
-    overrides the section's (int8 compression narrows the ring)."""
+    """The settings of a run's `[secagg]` section (defaults when it is absent) for rounds of at
+    most `round_size` clients; `modulus_bits` overrides the section's (int8 compression
+    narrows the ring)."""
     c = config or SecAggConfig()
     return SecAggSettings(
+        round_size=round_size,
         clip_range=c.clip_range,
         max_weight=c.max_weight,
         modulus_bits=c.modulus_bits if modulus_bits is None else modulus_bits,

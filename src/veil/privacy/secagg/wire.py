@@ -7,11 +7,12 @@ stage              server → client                        client → server
 =================  =====================================  =====================================
 ``secagg/setup``   the round's `RoundParams`              `Advertised`: key advertisement and
                                                           the credential proving its identity
-``secagg/share``   `KeyBundle`: the neighbours'           `EncryptedShares`
-                   advertisements and credentials
+``secagg/share``   `KeyBundle`: every client's            `EncryptedShares`
+                   advertisement and credential
 ``secagg/deliver`` the share ciphertexts for this client  empty (acknowledged)
 (fit)              the global model                       the masked vector
-``secagg/unmask``  `UnmaskRequest`                        `UnmaskReply`
+``secagg/sign``    `UnmaskRequest`                        `ConsistencySignature`
+``secagg/unmask``  `ConsistencyCheck`                     `UnmaskReply`
 =================  =====================================  =====================================
 
 JSON with base64 for bytes; no pickle. Anything malformed raises ProtocolError.
@@ -32,6 +33,7 @@ from veil.privacy.secagg.messages import KeyAdvertisement
 SETUP = "secagg/setup"
 SHARE = "secagg/share"
 DELIVER = "secagg/deliver"
+SIGN = "secagg/sign"
 UNMASK = "secagg/unmask"
 
 
@@ -62,7 +64,8 @@ class Advertised:
 
 @dataclass(frozen=True)
 class KeyBundle:
-    """The advertisements (and credentials) a client needs: its neighbours' and its own."""
+    """Every advertisement (and credential) of the round: each client checks them all against
+    its own view and derives the SecAgg+ graph from them."""
 
     advertisements: Mapping[str, Advertised]
 
