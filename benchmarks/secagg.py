@@ -7,7 +7,11 @@ encoded to bytes and decoded again as a transport would (no network). Measured, 
 
 * plain: the server's weighted float32 sum of the 10 updates (`WeightedSum`);
 * client: one client's work (key set-up, share encryption, encoding with stochastic rounding,
-  masking, answering the unmask request), median over clients;
+  masking, signing and checking the consistency round, answering the unmask request), median
+  over clients;
+* consistency: the consistency round of the malicious-server protocol (Bonawitz et al. 2017,
+  §6): the wall time of the signing step plus the whole unmask step, which includes the
+  signature checks (an upper bound on what the consistency round adds), as a share of the round;
 * server: the server's work (planning, routing, summing masked vectors, unmasking, decoding),
   with no dropout and with 2 clients dropping out after the key exchange;
 * round: clients and server together, all in one process: what Flower's number measures;
@@ -18,7 +22,8 @@ Flower's own SecAgg+ runs the same clients, size and neighbour degree in-process
 (benchmarks/peers/flower_secaggplus.py) and the ratio of round times is reported.
 
 Targets (issue 5), 10 clients x 10M: client <= 2 s, server <= 2 s without dropouts, upload
-<= 1.25x float32; Veil at least 5x faster per round than Flower's SecAgg+.
+<= 1.25x float32; Veil at least 5x faster per round than Flower's SecAgg+. Issue 17: the
+consistency round costs at most 10% of a 10 clients x 1M round.
 
     python benchmarks/secagg.py [--quick] [--sizes 1000000 10000000] [--degree 9]
         [--flower-python /path/to/flower-venv/bin/python]
@@ -48,6 +53,7 @@ from veil.privacy.secagg.layout import UpdateLayout
 from veil.privacy.secagg.participant import SecAggParticipant
 from veil.privacy.secagg.roster import StaticRoster
 from veil.privacy.secagg.settings import SecAggSettings
+from veil.privacy.secagg.wire import SIGN, UNMASK
 
 PEER = Path(__file__).resolve().parent / "peers" / "flower_secaggplus.py"
 RUN = "bench"
@@ -72,16 +78,20 @@ class Channel:
         self.clock = clock
         self.drop: set[str] = set()
         self.round = 1
+        #: Wall seconds of each step, from the server's call to the last answer.
+        self.stages: dict[str, float] = {}
 
     def exchange(self, stage: str, bodies: Mapping[str, bytes]) -> dict[str, bytes]:
         replies = {}
+        begin = time.perf_counter()
         for name, body in bodies.items():
-            if stage == "secagg/unmask" and name in self.drop:
+            if stage in (SIGN, UNMASK) and name in self.drop:
                 continue
             start = time.perf_counter()
             instruction = ProtocolInstruction(RUN, self.round, stage, bytes(body))
             replies[name] = bytes(self.participants[name].handle(instruction))
             self.clock.add(name, time.perf_counter() - start)
+        self.stages[stage] = self.stages.get(stage, 0.0) + time.perf_counter() - begin
         return replies
 
 
@@ -112,8 +122,10 @@ def secure_round(
 ) -> dict[str, Any]:
     names = tuple(data)
     reference = next(iter(data.values()))
-    layout = UpdateLayout.of(reference)
-    settings = SecAggSettings(clip_range=1.0, max_weight=1000.0, neighbours=degree)
+    settings = SecAggSettings(
+        clip_range=1.0, max_weight=1000.0, neighbours=degree, round_size=len(names)
+    )
+    layout = UpdateLayout.of(reference, settings.sum_bounds)
     keys = {n: IdentityKey.generate() for n in names}
     roster = StaticRoster({n: k.public_key() for n, k in keys.items()})
     participants = {n: SecAggParticipant(n, keys[n], roster, settings, layout) for n in names}
@@ -138,6 +150,9 @@ def secure_round(
         acc.add(sealed)
     aggregate = acc.finish()
     total = time.perf_counter() - start
+    # The signing step and the whole unmask step (its signature checks with its share replies):
+    # an upper bound on the consistency round's cost.
+    consistency = channel.stages.get(SIGN, 0.0) + channel.stages.get(UNMASK, 0.0)
     client_total = sum(clock.seconds.values())
     mean = aggregate.total["w"] / aggregate.weight
     survivors = [n for n in names if n not in dropped]
@@ -147,6 +162,7 @@ def secure_round(
         "server_s": total - client_total,
         "client_s": statistics.median(clock.seconds[n] for n in survivors),
         "upload_bytes": upload,
+        "consistency_s": consistency,
         "max_abs_error": float(np.max(np.abs(mean - expected))),
     }
 
@@ -201,10 +217,12 @@ def main() -> None:
             "server_2_dropouts_s": median("server_s", 2),
             "round_s": median("round_s", 0),
             "round_2_dropouts_s": median("round_s", 2),
+            "consistency_s": median("consistency_s", 0),
             "upload_vs_float32": runs[0][0]["upload_bytes"] / (4 * size),
             "max_abs_error": max(r["max_abs_error"] for rs in runs.values() for r in rs),
         }
         entry["server_vs_plain"] = entry["server_s"] / entry["plain_server_s"]
+        entry["consistency_share_of_round"] = entry["consistency_s"] / entry["round_s"]
         if fl is not None:
             entry["flower_round_s"] = fl["secagg_round_s"]
             entry["flower_plain_s"] = fl.get("plain_round_s")
@@ -213,7 +231,9 @@ def main() -> None:
         print(
             f"{size:>10,} params: client {entry['client_s']:.3f} s, server "
             f"{entry['server_s']:.3f} s ({entry['server_2_dropouts_s']:.3f} s with 2 dropouts), "
-            f"round {entry['round_s']:.3f} s, plain {entry['plain_server_s']:.3f} s, upload "
+            f"round {entry['round_s']:.3f} s (consistency and unmask steps "
+            f"{100 * entry['consistency_share_of_round']:.1f}%), plain "
+            f"{entry['plain_server_s']:.3f} s, upload "
             f"{entry['upload_vs_float32']:.3f}x"
             + (
                 f", Flower SecAgg+ {entry['flower_round_s']:.3f} s "

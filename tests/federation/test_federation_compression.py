@@ -198,8 +198,9 @@ def test_int8_with_secagg_masks_a_16_bit_ring() -> None:
     secure = {"secure_aggregation": "secagg", "secagg": {"clip_range": 2.0, "max_weight": 500}}
     plain = run(_config(**secure))
     narrow = run(_config(**secure, compression={"kind": "int8"}))
-    assert plain.communication.update_bytes_per_client == (62 + 1) * 4  # uint32, weight slot
-    assert narrow.communication.update_bytes_per_client == (62 + 1) * 2  # uint16
+    # uint32: the parameters, the weight slot and the two summed counters (clipped, capped)
+    assert plain.communication.update_bytes_per_client == (62 + 3) * 4
+    assert narrow.communication.update_bytes_per_client == (62 + 3) * 2  # uint16
     assert narrow.privacy.secure_aggregation["modulus_bits"] == 16  # type: ignore[attr-defined]
     assert narrow.final["accuracy"] > plain.final["accuracy"] - 0.03
 

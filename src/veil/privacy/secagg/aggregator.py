@@ -50,6 +50,7 @@ class SecAggAggregator:
     name = "secagg"
 
     def __init__(self, settings: SecAggSettings, layout: UpdateLayout) -> None:
+        settings.check_layout(layout)
         self.settings = settings
         self.layout = layout
 

@@ -55,6 +55,7 @@ class SecAggParticipant:
         *,
         random: RandomSource | None = None,
     ) -> None:
+        settings.check_layout(layout)
         self.client = client
         self.identity = identity
         self.roster = roster

@@ -61,6 +61,16 @@ class SecAggSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "sum_bounds", {**self.sum_bounds, **RESERVED_SUMS})
 
+    def check_layout(self, layout: UpdateLayout) -> None:
+        """ValueError unless `layout` sums exactly these settings' scalars (build it with
+        ``UpdateLayout.of(parameters, settings.sum_bounds)``)."""
+        if set(layout.sum_keys) != set(self.sum_bounds):
+            raise ValueError(
+                f"the secure aggregation layout sums {list(layout.sum_keys)}, the settings "
+                f"{sorted(self.sum_bounds)}: build it with UpdateLayout.of(parameters, "
+                "settings.sum_bounds)"
+            )
+
     @property
     def protocol(self) -> str:
         """ "secagg" (complete graph, Bonawitz et al.) or "secagg+" (Bell et al.)."""
