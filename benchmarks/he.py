@@ -5,10 +5,11 @@ D parameters in six layers (an MLP-like layout: 78.4%, 0.1%, 20%, 0.02%, 1.48%, 
 one round is run in this run both ways:
 
 * veil: the code a federation uses. Each client's `CkksParticipant.seal` clips, weights and
-  packs the flat update [w·Δ | w | 1] into N/2-value ciphertexts (N = 8192, primes [60, 40],
-  scale 2^40: one data prime, symmetric encryption, no Galois or relinearisation keys) in
-  fixed-size frames; the server's `CkksAggregator` parses and adds them; one decryptor's
-  `handle` decrypts, floods and rounds the sum.
+  packs the flat update [w·Δ | w | clipped | capped | 1] into N/2-value ciphertexts (N = 8192,
+  primes [60, 40], scale 2^40: one data prime, symmetric encryption, no Galois or
+  relinearisation keys) in fixed-size frames; the server's `CkksAggregator` parses and keeps
+  them; every member confirms the member set and one decryptor's `handle` verifies the
+  signatures, adds the ciphertexts itself, decrypts, floods and rounds the sum.
 * per-layer baseline: what NVIDIA FLARE's HE filters do (`HEModelEncryptor`): a TenSEAL context
   with FLARE's default parameters (N = 8192, primes [60, 40, 40], scale 2^40, public-key
   encryption), one `ts.ckks_vector(context, layer)` per layer, serialised; the server
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -47,6 +49,7 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 
+from veil.crypto.identity import IdentityKey
 from veil.federation.messages import FitResult, ProtocolInstruction
 from veil.federation.pipeline import RoundContext
 from veil.privacy.he import keys as he_keys
@@ -55,7 +58,9 @@ from veil.privacy.he.ckks import CkksParams
 from veil.privacy.he.keys import SecretKeySet
 from veil.privacy.he.participant import CkksParticipant
 from veil.privacy.he.settings import CkksSettings
+from veil.privacy.he.wire import DECRYPT
 from veil.privacy.secagg.layout import UpdateLayout
+from veil.privacy.secagg.roster import StaticRoster
 
 FRACTIONS = (0.784, 0.001, 0.2, 0.0002, 0.0148, 0.00001)
 FLARE = {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40], "scale_bits": 40}
@@ -98,14 +103,17 @@ def worker(clients: list[int], d: int, folder: Path) -> None:
     meta = json.loads((folder / "veil.json").read_text())
     keys = SecretKeySet(meta["key_id"], CkksParams(), (folder / "veil.ctx").read_bytes(), bytes(32))
     layout = UpdateLayout.of(update(0, d))
-    participant = CkksParticipant("bench", keys, SETTINGS, layout)
-    context = RoundContext("bench", 1)
+    participant = CkksParticipant(
+        "bench", keys, SETTINGS, layout, IdentityKey.generate(), StaticRoster({})
+    )
+    rounds = itertools.count(1)  # one upload per round: each sealing is its own round
     flare = ts.context_from((folder / "flare.ctx").read_bytes())
 
     def veil(c: int) -> float:
         u = update(c, d)
         start = time.perf_counter()
-        sealed = participant.seal(FitResult(f"c{c}", 1, u, WEIGHT, 1), context)
+        context = RoundContext("bench", next(rounds))
+        sealed = participant.seal(FitResult(f"c{c}", context.round, u, WEIGHT, 1), context)
         seconds = time.perf_counter() - start
         sealed.update[ENCRYPTED].tofile(folder / f"veil-{c}.bin")
         return seconds
@@ -166,36 +174,46 @@ def encrypt_all(n: int, d: int, folder: Path) -> dict[str, dict[int, float]]:
 # -- the server's side, in this process -------------------------------------------------------
 
 
-class OneDecryptor:
-    """The round's channel to its one decryptor (whichever client the server picks)."""
+class Members:
+    """The round's channel to its members: every member confirms; one decrypts (timed)."""
 
-    def __init__(self, secret: SecretKeySet, settings: CkksSettings, layout: UpdateLayout) -> None:
-        self.secret, self.settings, self.layout = secret, settings, layout
+    def __init__(self, members: dict[str, CkksParticipant]) -> None:
+        self.members = members
         self.seconds = 0.0
 
     def exchange(self, stage: str, bodies: dict[str, bytes]) -> dict[str, bytes]:
-        name, body = next(iter(bodies.items()))
-        participant = CkksParticipant(name, self.secret, self.settings, self.layout)
-        start = time.perf_counter()
-        reply = participant.handle(ProtocolInstruction("bench", 1, stage, body))
-        self.seconds = time.perf_counter() - start
-        return {name: reply}
+        replies = {}
+        for name, body in bodies.items():
+            start = time.perf_counter()
+            replies[name] = self.members[name].handle(ProtocolInstruction("bench", 1, stage, body))
+            if stage == DECRYPT:
+                self.seconds = time.perf_counter() - start
+        return replies
 
 
 def veil_round(n: int, d: int, folder: Path, secret: SecretKeySet, public: Any) -> dict[str, Any]:
+    """One round as a federation runs it. The members seal their updates again in this process
+    (untimed; encryption is timed in the workers): a decryptor confirms and decrypts only sums
+    that hold its own upload."""
     layout = UpdateLayout.of(update(0, d))
     settings = CkksSettings(**{**SETTINGS.__dict__, "decryptors": 1})
     aggregator = CkksAggregator(settings, layout, public)
-    decryptor = OneDecryptor(secret, settings, layout)
-    acc = aggregator.start(
-        layout.reference_view(),
-        RoundContext("bench", 1, tuple(f"c{c}" for c in range(n))),
-        decryptor,
-    )  # type: ignore[arg-type]
-    blobs = [np.fromfile(folder / f"veil-{c}.bin", np.uint8) for c in range(n)]
+    identities = {f"c{c}": IdentityKey.generate() for c in range(n)}
+    roster = StaticRoster({name: k.public_key() for name, k in identities.items()})
+    members = {
+        name: CkksParticipant(name, secret, settings, layout, key, roster)
+        for name, key in identities.items()
+    }
+    channel = Members(members)
+    context = RoundContext("bench", 1, tuple(members))
+    acc = aggregator.start(layout.reference_view(), context, channel)  # type: ignore[arg-type]
+    sealed = [
+        members[f"c{c}"].seal(FitResult(f"c{c}", 1, update(c, d), WEIGHT, 1), context)
+        for c in range(n)
+    ]
     start = time.perf_counter()
-    for c, blob in enumerate(blobs):
-        acc.add(FitResult(f"c{c}", 1, {ENCRYPTED: blob}, 0.0, 0))
+    for result in sealed:
+        acc.add(result)
     add_s = time.perf_counter() - start
     start = time.perf_counter()
     aggregate = acc.finish()
@@ -206,9 +224,9 @@ def veil_round(n: int, d: int, folder: Path, secret: SecretKeySet, public: Any) 
     )
     got = np.concatenate([aggregate.total[k].ravel().astype(np.float64) for k in layout.names])
     return {
-        "ciphertext_bytes": int(blobs[0].nbytes),
+        "ciphertext_bytes": int(sealed[0].update[ENCRYPTED].nbytes),
         "add_s": add_s,
-        "decrypt_s": decryptor.seconds,
+        "decrypt_s": channel.seconds,
         "finish_s": finish_s,
         "max_error": float(np.max(np.abs(got - plain))),
     }

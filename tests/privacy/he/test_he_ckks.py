@@ -11,13 +11,13 @@ import tenseal as ts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from veil.crypto.identity import IdentityKey
 from veil.errors import UserError
 from veil.federation.messages import FitResult, ProtocolInstruction
 from veil.federation.pipeline import AggregationFailed, RoundContext, UpdateRejected
 from veil.privacy.he import keys as he_keys
 from veil.privacy.he.aggregator import ENCRYPTED, CkksAggregator
 from veil.privacy.he.ckks import (
-    CkksError,
     CkksParams,
     OverflowRisk,
     Packing,
@@ -29,8 +29,9 @@ from veil.privacy.he.ckks import (
 from veil.privacy.he.keys import PublicKeySet
 from veil.privacy.he.participant import CkksParticipant
 from veil.privacy.he.settings import CkksSettings
-from veil.privacy.he.wire import DECRYPT, DecryptRequest
+from veil.privacy.he.wire import CONFIRM, DECRYPT
 from veil.privacy.secagg.layout import UpdateLayout
+from veil.privacy.secagg.roster import StaticRoster
 
 PARAMS = CkksParams()
 SHAPES = {"w": (3, 5), "b": (3,)}
@@ -43,10 +44,10 @@ class Channel:
     def __init__(self, participants: Mapping[str, CkksParticipant], run_id: str, rnd: int) -> None:
         self.participants = participants
         self.run_id, self.round = run_id, rnd
-        self.requests: list[bytes] = []
+        self.requests: list[tuple[str, bytes]] = []
 
     def exchange(self, stage: str, bodies: Mapping[str, bytes]) -> dict[str, bytes]:
-        self.requests += bodies.values()
+        self.requests += [(stage, b) for b in bodies.values()]
         return {
             c: self.participants[c].handle(ProtocolInstruction(self.run_id, self.round, stage, b))
             for c, b in bodies.items()
@@ -55,9 +56,10 @@ class Channel:
 
 def federation(n: int, settings: CkksSettings) -> tuple[CkksAggregator, dict[str, CkksParticipant]]:
     secret, public = he_keys.generate(settings.params)
-    names = [f"c{i}" for i in range(n)]
+    identities = {f"c{i}": IdentityKey.generate() for i in range(n)}
+    roster = StaticRoster({c: k.public_key() for c, k in identities.items()})
     return CkksAggregator(settings, LAYOUT, public), {
-        c: CkksParticipant(c, secret, settings, LAYOUT) for c in names
+        c: CkksParticipant(c, secret, settings, LAYOUT, k, roster) for c, k in identities.items()
     }
 
 
@@ -112,15 +114,18 @@ def test_the_server_sees_ciphertexts_of_a_fixed_size_only() -> None:
         for i in range(3)
     }
     aggregate, channel, sealed = aggregate_round(updates, CkksSettings())
-    size = Packing(PARAMS, LAYOUT.length + 1).nbytes
+    size = Packing(PARAMS, LAYOUT.length + 3).nbytes
     for r in sealed:
         assert set(r.update) == {ENCRYPTED} and r.update[ENCRYPTED].shape == (size,)
-        assert r.weight == 0.0 and r.num_examples == 0 and not r.sums
+        assert r.weight == 0.0 and r.num_examples == 0 and not r.sums and not r.metrics
         raw = r.update[ENCRYPTED].tobytes()
         for u, _ in updates.values():
             assert u["w"].tobytes()[:16] not in raw
-    # Two decryptors were asked once each, with the same encrypted sum.
-    assert len(channel.requests) == 2 and len(set(channel.requests)) == 1
+    # Every member confirmed the member set; two decryptors were asked once each, with the
+    # same request (every member's upload and signature).
+    assert [stage for stage, _ in channel.requests].count(CONFIRM) == 3
+    decrypts = [body for stage, body in channel.requests if stage == DECRYPT]
+    assert len(decrypts) == 2 and len(set(decrypts)) == 1
     assert aggregate.report["count_slot_error"] <= aggregate.report["tolerance"]  # type: ignore[attr-defined]
 
 
@@ -180,27 +185,17 @@ def test_an_upload_of_the_wrong_size_or_bytes_is_rejected() -> None:
             accumulator.add(FitResult("c0", 1, {ENCRYPTED: bad}, 0.0, 0))
 
 
-def test_decryptors_refuse_a_second_request_and_a_single_update() -> None:
+def test_a_single_upload_is_never_decrypted() -> None:
     s = CkksSettings()
     aggregator, parts = federation(2, s)
     context = RoundContext("run", 1, clients=tuple(parts))
     update = {k: np.ones(sh, np.float32) * 0.1 for k, sh in SHAPES.items()}
-    sealed = parts["c0"].seal(FitResult("c0", 1, update, 3.0, 3), context)
-    # A curious server asks to decrypt one client's ciphertext as if it were the sum.
-    from veil.privacy.he.ckks import join_frames, split_frames  # noqa: F401
-
-    accumulator = aggregator.start(LAYOUT.reference_view(), context, Channel(parts, "run", 1))  # type: ignore[arg-type]
-    accumulator.add(sealed)
-    single = accumulator._sum  # type: ignore[attr-defined]
-    body = DecryptRequest(
-        "run", 1, aggregator.keys.key_id, 2, join_frames([v.serialize() for v in single])
-    ).to_bytes()
-    with pytest.raises(CkksError, match="fewer than 2"):
-        parts["c1"].handle(ProtocolInstruction("run", 1, DECRYPT, body))
-    with pytest.raises(CkksError, match="second decryption request"):
-        parts["c1"].handle(ProtocolInstruction("run", 1, DECRYPT, body))
-    with pytest.raises(AggregationFailed, match="fewer than 2"):
+    channel = Channel(parts, "run", 1)
+    accumulator = aggregator.start(LAYOUT.reference_view(), context, channel)  # type: ignore[arg-type]
+    accumulator.add(parts["c0"].seal(FitResult("c0", 1, update, 3.0, 3), context))
+    with pytest.raises(AggregationFailed, match="at least 2 members"):
         accumulator.finish()
+    assert channel.requests == []
 
 
 def test_decryptors_release_the_same_flooded_values() -> None:

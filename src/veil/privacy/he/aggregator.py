@@ -1,12 +1,22 @@
-"""The server half of CKKS aggregation: an `Aggregator` that adds ciphertexts it cannot read.
+"""The server half of CKKS aggregation: an `Aggregator` that relays ciphertexts it cannot read.
 
 `CkksAggregator.start` needs nothing from the clients before they train. Its accumulator
-parses each client's encrypted vector (fixed size, checked before parsing), and adds it to one
-running encrypted sum; `finish` sends the sum to a quorum of decryptor clients through the
-round's `ProtocolChannel`, checks that their answers agree and that the count slot decrypts to
-the number of ciphertexts added (the precision check), and decodes the `Aggregate`. The server
-holds a context without keys: it never holds the secret key, an individual update, or anything
-it could decrypt on its own.
+parses each client's encrypted vector (fixed size, checked before parsing) and keeps it, as
+sent. `finish` runs the two decryption steps through the round's `ProtocolChannel`
+(`veil.privacy.he.wire`): every member confirms, with a signature, the round's member set
+(each name and the SHA-256 of its upload); then `decryptors` members chosen at random receive
+every member's upload with the signatures, verify them, add the ciphertexts themselves and
+release the flooded sum (`veil.privacy.he.participant`). The server checks that their answers
+agree and that the count slot decrypts to the number of members (the precision check), and
+decodes the `Aggregate`, including the sums of the clipped-fraction and weight-capped slots: no
+per-client metric reaches it in the clear.
+
+The server holds a context without keys: it never holds the secret key, an individual update
+in the clear, or anything it could decrypt on its own, and a decryptor releases only a sum it
+verified. The cost of that verification: the server keeps every upload of the round until it
+finishes, and each decryptor downloads all of them (n uploads instead of one sum). A member
+that drops out between its upload and the confirmation fails the round (the model is
+unchanged): a member confirms one set per round, so the round cannot be retried without it.
 """
 
 from __future__ import annotations
@@ -16,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import tenseal as ts
 
 from veil.federation.messages import FitResult
 from veil.federation.pipeline import (
@@ -28,24 +37,25 @@ from veil.federation.pipeline import (
     UpdateRejected,
     require_channel,
 )
-from veil.privacy.he.ckks import (
-    CkksError,
-    Packing,
-    join_frames,
-    load_public_context,
-    read_frames,
-)
+from veil.privacy.he.ckks import CkksError, Packing, load_public_context, read_frames
 from veil.privacy.he.keys import PublicKeySet
-from veil.privacy.he.settings import CkksSettings
-from veil.privacy.he.wire import DECRYPT, DecryptReply, DecryptRequest
+from veil.privacy.he.settings import TAIL, CkksSettings
+from veil.privacy.he.wire import (
+    CONFIRM,
+    DECRYPT,
+    Confirmation,
+    ConfirmRequest,
+    DecryptReply,
+    DecryptRequest,
+    Member,
+    SignedMember,
+    upload_digest,
+)
 from veil.privacy.secagg.layout import UpdateLayout
 from veil.tensors import NamedArrays
 
 #: The name of the one tensor an encrypted upload carries (uint8: the frames).
 ENCRYPTED = "ckks/encrypted"
-#: Per-client metrics (counts, not values): clipped coordinates, capped weight.
-CLIPPED = "ckks_clipped"
-WEIGHT_CAPPED = "ckks_weight_capped"
 
 
 def encrypted_reference(settings: CkksSettings, layout: UpdateLayout) -> dict[str, np.ndarray]:
@@ -87,14 +97,11 @@ class _CkksAccumulator:
         self.round = context
         self.channel = channel
         self.participants = list(context.clients)
-        self._sum: list[ts.CKKSVector] | None = None
-        self._added: list[str] = []
+        self._uploads: dict[str, bytes] = {}
         self._report: dict[str, Any] = {
             **aggregator.settings.report(),
             "key_id": aggregator.keys.key_id,
             "ciphertexts_per_client": aggregator.packing.ciphertexts,
-            "clipped": 0,
-            "weights_capped": 0,
         }
 
     def add(self, result: FitResult) -> None:
@@ -103,48 +110,71 @@ class _CkksAccumulator:
                 f"a CKKS update carries one encrypted vector '{ENCRYPTED}', got "
                 f"{sorted(result.update)}"
             )
+        if result.client in self._uploads:
+            raise UpdateRejected(f"a second CKKS upload from {result.client!r} this round")
+        blob = result.update[ENCRYPTED]
         try:
-            frames = read_frames(self.agg.context, result.update[ENCRYPTED], self.agg.packing)
+            read_frames(self.agg.context, blob, self.agg.packing)
         except CkksError as exc:
             raise UpdateRejected(str(exc)) from None
-        if self._sum is None:
-            self._sum = frames
-        else:
-            for total, frame in zip(self._sum, frames, strict=True):
-                total.add_(frame)
-        self._added.append(result.client)
-        self._report["clipped"] += int(result.metrics.get(CLIPPED, 0))
-        self._report["weights_capped"] += int(result.metrics.get(WEIGHT_CAPPED, 0))
+        self._uploads[result.client] = blob.tobytes()
 
     def finish(self) -> Aggregate:
         s = self.agg.settings
-        count = len(self._added)
-        if self._sum is None or count < 2:
+        count = len(self._uploads)
+        if count < s.quorum:
             raise AggregationFailed(
-                f"CKKS: {count} encrypted update(s) arrived; a sum of fewer than 2 is never "
-                "decrypted (it would be one client's update)"
+                f"CKKS: {count} encrypted update(s) arrived; the decryptors release only sums "
+                f"of at least {s.quorum} members (a sum of one would be one client's update)"
             )
-        if count < s.decryptors:
-            raise AggregationFailed(
-                f"CKKS: {count} clients contributed, fewer than the {s.decryptors} decryptors"
-            )
-        frames = join_frames([v.serialize() for v in self._sum])
+        run_id, rnd, key_id = self.round.run_id, self.round.round, self.agg.keys.key_id
+        names = sorted(self._uploads)
+        members = tuple(Member(n, upload_digest(self._uploads[n])) for n in names)
+        signed = self._confirm(members)
         request = DecryptRequest(
-            self.round.run_id, self.round.round, self.agg.keys.key_id, count, frames
+            run_id, rnd, key_id, signed, b"".join(self._uploads[n] for n in names)
         ).to_bytes()
-        chosen = secrets.SystemRandom().sample(self._added, s.decryptors)
+        chosen = secrets.SystemRandom().sample(names, s.decryptors)
         replies = self.channel.exchange(DECRYPT, {c: request for c in chosen})
         values = self._agree(replies, count)
+        tail = values[-len(TAIL) :]
         self._report.update(
             decryptors_asked=sorted(chosen),
             decryptors_answered=sorted(replies),
             flood_std=s.flood_std(count),
             release_step=s.release_step(count),
             tolerance=s.tolerance(count),
-            count_slot_error=float(abs(values[-1] - count)),
+            count_slot_error=float(abs(tail[2] - count)),
+            clipped=max(0, round(float(tail[0]) * self.agg.layout.parameter_count)),
+            weights_capped=max(0, round(float(tail[1]))),
         )
-        update, weight, sums = self.agg.layout.split(values[:-1])
+        update, weight, sums = self.agg.layout.split(values[: -len(TAIL)])
         return Aggregate(total=update, weight=weight, count=count, sums=sums, report=self._report)
+
+    def _confirm(self, members: tuple[Member, ...]) -> tuple[SignedMember, ...]:
+        """Every member's signed confirmation of the member set; AggregationFailed if one is
+        missing (a decryptor releases a sum only when every member of it has confirmed)."""
+        request = ConfirmRequest(
+            self.round.run_id, self.round.round, self.agg.keys.key_id, members
+        ).to_bytes()
+        replies = self.channel.exchange(CONFIRM, {m.name: request for m in members})
+        signed, missing = [], []
+        for m in members:
+            try:
+                reply = Confirmation.from_bytes(replies[m.name])
+            except (KeyError, CkksError):
+                missing.append(m.name)
+                continue
+            if reply.client != m.name:
+                missing.append(m.name)
+                continue
+            signed.append(SignedMember(m.name, m.digest, reply.signature, reply.credential))
+        if missing:
+            raise AggregationFailed(
+                f"CKKS: {sorted(missing)} did not confirm the round's member set, so no "
+                "decryptor will release its sum (a member confirms one set per round)"
+            )
+        return tuple(signed)
 
     def _agree(self, replies: dict[str, bytes], count: int) -> npt.NDArray[np.float64]:
         """The decryptors' common answer, after the quorum and precision checks."""

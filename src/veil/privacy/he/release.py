@@ -10,9 +10,10 @@ Before a decryptor answers, it adds Gaussian noise whose standard deviation is 2
 times the estimated ciphertext noise, then rounds to a grid of that size. The attacker then
 faces a noisy (learning-with-errors-like) system instead of an exact one. The noise is drawn
 from AES-256-CTR keyed by HKDF of a release key that only the clients hold, bound to the run,
-the round and the hash of the ciphertext: every honest decryptor of the quorum releases the same
-values (so the server learns nothing by averaging their answers), and a decryptor answers one
-decryption per round.
+the round and the digest of the member set whose uploads the decryptor added
+(`veil.privacy.he.wire.member_set_digest`): every honest decryptor of the quorum adds the same
+ciphertexts and releases the same values (so the server learns nothing by averaging their
+answers), and a decryptor answers one decryption per round.
 
 Residual risk (docs/homomorphic-encryption.md): the flooding factor 2^flood_bits gives a
 per-value statistical distance of about 2^-flood_bits, not the 2^-128 a proof of IND-CPA-D
@@ -20,8 +21,6 @@ security would want; that would cost more precision than a 60-bit data prime can
 """
 
 from __future__ import annotations
-
-import hashlib
 
 import numpy as np
 import numpy.typing as npt
@@ -44,11 +43,6 @@ class _KeyedStream(SecureRandom):
             raise RuntimeError("a release stream is used once")
         self._spent = True
         return expand_mask(self._seed, (n + 7) // 8, np.uint64).tobytes()[:n]
-
-
-def ciphertext_digest(data: bytes) -> bytes:
-    """SHA-256 of the ciphertext bytes a decryptor was asked to decrypt."""
-    return hashlib.sha256(data).digest()
 
 
 def flood_and_round(

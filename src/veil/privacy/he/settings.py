@@ -5,6 +5,11 @@ The worst-case sum is bounded before anything is encrypted (every coordinate cli
 times the scale could pass q/2 is refused (`OverflowRisk`), because CKKS wraps around without
 a sign. The precision the server checks a decrypted sum against (`tolerance`) follows from the
 ciphertext noise and the decryptors' flooding noise.
+
+The encrypted vector is the `UpdateLayout` followed by `TAIL`: the fraction of the client's
+coordinates that were clipped, 1.0 if its weight was capped (else 0.0), and the count slot
+1.0. Every tail value lies in [0, 1], inside the capacity bound; the server learns only their
+sums, so nothing per client travels in the clear.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from veil.privacy.secagg.layout import UpdateLayout
 #: check with probability about 1e-15 per value).
 _SIGMAS = 8.0
 
+#: The slots after the layout, in order: Σ clipped fraction, Σ capped flag, Σ 1 (the count).
+TAIL = ("clipped_fraction", "weight_capped", "count")
+
 
 @dataclass(frozen=True)
 class CkksSettings:
@@ -32,10 +40,23 @@ class CkksSettings:
     max_weight: float = 1000.0
     flood_bits: int = 12
     sum_bounds: Mapping[str, float] = field(default_factory=dict)
+    #: The fewest distinct members whose ciphertexts a decryptor adds up before it releases a
+    #: sum (raised to `decryptors` if that is larger; never below 2). A decryptor takes it from
+    #: its own settings, never from the server's request.
+    min_members: int = 2
+
+    def __post_init__(self) -> None:
+        if self.min_members < 2:
+            raise ValueError(f"min_members must be at least 2, got {self.min_members}")
+
+    @property
+    def quorum(self) -> int:
+        """The fewest members a released sum may hold: max(min_members, decryptors)."""
+        return max(self.min_members, self.decryptors)
 
     def vector_length(self, layout: UpdateLayout) -> int:
-        """[w·Δ | w | sums | 1]: the layout and one count slot (each client adds 1.0)."""
-        return layout.length + 1
+        """[w·Δ | w | sums | clipped | capped | 1]: the layout and the `TAIL` slots."""
+        return layout.length + len(TAIL)
 
     def capacity_bound(self, n_clients: int) -> float:
         """The largest |value| any slot of a sum of `n_clients` contributions can reach."""
@@ -68,6 +89,7 @@ class CkksSettings:
         return {
             **self.params.to_dict(),
             "decryptors": self.decryptors,
+            "quorum": self.quorum,
             "clip_range": self.clip_range,
             "max_weight": self.max_weight,
             "flood_bits": self.flood_bits,
