@@ -7,8 +7,8 @@ float ↔ integer part:
 
 * `FixedPoint.encode` clips every value to a declared ``[-bound, bound]`` (and counts the entries
   it clipped: clipping is reported, never silent), divides by ``step`` and rounds stochastically
-  (down or up with the probability that makes the rounding unbiased: E[q] = x / step), then
-  writes the integer in two's complement mod 2^k.
+  (down or up with the probability that makes the rounding unbiased: E[q] = x / step, exactly,
+  at every magnitude and every modulus), then writes the integer in two's complement mod 2^k.
 * `FixedPoint.decode` lifts a sum mod 2^k to the centred range [-2^(k-1), 2^(k-1)) and multiplies
   by ``step``. The lift is exact as long as the true integer sum lies in that range, which
   `FixedPoint.check_capacity` guarantees: ``n · (ceil(bound / step) + 1) < 2^(k-1)``. (After
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -39,8 +40,14 @@ UIntArray: TypeAlias = npt.NDArray[np.unsignedinteger[Any]]
 
 _MIN_BITS = 8
 _MAX_BITS = 64
-#: Entries encoded per pass: 2 MiB of float64, so the temporaries of one pass stay in cache.
-_CHUNK = 1 << 18
+#: Entries encoded per pass: 256 KiB of float64, so that all the temporaries of one pass (about
+#: 1 MiB) stay in a core's L2 cache.
+_CHUNK = 1 << 15
+#: ``2**32``: `RandomSource.uniform32` draws are integers U in [0, 2^32) times ``2**-32``.
+_TWO_POW_32 = 1 << 32
+#: The rounding is decided exactly without more random bits unless ``f + u`` lies in
+#: ``[1 - 2^-32, 1]``; `_exact_carry` settles those entries (probability at most 2^-31 each).
+_NEAR_ONE = 1.0 - 2.0**-32
 
 
 class CapacityError(UserError):
@@ -151,6 +158,20 @@ class FixedPoint:
         whose value lay outside the bound. NaN or ±Inf raises ValueError naming the first such
         entry. The caller is responsible for `check_capacity` with the number of clients.
 
+        The rounding is exact at every magnitude and modulus: with ``x`` the float64 value of
+        ``clip(value) / step``, ``q = floor(x) + B`` where B is a Bernoulli variable whose
+        probability is exactly the fractional part ``f = x - floor(x)``, so E[q] = x exactly
+        (unbiased up to float64's representation of ``x``; an ``x`` of magnitude 2^52 or more
+        is an integer, and is encoded as it is). B is decided by comparing ``f`` with a uniform
+        ``u`` from ``random.uniform32`` (B = 1 when ``f + u >= 1``), and floor(x) + B is added
+        in int64 arithmetic: the uniform never meets a large float, whose ulp would swallow its
+        low bits (``floor(x + u)`` in float64 is biased by up to half an ulp of ``x`` once
+        ``|x| >= 2^21``, and near 2^52 rounds almost deterministically). Where ``f + u`` falls
+        within 2^-32 below 1, which 32 random bits cannot settle (probability at most 2^-31 per
+        entry), the comparison is completed exactly with further random bits
+        (`RandomSource.randbelow`), so the probability is ``f`` itself, not ``f`` rounded to
+        32 bits. Outside that band, ``q`` is ``floor(x + u)`` of the exact (real) sum.
+
         In production `random` must be a `SecureRandom`: the rounding randomness is part of the
         privacy argument when DP noise is added on the integers.
 
@@ -176,14 +197,16 @@ class FixedPoint:
                 f"{out.dtype}"
             )
         clipped = 0
-        # Scratch buffers, reused for every chunk (no allocation in the loop).
+        # Scratch buffers, reused for every chunk (no allocation in the loop but the uniforms).
         chunk = min(size, _CHUNK)
         scaled_buf = np.empty(chunk, dtype=np.float64)
+        frac_buf = np.empty(chunk, dtype=np.float64)
         int_buf = np.empty(chunk, dtype=np.int64)
+        carry_buf = np.empty(chunk, dtype=np.bool_)
         for start in range(0, size, _CHUNK):
             stop = min(start + _CHUNK, size)
             n = stop - start
-            x, integers = scaled_buf[:n], int_buf[:n]
+            x, frac, integers, carry = scaled_buf[:n], frac_buf[:n], int_buf[:n], carry_buf[:n]
             np.copyto(x, flat[start:stop], casting="unsafe")  # real → float64
             if scale != 1.0:
                 np.multiply(x, scale, out=x)
@@ -199,11 +222,28 @@ class FixedPoint:
                 clipped += int(np.count_nonzero(x > b)) + int(np.count_nonzero(x < -b))
                 np.clip(x, -b, b, out=x)
             np.divide(x, self.step, out=x)
-            # Stochastic rounding as floor(x + u), u ~ U[0, 1): it rounds up exactly when
-            # u >= 1 - frac(x), with probability frac(x). u has 32-bit resolution.
-            np.add(x, random.uniform32(n), out=x)
-            np.floor(x, out=x)
-            np.copyto(integers, x, casting="unsafe")  # exact: integral, |q| < 2^63
+            # Stochastic rounding q = floor(x) + [f + u >= 1], f = x - floor(x), u ~ U[0, 1):
+            # it rounds up with probability f. The integer part and the carry are added as
+            # integers; only f, in [0, 1], meets the uniform.
+            np.floor(x, out=frac)
+            np.copyto(integers, frac, casting="unsafe")  # exact: integral, |floor(x)| < 2^63
+            # f is exact (x - floor(x) is a float) except for -1/2 < x < 0, where 1 + x may
+            # round; the rounding cannot move f across the thresholds below (they are floats),
+            # so it only matters in the [1 - 2^-32, 1] band that `_exact_carry` redoes from x.
+            np.subtract(x, frac, out=frac)
+            uniform = random.uniform32(n)
+            np.add(frac, uniform, out=frac)  # s = f + u in [0, 2), rounded
+            # s > 1 implies f + u >= 1 (round up); s < 1 - 2^-32 implies f + u + 2^-32 < 1, so
+            # no bits of u beyond the 32 drawn could reach 1 (round down). In between (at most
+            # two values of u per entry), decide exactly from x and u.
+            np.greater_equal(frac, _NEAR_ONE, out=carry)
+            near = np.count_nonzero(carry)
+            np.greater(frac, 1.0, out=carry)
+            if near != np.count_nonzero(carry):
+                band = np.flatnonzero((frac >= _NEAR_ONE) & (frac <= 1.0))
+                for i in band.tolist():
+                    carry[i] = _exact_carry(float(x[i]), float(uniform[i]), random)
+            np.add(integers, carry, out=integers)  # |q| <= 2^53 wherever the carry can be 1
             # int64 → uint8..uint64 keeps the low bits: two's complement mod 2^width.
             np.copyto(out[start:stop], integers, casting="unsafe")
         self.reduce(out)
@@ -263,6 +303,24 @@ class FixedPoint:
                 f"{name} has dtype {array.dtype}, expected {self.dtype} for "
                 f"{self.modulus_bits}-bit residues"
             )
+
+
+def _exact_carry(x: float, u: float, random: RandomSource) -> bool:
+    """Whether ``f + u + v · 2^-32 >= 1``, f = x - floor(x) exactly, for a uniform v in [0, 1)
+    drawn now: the carry of the stochastic rounding of `x` given the 32-bit draw `u`,
+    completed with as many further random bits as the fraction has. Its probability over v and
+    u is exactly f.
+    """
+    value = Fraction(x)
+    fraction = value - math.floor(value)
+    drawn = int(u * _TWO_POW_32)  # exact: u is on the grid k · 2^-32
+    # P(v >= 2^32 · (1 - f) - drawn) over v ~ U[0, 1): a dyadic rational, clipped to [0, 1].
+    probability = fraction * _TWO_POW_32 + drawn - (_TWO_POW_32 - 1)
+    if probability <= 0:
+        return False
+    if probability >= 1:
+        return True
+    return random.randbelow(probability.denominator) < probability.numerator
 
 
 def _check_clients_and_bound(n_clients: int, bound: float) -> None:
