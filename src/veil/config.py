@@ -327,8 +327,14 @@ class SecAggConfig(_Section):
     #: complete graph, every client selected per round), which withstands a malicious server.
     threshold: int | None = Field(None, ge=2)
     #: SecAgg+: each client masks with this many neighbours of a random k-regular graph;
+    #: "auto": the sparsest degree and threshold that meet Bell et al. 2020's bounds for the
+    #: round size, `dropout_rate` and `corruption_rate` (2^-40 privacy, 2^-20 round failure);
     #: None: with every other selected client (the complete graph of SecAgg).
-    neighbours: int | None = Field(None, ge=2)
+    neighbours: Annotated[int, Field(ge=2)] | Literal["auto"] | None = None
+    #: With neighbours = "auto": the fraction of a round's clients that may drop out.
+    dropout_rate: float = Field(0.1, ge=0, lt=1)
+    #: With neighbours = "auto": the fraction of clients that may collude with the server.
+    corruption_rate: float = Field(0.05, ge=0, lt=1 / 3)
 
 
 #: Largest total coefficient-modulus bits for 128-bit security (HomomorphicEncryption.org
@@ -676,6 +682,13 @@ class RunConfig(_Section):
                 )
             return
         s = self.secagg or SecAggConfig()
+        if s.neighbours == "auto":
+            if s.threshold is not None:
+                raise ValueError(
+                    "secagg.neighbours = 'auto' chooses the threshold too; remove "
+                    "secagg.threshold, or set neighbours to a number"
+                )
+            return
         if s.neighbours is not None and s.neighbours >= selected:
             raise ValueError(
                 f"secagg.neighbours = {s.neighbours} must be below the {selected} clients "

@@ -256,11 +256,13 @@ def test_clipping_is_counted_not_silent() -> None:
     assert aggregate.report["clipped"] > 0
 
 
-def test_medical_example_matches_plain_aggregation() -> None:
-    secure = veil.run(EXAMPLES / "medical_diagnosis_secagg.toml")
-    plain_cfg = load_config(EXAMPLES / "medical_diagnosis_secagg.toml").model_copy(
-        update={"secure_aggregation": "plain", "secagg": None}
-    )
+@pytest.mark.parametrize("neighbours", [None, 2], ids=["secagg", "secagg+"])
+def test_medical_example_matches_plain_aggregation(neighbours: int | None) -> None:
+    example = load_config(EXAMPLES / "medical_diagnosis_secagg.toml")
+    assert example.secagg is not None
+    secagg = example.secagg.model_copy(update={"neighbours": neighbours})
+    secure = veil.run(example.model_copy(update={"secagg": secagg}))
+    plain_cfg = example.model_copy(update={"secure_aggregation": "plain", "secagg": None})
     plain = veil.run(plain_cfg)
     assert abs(secure.final["accuracy"] - plain.final["accuracy"]) <= 0.01
     assert secure.privacy.aggregation == "secagg"
@@ -296,3 +298,15 @@ def test_adaptive_clipping_with_secagg_is_refused() -> None:
             federation={"fraction_evaluate": 0.0},
             privacy={"unit": "client", "epsilon": 8.0, "delta": 1e-5, "target_quantile": 0.5},
         )
+
+
+def test_secagg_plus_auto_parameters_run_with_a_dropout() -> None:
+    cfg = config(federation={"clients": 12}, secagg={"neighbours": "auto"})
+    aggregate, _, plain = round_once(cfg, drop=["client-4"])
+    report = aggregate.report
+    assert report["protocol"] == "secagg+" and report["neighbours"] < 11
+    assert 3 * report["threshold"] > 2 * (report["neighbours"] + 1)
+    assert aggregate.count == 11
+    expected, _ = plain_sum(plain, 1000)
+    for name, value in expected.items():
+        np.testing.assert_allclose(aggregate.total[name], value, atol=6 * report["step"] + 1e-5)

@@ -19,6 +19,7 @@ from veil.config import SecAggConfig
 from veil.privacy.secagg.distributed_dp import DistributedGaussian
 from veil.privacy.secagg.errors import NotEnoughShares, ProtocolError
 from veil.privacy.secagg.layout import UpdateLayout
+from veil.privacy.secagg.parameters import secagg_plus_parameters
 from veil.privacy.secagg.protocol import RoundParams, active_threshold
 from veil.privacy.secagg.quantize import FixedPoint
 
@@ -250,13 +251,17 @@ def settings_from_config(
     most `round_size` clients; `modulus_bits` overrides the section's (int8 compression
     narrows the ring)."""
     c = config or SecAggConfig()
+    neighbours, threshold = c.neighbours, c.threshold
+    if neighbours == "auto":
+        chosen = secagg_plus_parameters(round_size, c.dropout_rate, c.corruption_rate)
+        neighbours, threshold = chosen.degree, chosen.threshold
     return SecAggSettings(
         round_size=round_size,
         clip_range=c.clip_range,
         max_weight=c.max_weight,
         modulus_bits=c.modulus_bits if modulus_bits is None else modulus_bits,
         step=c.step,
-        threshold=c.threshold,
-        neighbours=c.neighbours,
+        threshold=threshold,
+        neighbours=neighbours,
         distributed_dp=distributed_dp,
     )
