@@ -34,7 +34,8 @@ design). SecAgg+ parameters: Flower's defaults, stated explicitly -- ``clipping_
 clients were told the old one, and they then fail, so an odd degree must be N - 1; the
 degree read back from the clients' state is reported as ``degree_effective``);
 ``reconstruction_threshold`` defaults to a majority of each neighbourhood (itself
-included), ``(degree + 1) // 2 + 1``, as Veil's.
+included), ``(degree + 1) // 2 + 1`` (Veil's is higher: ⌊2(degree + 1)/3⌋ + 1, which
+withstands a malicious server).
 
 Dropouts (``--dropouts K``): K fixed clients answer setup and share_keys, then stay silent
 (no reply to collect_masked_vectors or unmask), so the server reconstructs their secret
