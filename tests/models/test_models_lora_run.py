@@ -151,7 +151,8 @@ def test_client_level_dp_under_secure_aggregation_with_lora(sample: Dataset) -> 
     result = _run(config, sample)
     assert result.privacy.unit == "client" and result.privacy.epsilon is not None
     assert all(r.applied and r.clients == 4 for r in result.rounds)
-    assert result.communication.update_bytes_per_client == 4 * (74_498 + 1)  # masked uint32
+    # masked uint32: the parameters, the weight and the two summed clipping counters
+    assert result.communication.update_bytes_per_client == 4 * (74_498 + 3)
     assert result.rounds[-1].aggregation["protocol"] == "secagg"
 
 
@@ -233,5 +234,5 @@ def test_lora_deployment_with_secagg_and_int8(deploy: Any) -> None:
     result = deploy(config).result
     assert [r["clients"] for r in result["rounds"]] == [3, 3]
     assert result["privacy"]["secure_aggregation"]["modulus_bits"] == 16
-    assert result["communication"]["update_bytes_per_client"] == 2 * (74_498 + 1)
+    assert result["communication"]["update_bytes_per_client"] == 2 * (74_498 + 3)
     assert result["final"]["accuracy"] > 0.6
