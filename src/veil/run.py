@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from veil.crypto.envelope import load_key_file
 from veil.crypto.identity import IdentityKey
 from veil.data import FederatedData, build_federated_data, load_dataset
 from veil.data.text import load_text_dataset
-from veil.errors import StoreError
+from veil.errors import ConfigError, StoreError
 from veil.federation import (
     ClientRunner,
     FedAvg,
@@ -106,18 +107,21 @@ def run(
     out_dir: str | Path | None = None,
     *,
     observers: Sequence[ServerObserver] = (),
+    resume: bool = False,
 ) -> Result:
     """Run one federation to completion and return its `Result`.
 
     `config` is a `RunConfig` or the path of a TOML file. With `out_dir`, the run writes
     `out_dir/result.json`, records its rounds in `out_dir/veil.db` as they finish, and checkpoints
     the global model after every round. `observers` receive round events (e.g. a progress bar).
+    With `resume`, a run that crashed continues from `out_dir`'s checkpoint, privacy account
+    included (see `_run`).
     """
     if not isinstance(config, RunConfig):
         config = load_config(config)
     key = load_key_file(config.checkpoint.key_file) if config.checkpoint.key_file else None
     with _torch_threads(config.federation.torch_threads):
-        return _run(config, out_dir, observers, checkpoint_key=key)
+        return _run(config, out_dir, observers, resume=resume, checkpoint_key=key)
 
 
 #: Builds the gateway to real clients: (run id, initial parameters) -> gateway.
@@ -143,7 +147,9 @@ def _run(
     With `resume`, the run continues from `out_dir`'s checkpoint: same run id, parameters and
     strategy state, from the round after the checkpointed one; rounds already in the run store
     are kept, and a round redone after a crash replaces its row, so none is lost or counted
-    twice.
+    twice. Under DP it continues the checkpoint's privacy account (refused if the configuration
+    no longer matches it), draws fresh randomness, and reuses the ledger charges the run made
+    when it started instead of charging again.
     """
     started = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else None
@@ -167,6 +173,9 @@ def _run(
         initial, start_round = checkpoint.parameters, checkpoint.round + 1
 
     privacy = _privacy_policy(config, fed, plan)
+    if checkpoint is not None:
+        assert out is not None
+        _restore_privacy(privacy, checkpoint, out / CHECKPOINT_FILE)
     secure = _secure_aggregation(
         config,
         privacy,
@@ -229,7 +238,9 @@ def _run(
         )
     else:
         gateway = gateway_factory(run_id, initial)
-    recorder = _Recorder(run_id, None, out / CHECKPOINT_FILE if out else None, checkpoint_key)
+    recorder = _Recorder(
+        run_id, None, out / CHECKPOINT_FILE if out else None, checkpoint_key, privacy=privacy
+    )
     strategy = build_strategy(
         config,
         poisson_source=privacy.sampler if isinstance(privacy, ClientLevelPrivacy) else None,
@@ -252,12 +263,18 @@ def _run(
         seed=config.seed,
     )
     # Everything that can refuse the run has run by now: only then touch the run folder.
-    charges = _charge_ledger(config, privacy, run_id)
+    charges = _charge_ledger(
+        config, privacy, run_id, earlier=_ledger_entries(checkpoint) if checkpoint else None
+    )
+    recorder.ledger = charges
     store = RunStore(out / DB_NAME) if out is not None else None
     recorder.store = store
     earlier: list[RoundResult] = []
     if store is not None and checkpoint is not None:
         store.resume_run(run_id)
+        if checkpoint.round_result is not None:
+            # The process may have died after the checkpoint and before the round's row.
+            store.record_round(run_id, checkpoint.round_result)
         earlier = [
             RoundResult.model_validate(r)
             for r in store.get_run(run_id)[2]
@@ -514,13 +531,62 @@ def _privacy_record(
     return record
 
 
-def _charge_ledger(config: RunConfig, privacy: PrivacyPolicy | None, run_id: str) -> list[int]:
-    """Charge every planned ε before the run starts (all budgets checked first)."""
+def _restore_privacy(privacy: PrivacyPolicy | None, checkpoint: Checkpoint, path: Path) -> None:
+    """Continue the checkpoint's privacy account; refuse (one line) a checkpoint whose account
+    does not fit the configuration, or a DP run from a checkpoint that has none."""
+    state = checkpoint.privacy
+    if privacy is None:
+        if state is not None:
+            raise ConfigError(
+                f"cannot resume from '{path}': it holds a differential-privacy account but the "
+                "configuration has no [privacy]; resume with the configuration the run started "
+                "with"
+            )
+        return
+    account = state.get("account") if state is not None else None
+    if not isinstance(account, Mapping):
+        raise ConfigError(
+            f"cannot resume from '{path}': it holds no privacy account (written by a run "
+            "without [privacy] or by an older Veil), so the run's ε cannot be continued; start "
+            "a new run"
+        )
+    privacy.restore(account, round_=checkpoint.round)
+
+
+def _ledger_entries(checkpoint: Checkpoint) -> list[dict[str, Any]]:
+    """The ledger charges a checkpointed run made when it started."""
+    entries = (checkpoint.privacy or {}).get("ledger", [])
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def _charge_ledger(
+    config: RunConfig,
+    privacy: PrivacyPolicy | None,
+    run_id: str,
+    *,
+    earlier: Sequence[Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Charge every planned ε before the run starts (all budgets checked first); returns the
+    charges as ``{"dataset_id", "charge_id"}``, which the checkpoints carry.
+
+    A resumed run passes the charges its checkpoint holds (`earlier`): each one the ledger
+    still holds for this run, covering what is planned, is reused rather than charged again;
+    whatever is not covered is charged now, so a resume neither double-charges nor leaves the
+    run uncounted.
+    """
     p = config.privacy
     if p is None or privacy is None or p.ledger is None:
         return []
-    charges = privacy.charges(p.dataset_id or config.name)
+    planned = privacy.charges(p.dataset_id or config.name)
     with PrivacyLedger(p.ledger) as ledger:
+        kept: list[dict[str, Any]] = []
+        charges = []
+        for c in planned:
+            reused = _reusable_charge(ledger, c.dataset_id, c.epsilon, c.delta, run_id, earlier)
+            if reused is None:
+                charges.append(c)
+            else:
+                kept.append({"dataset_id": c.dataset_id, "charge_id": reused})
         for c in charges:
             budget = ledger.budget(c.dataset_id)
             if c.epsilon > budget.epsilon_remaining + TOLERANCE or (
@@ -531,25 +597,53 @@ def _charge_ledger(config: RunConfig, privacy: PrivacyPolicy | None, run_id: str
                     requested=(c.epsilon, c.delta),
                     remaining=(budget.epsilon_remaining, budget.delta_remaining),
                 )
-        return [
-            ledger.charge(
-                c.dataset_id,
-                epsilon=c.epsilon,
-                delta=c.delta,
-                who=config.name,
-                what=f"federated training run {run_id}",
-                mechanism="dp-sgd" if p.unit == "record" else "dp-fedavg",
-                parameters=c.parameters,
-            ).id
+        return kept + [
+            {
+                "dataset_id": c.dataset_id,
+                "charge_id": ledger.charge(
+                    c.dataset_id,
+                    epsilon=c.epsilon,
+                    delta=c.delta,
+                    who=config.name,
+                    what=_charge_what(run_id),
+                    mechanism="dp-sgd" if p.unit == "record" else "dp-fedavg",
+                    parameters=c.parameters,
+                ).id,
+            }
             for c in charges
         ]
 
 
-def _mark_released(config: RunConfig, charge_ids: list[int]) -> None:
-    if charge_ids and config.privacy is not None and config.privacy.ledger is not None:
+def _charge_what(run_id: str) -> str:
+    return f"federated training run {run_id}"
+
+
+def _reusable_charge(
+    ledger: PrivacyLedger,
+    dataset_id: str,
+    epsilon: float,
+    delta: float,
+    run_id: str,
+    earlier: Sequence[Mapping[str, Any]] | None,
+) -> int | None:
+    """The id of a charge this run made before a crash that covers (ε, δ) for `dataset_id`."""
+    ids = {e.get("charge_id") for e in earlier or () if e.get("dataset_id") == dataset_id}
+    for charge in ledger.charges(dataset_id) if ids else ():
+        if (
+            charge.id in ids
+            and charge.what == _charge_what(run_id)
+            and charge.epsilon + TOLERANCE >= epsilon
+            and charge.delta + TOLERANCE >= delta
+        ):
+            return charge.id
+    return None
+
+
+def _mark_released(config: RunConfig, charges: Sequence[Mapping[str, Any]]) -> None:
+    if charges and config.privacy is not None and config.privacy.ledger is not None:
         with PrivacyLedger(config.privacy.ledger) as ledger:
-            for charge_id in charge_ids:
-                ledger.mark_released(charge_id)
+            for charge in charges:
+                ledger.mark_released(int(charge["charge_id"]))
 
 
 def _federated_data(config: RunConfig) -> FederatedData:
@@ -677,8 +771,30 @@ def _round_result(record: RoundRecord) -> RoundResult:
     )
 
 
+#: The fields of a round the run store keeps (JSON data), which a checkpoint carries too.
+_STORED_ROW = (
+    "round",
+    "clients",
+    "dropped",
+    "selected",
+    "applied",
+    "metrics",
+    "epsilon",
+    "bytes_up",
+    "bytes_down",
+    "duration_s",
+    "failures",
+)
+
+
 class _Recorder:
-    """Writes each finished round to the run store and the checkpoint file."""
+    """Writes each finished round to the checkpoint file, then to the run store.
+
+    The checkpoint comes first and carries the privacy account with the round composed (the
+    privacy observer runs before this one) and the ledger charges: nothing of a round is
+    released (its row, the next round's model) before its account is on disk. It also carries
+    the round's row, which a resumed run writes to the store if the process died in between.
+    """
 
     def __init__(
         self,
@@ -686,11 +802,16 @@ class _Recorder:
         store: RunStore | None,
         checkpoint: Path | None,
         key: bytes | None = None,
+        *,
+        privacy: PrivacyPolicy | None = None,
     ) -> None:
         self.run_id = run_id
         self.store = store
         self.checkpoint = checkpoint
         self.key = key
+        self.privacy = privacy
+        #: The ledger charges of the run (`_charge_ledger`).
+        self.ledger: list[dict[str, Any]] = []
 
     def on_round_start(self, round_: int, selected: int) -> None:
         pass
@@ -701,9 +822,13 @@ class _Recorder:
     def on_round_end(
         self, record: RoundRecord, parameters: NamedArrays, strategy: Strategy
     ) -> None:
-        if self.store is not None:
-            self.store.record_round(self.run_id, _round_result(record).model_dump())
+        row = _round_result(record).model_dump()
         if self.checkpoint is not None:
+            privacy = (
+                {"account": self.privacy.state(), "ledger": self.ledger}
+                if self.privacy is not None
+                else None
+            )
             save_checkpoint(
                 self.checkpoint,
                 Checkpoint(
@@ -712,6 +837,10 @@ class _Recorder:
                     parameters=parameters,
                     strategy_state=strategy.state(),
                     meta={"strategy": strategy.name},
+                    privacy=privacy,
+                    round_result={k: row[k] for k in _STORED_ROW if k in row},
                 ),
                 key=self.key,
             )
+        if self.store is not None:
+            self.store.record_round(self.run_id, row)

@@ -3,6 +3,11 @@
 The format is safetensors (a JSON header and raw little-endian buffers), which holds no code, so
 loading a checkpoint cannot execute anything. With a key, the file is sealed with AES-256-GCM
 envelope encryption (`veil.crypto.envelope`): unreadable and tamper-evident at rest.
+
+With differential privacy the checkpoint also carries the privacy account (the accountant's
+composed events and the ledger charges the run made, as JSON in the header), so a resumed run
+continues the same account; and the checkpointed round's result row, so the run store can be
+completed if the process died between the two writes.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ class Checkpoint:
     parameters: NamedArrays
     strategy_state: NamedArrays
     meta: dict[str, Any]
+    #: The privacy account after `round` (JSON data; None without DP or from an older Veil).
+    privacy: dict[str, Any] | None = None
+    #: `round`'s row of `result.json` (`RoundResult` as JSON data), if the writer gave it.
+    round_result: dict[str, Any] | None = None
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint, *, key: bytes | None = None) -> None:
@@ -48,6 +57,10 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint, *, key: bytes | No
         "round": str(checkpoint.round),
         "meta": json.dumps(checkpoint.meta, sort_keys=True),
     }
+    if checkpoint.privacy is not None:
+        header["privacy"] = json.dumps(checkpoint.privacy, sort_keys=True, allow_nan=False)
+    if checkpoint.round_result is not None:
+        header["round_result"] = json.dumps(checkpoint.round_result, sort_keys=True)
     raw = save(tensors, metadata=header)
     if key is not None:
         raw = seal(raw, key, associated_data=_AAD)
@@ -81,8 +94,20 @@ def load_checkpoint(path: str | Path, *, key: bytes | None = None) -> Checkpoint
                 k[len(_STATE) :]: v for k, v in tensors.items() if k.startswith(_STATE)
             },
             meta=json.loads(header["meta"]),
+            privacy=_object(header.get("privacy")),
+            round_result=_object(header.get("round_result")),
         )
     except (SafetensorError, KeyError, ValueError, TypeError) as exc:
         raise StoreError(
             f"checkpoint '{path}' is unreadable ({exc}); delete it to start over"
         ) from None
+
+
+def _object(text: str | None) -> dict[str, Any] | None:
+    """A JSON object from the header, or None when absent."""
+    if text is None:
+        return None
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("a checkpoint header entry is not a JSON object")
+    return value

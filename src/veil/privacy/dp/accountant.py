@@ -37,6 +37,11 @@ i.e. noise multiplier σ/2 under add-or-remove, in both accountants.
 
 σ is never calibrated with the classic σ = √(2 ln(1.25/δ))/ε formula (valid only for ε < 1 and one
 step, and loose); `calibrate_noise_multiplier` searches σ on the accountant itself.
+
+An accountant's state is data: `Accountant.state()` lists the composed mechanism events
+(dp-accounting `DpEvent`s, written as JSON with their parameters) in the order they were composed,
+and `Accountant.from_state` composes them again, giving bit for bit the same ε. A resumed run
+continues its account from the state its checkpoint holds.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import functools
 import logging
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -65,6 +70,7 @@ __all__ = [
     "MAX_NOISE_MULTIPLIER",
     "MIN_NOISE_MULTIPLIER",
     "PLD_VALUE_DISCRETIZATION",
+    "STATE_VERSION",
     "Accountant",
     "AccountantKind",
     "EpsilonReport",
@@ -105,6 +111,9 @@ _ORDERS: tuple[float, ...] = tuple(float(a) for a in _rdp.DEFAULT_RDP_ORDERS)
 _ORDERS_2A: tuple[float, ...] = tuple(2.0 * a for a in _ORDERS)
 _ORDERS_2A_1: tuple[float, ...] = tuple(2.0 * a - 1.0 for a in _ORDERS)
 _TRIANGLE_WEIGHT: npt.NDArray[np.float64] = np.array([(a - 0.5) / (a - 1.0) for a in _ORDERS])
+
+#: Version of `Accountant.state()`'s format.
+STATE_VERSION = 1
 
 
 # --------------------------------------------------------------------------- validation
@@ -205,6 +214,9 @@ class Accountant:
         self._rdp_sum: npt.NDArray[np.float64] = np.zeros(len(_ORDERS))
         self._rdp_tri_sum: npt.NDArray[np.float64] = np.zeros(2 * len(_ORDERS))
         self._rdp_cache: dict[tuple[float, float], npt.NDArray[np.float64]] = {}
+        # What was composed, in order: [event, times composed in a row]. Consecutive equal
+        # events (the same round again) share one entry, so the state stays small.
+        self._events: list[list[Any]] = []
 
     # ----------------------------------------------------------------- properties
 
@@ -222,6 +234,17 @@ class Accountant:
     def steps(self) -> int:
         """The total number of mechanism invocations composed so far (the sum of the counts)."""
         return self._steps
+
+    @property
+    def events(self) -> list[dp_accounting.DpEvent]:
+        """Every composed event in the order it was composed: one `SelfComposedDpEvent` per
+        `compose_*` call (of a `PoissonSampledDpEvent` or a plain `GaussianDpEvent`)."""
+        return [event for event, times in self._events for _ in range(times)]
+
+    def dp_event(self) -> dp_accounting.DpEvent:
+        """The whole composition as one dp-accounting event (any dp-accounting accountant can
+        compose it to check ε)."""
+        return dp_accounting.ComposedDpEvent(self.events)
 
     def describe(self) -> str:
         """A one-line label for reports, e.g. ``"dp-accounting PLD (add_or_remove)"``."""
@@ -251,6 +274,11 @@ class Accountant:
             return
         if count == 0:
             return
+        self._record(
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), count
+            )
+        )
         self._steps += count
         if self._kind == "pld":
             self._compose_pld(sigma, q, count)
@@ -265,6 +293,7 @@ class Accountant:
         count = _check_count(count, "count")
         if count == 0:
             return
+        self._record(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma), count))
         self._steps += count
         if self._kind == "pld":
             self._compose_pld(sigma, 1.0, count)
@@ -272,6 +301,83 @@ class Accountant:
             # Under "replace" the sum moves by up to 2C: a Gaussian with multiplier σ/2.
             effective = sigma / 2.0 if self._neighbouring == "replace" else sigma
             self._rdp_sum = self._rdp_sum + count * self._rdp_step(effective, 1.0)
+
+    def _record(self, event: dp_accounting.DpEvent) -> None:
+        if self._events and self._events[-1][0] == event:
+            self._events[-1][1] += 1
+        else:
+            self._events.append([event, 1])
+
+    # ----------------------------------------------------------------- state
+
+    def state(self) -> dict[str, Any]:
+        """The account as JSON-ready data: the settings and every composed event, in order.
+
+        ``{"version", "kind", "neighbouring", "value_discretization_interval", "steps",
+        "events": [{"times": n, "event": {...}}]}``, where each event is a dp-accounting
+        `SelfComposedDpEvent` written as ``{"class_name": ..., <its fields>}`` and `times` counts
+        how often it was composed in a row. No code, no pickle: `from_state` reads it back.
+        """
+        return {
+            "version": STATE_VERSION,
+            "kind": self._kind,
+            "neighbouring": self._neighbouring,
+            "value_discretization_interval": self._interval,
+            "steps": self._steps,
+            "events": [
+                {"times": times, "event": _event_to_json(event)} for event, times in self._events
+            ],
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Accountant:
+        """The accountant `state()` described: its events composed again, in the same order,
+        so ε is the same to the last bit. `ValueError` for a state this version cannot read."""
+        if not isinstance(state, Mapping):
+            raise ValueError("accountant state: not an object")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"accountant state: version {state.get('version')!r}, expected {STATE_VERSION}"
+            )
+        try:
+            accountant = cls(
+                state["kind"],
+                neighbouring=state["neighbouring"],
+                value_discretization_interval=float(state["value_discretization_interval"]),
+            )
+            events = state["events"]
+            if not isinstance(events, list):
+                raise ValueError("events must be a list")
+            for entry in events:
+                times = _check_count(entry["times"], "times")
+                event = _event_from_json(entry["event"])
+                for _ in range(times):
+                    accountant._compose_event(event)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"accountant state: {exc}") from None
+        if accountant.steps != state.get("steps"):
+            raise ValueError(
+                f"accountant state: its events compose {accountant.steps} steps, "
+                f"but it says {state.get('steps')!r}"
+            )
+        return accountant
+
+    def _compose_event(self, event: dp_accounting.DpEvent) -> None:
+        """Compose one event as `state()` writes them (a self-composed, possibly Poisson-sampled,
+        Gaussian)."""
+        if not isinstance(event, dp_accounting.SelfComposedDpEvent):
+            raise ValueError(f"unsupported event {event!r}")
+        inner = event.event
+        if isinstance(inner, dp_accounting.PoissonSampledDpEvent) and isinstance(
+            inner.event, dp_accounting.GaussianDpEvent
+        ):
+            self.compose_subsampled_gaussian(
+                inner.event.noise_multiplier, inner.sampling_probability, event.count
+            )
+        elif isinstance(inner, dp_accounting.GaussianDpEvent):
+            self.compose_gaussian(inner.noise_multiplier, event.count)
+        else:
+            raise ValueError(f"unsupported event {event!r}")
 
     def _rdp_step(self, sigma: float, q: float) -> npt.NDArray[np.float64]:
         """Add-or-remove RDP of one step; for a subsampled step under "replace", at 2α, 2α − 1."""
@@ -346,6 +452,42 @@ class Accountant:
             rdp = rdp + _TRIANGLE_WEIGHT * tri[:n] + tri[n:]
         eps, _order = _rdp.compute_epsilon(list(_ORDERS), list(rdp), delta)
         return _clean_epsilon(eps)
+
+
+def _event_to_json(event: Any) -> dict[str, Any]:
+    """A dp-accounting event as JSON: its class name and fields (the events `Accountant`
+    composes only)."""
+    if isinstance(event, dp_accounting.SelfComposedDpEvent):
+        return {
+            "class_name": "SelfComposedDpEvent",
+            "count": int(event.count),
+            "event": _event_to_json(event.event),
+        }
+    if isinstance(event, dp_accounting.PoissonSampledDpEvent):
+        return {
+            "class_name": "PoissonSampledDpEvent",
+            "sampling_probability": float(event.sampling_probability),
+            "event": _event_to_json(event.event),
+        }
+    if isinstance(event, dp_accounting.GaussianDpEvent):
+        return {"class_name": "GaussianDpEvent", "noise_multiplier": float(event.noise_multiplier)}
+    raise ValueError(f"unsupported event {event!r}")
+
+
+def _event_from_json(data: Any) -> Any:
+    """The inverse of `_event_to_json`, checking every parameter; nothing else is accepted."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"an event must be an object, got {data!r}")
+    name = data.get("class_name")
+    if name == "SelfComposedDpEvent":
+        count = _check_count(data["count"], "count")
+        return dp_accounting.SelfComposedDpEvent(_event_from_json(data["event"]), count)
+    if name == "PoissonSampledDpEvent":
+        q = _check_sampling_rate(data["sampling_probability"])
+        return dp_accounting.PoissonSampledDpEvent(q, _event_from_json(data["event"]))
+    if name == "GaussianDpEvent":
+        return dp_accounting.GaussianDpEvent(_check_noise_multiplier(data["noise_multiplier"]))
+    raise ValueError(f"unsupported event {name!r}")
 
 
 # --------------------------------------------------------------------------- functions

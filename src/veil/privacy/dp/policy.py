@@ -6,16 +6,24 @@ pipeline its clipping and noising stages and the strategy its Poisson sampler. B
 through the accountant before the run, refuse to start when the target cannot be met, compose
 what actually ran after every round, and report ε per round (never decreasing) and the privacy
 record of `result.json`.
+
+Both survive a crash: `state()` is the account after the last round as JSON data (the settings
+it was kept for and each accountant's composed events), which the run writes into its
+checkpoint; `restore()` checks it against the policy the configuration gives now, refuses a
+mismatch in one line, and continues the same account. Randomness after a resume is fresh: the
+default source is a new CSPRNG; a seeded (test) source folds the round the run resumes at into
+its seed, so it never replays the draws of a round whose results were released.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from veil.config import PrivacyConfig
-from veil.errors import ConfigError
+from veil.errors import ConfigError, StoreError
 from veil.federation import ClientStage, RoundRecord, ServerStage, Strategy, TrainingPlan
 from veil.privacy.dp.accountant import (
     Accountant,
@@ -32,6 +40,12 @@ from veil.tensors import NamedArrays
 #: Relative slack when checking a fixed σ against the target (floating-point noise only).
 _SLACK = 1e-9
 
+#: Version of the privacy state (`state()`) a checkpoint carries.
+STATE_VERSION = 1
+
+#: Folded, with the round a run resumes at, into a seeded source's keys after a resume.
+_RESUMED = 0x7265_7375
+
 
 @dataclass(frozen=True)
 class Charge:
@@ -43,12 +57,19 @@ class Charge:
     parameters: dict[str, Any]
 
 
-def random_source(config: PrivacyConfig, *keys: int) -> RandomSource:
-    """The noise source for one component: secure unless a test set `noise_seed`."""
+def random_source(config: PrivacyConfig, *keys: int, resumed_at: int | None = None) -> RandomSource:
+    """The noise source for one component: secure unless a test set `noise_seed`.
+
+    A secure source is keyed from the OS CSPRNG, so it is fresh in every process. A seeded one
+    is derived from the seed and `keys`; in a run resumed at round `resumed_at` also from that
+    round, so it does not replay the draws the first process made from the start.
+    """
     source: RandomSource
     if config.noise_seed is None:
         source = SecureRandom()
     else:
+        if resumed_at is not None:
+            keys = (*keys, _RESUMED, resumed_at)
         source = SeededRandom(derive_seed(config.noise_seed, Purpose.LOCAL_TRAINING, *keys))
     require_secure(source, production=config.production, what="[privacy]")
     return source
@@ -89,6 +110,86 @@ def _report(config: PrivacyConfig, sigma: float, q: float, steps: int) -> Epsilo
     return report(sigma, q, steps, config.delta, neighbouring=config.neighbouring)
 
 
+# --------------------------------------------------------------------------- resume
+
+
+def _settings(config: PrivacyConfig, rounds: int) -> dict[str, Any]:
+    """What an account was kept for, as far as the configuration decides it."""
+    return {
+        "delta": config.delta,
+        "neighbouring": config.neighbouring,
+        "target_epsilon": config.epsilon,
+        "clip_norm": config.clip_norm,
+        "rounds": rounds,
+    }
+
+
+def _mismatch(what: str, saved: object, now: object) -> ConfigError:
+    return ConfigError(
+        f"cannot resume: the checkpoint's privacy account was kept for {what} = {saved!r}, but "
+        f"the configuration now gives {now!r}; resume with the configuration the run started "
+        "with, or start a new run"
+    )
+
+
+def _same(what: str, saved: object, now: object) -> None:
+    """Refuse unless a saved setting equals the current one (floats to 1e-9, relative)."""
+    numbers = [isinstance(v, float | int) and not isinstance(v, bool) for v in (saved, now)]
+    if all(numbers):
+        assert isinstance(saved, float | int) and isinstance(now, float | int)
+        if math.isclose(saved, now, rel_tol=1e-9, abs_tol=0.0):
+            return
+    elif saved == now and type(saved) is type(now):
+        return
+    raise _mismatch(what, saved, now)
+
+
+def _unreadable(detail: str) -> StoreError:
+    return StoreError(f"cannot resume: the checkpoint's privacy account is unreadable ({detail})")
+
+
+def _check_header(
+    state: Mapping[str, Any], *, unit: str, round_: int, settings: Mapping[str, Any]
+) -> None:
+    """The parts of a saved account every unit shares: version, unit, round and settings."""
+    if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+        version = state.get("version") if isinstance(state, Mapping) else None
+        raise _unreadable(f"version {version!r}, expected {STATE_VERSION}")
+    _same("privacy.unit", state.get("unit"), unit)
+    if state.get("round") != round_:
+        raise _unreadable(f"it is for round {state.get('round')!r}, the checkpoint for {round_}")
+    names = {
+        "delta": "privacy.delta",
+        "neighbouring": "privacy.neighbouring",
+        "target_epsilon": "privacy.epsilon",
+        "clip_norm": "privacy.clip_norm",
+        "rounds": "federation.rounds",
+    }
+    for key, now in settings.items():
+        _same(names[key], state.get(key), now)
+
+
+def _accountant(data: Any, config: PrivacyConfig, steps: Any, who: str) -> Accountant:
+    """A saved accountant, composed again; it must be the kind the policy keeps."""
+    try:
+        accountant = Accountant.from_state(data)
+    except ValueError as exc:
+        raise _unreadable(f"{who}: {exc}") from None
+    if accountant.kind != "pld":
+        raise _unreadable(f"{who}: a {accountant.kind} accountant, expected pld")
+    _same("privacy.neighbouring", accountant.neighbouring, config.neighbouring)
+    if accountant.steps != steps:
+        raise _unreadable(f"{who}: {accountant.steps} steps composed, {steps!r} recorded")
+    return accountant
+
+
+def _number(state: Mapping[str, Any], key: str, who: str) -> float:
+    value = state.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise _unreadable(f"{who}: {key} = {value!r}")
+    return float(value)
+
+
 @dataclass
 class _Organisation:
     name: str
@@ -119,6 +220,12 @@ class RecordLevelPrivacy(_Observer):
     config: PrivacyConfig
     organisations: dict[str, _Organisation] = field(default_factory=dict)
     epsilon: float = 0.0
+    #: The rounds the run plans (σ is calibrated for all of them).
+    rounds: int = 0
+    #: The last round composed.
+    last_round: int = 0
+    #: The round a resumed run started at (None: not resumed).
+    resumed_at: int | None = None
 
     @classmethod
     def plan(
@@ -130,7 +237,7 @@ class RecordLevelPrivacy(_Observer):
         rounds: int,
     ) -> RecordLevelPrivacy:
         """Calibrate σ per organisation for the whole run; refuse if a target cannot be met."""
-        policy = cls(config)
+        policy = cls(config, rounds=rounds)
         for name, n in clients:
             q, per_round = poisson_schedule(n, training.batch_size, training.epochs)
             total = per_round * rounds
@@ -151,7 +258,7 @@ class RecordLevelPrivacy(_Observer):
         return DPSGDTrainer(
             noise_multiplier=org.noise_multiplier,
             clip_norm=self.config.clip_norm,
-            source=random_source(self.config, index),
+            source=random_source(self.config, index, resumed_at=self.resumed_at),
         )
 
     def on_round_end(
@@ -167,6 +274,72 @@ class RecordLevelPrivacy(_Observer):
                 org.epsilon = max(org.epsilon, org.accountant.epsilon(self.config.delta))
         self.epsilon = max([self.epsilon, *(o.epsilon for o in self.organisations.values())])
         record.epsilon = self.epsilon
+        self.last_round = record.round
+
+    def state(self) -> dict[str, Any]:
+        """The account after the last round, as JSON data: what it was kept for, and each
+        organisation's mechanism, steps, ε and accountant (its composed events)."""
+        return {
+            "version": STATE_VERSION,
+            "unit": "record",
+            "round": self.last_round,
+            **_settings(self.config, self.rounds),
+            "epsilon": self.epsilon,
+            "organisations": [
+                {
+                    "name": org.name,
+                    "examples": org.n_examples,
+                    "sampling_rate": org.sampling_rate,
+                    "steps_per_round": org.steps_per_round,
+                    "planned_steps": org.planned_steps,
+                    "noise_multiplier": org.noise_multiplier,
+                    "steps": org.steps,
+                    "epsilon": org.epsilon,
+                    "accountant": org.accountant.state(),
+                }
+                for org in self.organisations.values()
+            ],
+        }
+
+    def restore(self, state: Mapping[str, Any], *, round_: int) -> None:
+        """Continue the account `state()` saved after `round_`; refuse (one line) if it was
+        kept for another configuration. Call it before building the trainers: they then draw
+        fresh randomness (see `random_source`)."""
+        _check_header(
+            state, unit="record", round_=round_, settings=_settings(self.config, self.rounds)
+        )
+        saved = state.get("organisations")
+        if not isinstance(saved, list) or not all(isinstance(o, Mapping) for o in saved):
+            raise _unreadable("no list of organisations")
+        _same("the organisations", [o.get("name") for o in saved], list(self.organisations))
+        restored = []
+        for entry in saved:
+            org = self.organisations[entry["name"]]
+            for key, now in (
+                ("examples", org.n_examples),
+                ("sampling_rate", org.sampling_rate),
+                ("steps_per_round", org.steps_per_round),
+                ("planned_steps", org.planned_steps),
+                ("noise_multiplier", org.noise_multiplier),
+            ):
+                _same(f"{org.name}'s {key}", entry.get(key), now)
+            accountant = _accountant(
+                entry.get("accountant"), self.config, entry.get("steps"), org.name
+            )
+            epsilon = max(
+                _number(entry, "epsilon", org.name), accountant.epsilon(self.config.delta)
+            )
+            restored.append((org, accountant, epsilon))
+        for org, accountant, epsilon in restored:
+            org.accountant, org.steps, org.epsilon = accountant, accountant.steps, epsilon
+        self.epsilon = max(
+            [
+                _number(state, "epsilon", "the run"),
+                *(o.epsilon for o in self.organisations.values()),
+            ]
+        )
+        self.last_round = round_
+        self.resumed_at = round_ + 1
 
     def charges(self, dataset_id: str) -> list[Charge]:
         """What each organisation's ledger is charged before the run: its full planned ε."""
@@ -233,6 +406,8 @@ class ClientLevelPrivacy(_Observer):
     accountant: Accountant
     steps: int = 0
     epsilon: float = 0.0
+    #: The last round composed.
+    last_round: int = 0
 
     @classmethod
     def plan(
@@ -294,6 +469,74 @@ class ClientLevelPrivacy(_Observer):
         self.epsilon = max(self.epsilon, self.accountant.epsilon(self.config.delta))
         record.epsilon = self.epsilon
         record.metrics["clip_norm"] = self.server_stage.last_clip_norm
+        self.last_round = record.round
+
+    def _mechanism_settings(self) -> dict[str, Any]:
+        stage = self.server_stage
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "sampling_rate": self.sampling_rate,
+            "expected_clients": stage.expected_clients,
+            "target_quantile": stage.target_quantile,
+            "clip_learning_rate": stage.clip_learning_rate,
+            "clip_count_stddev": stage.count_stddev,
+            "distributed": stage.distributed,
+        }
+
+    def state(self) -> dict[str, Any]:
+        """The account after the last round, as JSON data: what it was kept for, steps, ε,
+        the accountant (its composed events) and the adaptive clipping norm."""
+        stage = self.server_stage
+        return {
+            "version": STATE_VERSION,
+            "unit": "client",
+            "round": self.last_round,
+            **_settings(self.config, self.rounds),
+            **self._mechanism_settings(),
+            "steps": self.steps,
+            "epsilon": self.epsilon,
+            "accountant": self.accountant.state(),
+            "clipping": {
+                "clip_norm": stage.clip_norm,
+                "last_clip_norm": stage.last_clip_norm,
+                "history": list(stage.clip_history),
+            },
+        }
+
+    def restore(self, state: Mapping[str, Any], *, round_: int) -> None:
+        """Continue the account `state()` saved after `round_`; refuse (one line) if it was
+        kept for another configuration. The noise and the client sampler get fresh sources
+        (see `random_source`): call it before the strategy takes `sampler`."""
+        _check_header(
+            state, unit="client", round_=round_, settings=_settings(self.config, self.rounds)
+        )
+        for key, now in self._mechanism_settings().items():
+            _same(f"the federation's {key}", state.get(key), now)
+        if state.get("steps") != round_:
+            raise _unreadable(f"{state.get('steps')!r} rounds composed after round {round_}")
+        accountant = _accountant(state.get("accountant"), self.config, round_, "the federation")
+        clipping = state.get("clipping")
+        if not isinstance(clipping, Mapping):
+            raise _unreadable(f"clipping = {clipping!r}")
+        clip_norm = _number(clipping, "clip_norm", "clipping")
+        last_clip_norm = _number(clipping, "last_clip_norm", "clipping")
+        try:
+            history = [float(c) for c in clipping["history"]]
+        except (KeyError, TypeError, ValueError):
+            raise _unreadable(f"clipping = {clipping!r}") from None
+        self.accountant, self.steps = accountant, round_
+        self.epsilon = max(
+            _number(state, "epsilon", "the federation"), accountant.epsilon(self.config.delta)
+        )
+        stage = self.server_stage
+        stage.clip_norm, stage.last_clip_norm, stage.clip_history = (
+            clip_norm,
+            last_clip_norm,
+            history,
+        )
+        stage.source = random_source(self.config, 0, resumed_at=round_ + 1)
+        self.sampler = random_source(self.config, 1, resumed_at=round_ + 1)
+        self.last_round = round_
 
     def charges(self, dataset_id: str) -> list[Charge]:
         eps = _report(self.config, self.noise_multiplier, self.sampling_rate, self.rounds).epsilon
