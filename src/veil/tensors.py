@@ -7,6 +7,7 @@ without importing torch, and so that the bytes on the wire are the raw little-en
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -53,5 +54,24 @@ def add_scaled_(target: NamedArrays, other: Mapping[str, np.ndarray], scale: flo
 
 
 def l2_norm(arrays: Mapping[str, np.ndarray]) -> float:
-    """The Euclidean norm of all arrays taken together as one flat vector."""
-    return float(np.sqrt(sum(float(np.dot(a.ravel(), a.ravel())) for a in arrays.values())))
+    """The Euclidean norm of all arrays taken together as one flat vector, as a Python float.
+
+    Never overflows for finite entries: each array's sum of squares is taken in its own dtype
+    (fast), and where that is not finite (float32 entries of 2e19 already square to inf) it is
+    redone as m·‖a/m‖ in float64, m = max |aᵢ|; the per-array norms are combined by
+    `math.hypot`, which scales too. An entry that is NaN or infinite gives NaN or inf.
+    """
+    norms = []
+    for a in arrays.values():
+        flat = a.ravel()
+        with np.errstate(over="ignore", invalid="ignore"):
+            squares = float(np.dot(flat, flat))
+        if math.isfinite(squares):
+            norms.append(math.sqrt(squares))
+            continue
+        peak = float(np.max(np.abs(flat)))
+        if not math.isfinite(peak):
+            return peak  # NaN if the array holds a NaN, else inf
+        scaled = flat.astype(np.float64) / peak
+        norms.append(peak * math.sqrt(float(np.dot(scaled, scaled))))
+    return math.hypot(*norms)

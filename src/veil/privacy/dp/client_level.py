@@ -30,6 +30,10 @@ from veil.tensors import l2_norm
 
 UNCLIPPED = "dp/unclipped"
 
+#: Clipping factors at least this large are applied in float32 (exact to rounding); smaller ones,
+#: from huge updates, would lose precision as float32 subnormals and are applied in float64.
+_FLOAT32_FACTOR = 1e-30
+
 
 class ClipUpdate:
     """Client stage: clip the whole update to the round's `update_clip_norm`, weight 1.
@@ -50,9 +54,15 @@ class ClipUpdate:
                 "client-level DP needs the round's clipping norm in the training plan; "
                 "the server did not send one"
             )
-        norm = l2_norm(result.update)
-        factor = np.float32(min(1.0, clip / norm) if norm > 0 else 1.0)
-        update = {name: arr * factor for name, arr in result.update.items()}
+        norm = l2_norm(result.update)  # a float64 that no finite entry overflows
+        factor = min(1.0, clip / norm) if norm > 0 else 1.0
+        if factor >= _FLOAT32_FACTOR:
+            update = {name: arr * np.float32(factor) for name, arr in result.update.items()}
+        else:  # C/‖Δ‖ is (near) subnormal in float32: scale in float64, then round once
+            update = {
+                name: (arr.astype(np.float64) * factor).astype(arr.dtype)
+                for name, arr in result.update.items()
+            }
         sums = dict(result.sums)
         if self.report_unclipped:
             sums[UNCLIPPED] = 0.5 if norm <= clip else -0.5

@@ -6,12 +6,18 @@ N(0, σ²C²) added to the clipped sum on every step, empty batches included; th
 expected batch size q·n, never by the realised one (which would leak the batch size). The training
 loss is not reported: it is a function of the records and not covered by the guarantee.
 
+A sampled example whose gradient is not finite (the model overflowed on an extreme record)
+contributes zero, like an example that was not sampled (`veil.privacy.dp.per_sample`). How many
+did is counted in `DPSGDTrainer.nonfinite_examples` and logged on the client; it is not part of
+the update or of any metric, since whether one record was sampled is exactly what DP hides.
+
 The accountant composes exactly the schedule that `poisson_schedule` gives, so training and
 accounting cannot disagree.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -22,6 +28,8 @@ from veil.federation.messages import TrainingPlan
 from veil.federation.training import TrainStats
 from veil.privacy.dp.per_sample import PerSampleClipper
 from veil.privacy.dp.randomness import RandomSource
+
+logger = logging.getLogger(__name__)
 
 
 def poisson_schedule(n_examples: int, expected_batch_size: int, epochs: int) -> tuple[float, int]:
@@ -105,6 +113,9 @@ class DPSGDTrainer:
         self.clip_norm = clip_norm
         self.source = source
         self._clippers: dict[int, PerSampleClipper] = {}
+        #: Sampled examples whose per-sample gradient was not finite and so contributed zero, over
+        #: all of this trainer's training. Stays on the client: never sent, never in a metric.
+        self.nonfinite_examples = 0
 
     def train(
         self,
@@ -133,6 +144,7 @@ class DPSGDTrainer:
         step_bytes = (expected_batch + 1) * math.prod(x.shape[1:]) * x.element_size()
         per_block = max(1, min(_BATCH_BLOCK_STEPS, int(_BATCH_BLOCK_BYTES / step_bytes)))
         model.train()
+        nonfinite_before = clipper.nonfinite
         for first in range(0, steps, per_block):
             batches = poisson_batches(self.source, n, q, min(per_block, steps - first))
             sizes = [int(b.size) for b in batches]
@@ -143,6 +155,15 @@ class DPSGDTrainer:
                 if size:
                     clipper.add_clipped_sum(xb, yb, self.clip_norm, grads, 1.0 / expected_batch)
                 _sgd_update(params, grads, velocity, anchor, plan)
+        nonfinite = clipper.nonfinite - nonfinite_before
+        if nonfinite:
+            self.nonfinite_examples += nonfinite
+            logger.warning(
+                "DP-SGD: %d sampled example(s) had a non-finite gradient (the model overflowed on "
+                "them) and contributed zero to their step; check the data for extreme values. "
+                "This count stays on this machine.",
+                nonfinite,
+            )
         return TrainStats(loss=None, steps=steps)
 
     def _clipper(self, model: nn.Module) -> PerSampleClipper:

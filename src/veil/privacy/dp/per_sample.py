@@ -23,10 +23,23 @@ For each example i the gradient gᵢ of its own loss is clipped to norm C, and o
 
 All give the same result (tests compare them); every trainable parameter gets its per-sample
 gradient either way.
+
+**Extreme records.** Each path first computes the per-sample norms in the model's float32. A
+record with huge values (a CSV feature of 1e25, say) would overflow there: its squared norm is
+inf, and inf·0 or inf − inf gives NaN, which would poison the whole clipped sum. So every batch
+checks the largest norm (one reduction); only if it is not finite or above `_SAFE_NORM` are the
+flagged examples redone from their float32 per-sample quantities (layer inputs and output
+gradients, or per-sample gradients) in float64, where squares of float32 values cannot overflow:
+they are clipped to exactly C like any other. An example whose per-sample quantities are not
+finite (the float32 forward or backward pass itself overflowed on it) contributes zero, and is
+counted in `PerSampleClipper.nonfinite` on the client; the count is never sent. Either way each
+example still adds a vector of norm at most C, so the sensitivity, and the guarantee, are those
+of ordinary clipping.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +49,11 @@ from torch import fx, nn
 from torch.func import functional_call, grad, vmap
 
 _RULE_LAYERS = (nn.Linear, nn.Conv2d)
+
+#: Per-sample norms above this, or not finite, are recomputed in float64 (module docstring). Far
+#: above any real gradient norm; below it every float32 square and sum was finite and the factor
+#: C/‖g‖ is a normal float32 for any C above 1e-19.
+_SAFE_NORM = 1e18
 
 
 @dataclass(frozen=True)
@@ -53,7 +71,9 @@ class ClippedBatch:
     """The clipped gradient sum of one batch, per trainable parameter name, and diagnostics."""
 
     grads: dict[str, torch.Tensor]
-    #: Per-sample gradient norms before clipping (diagnostics; never leaves the client).
+    #: Per-sample gradient norms before clipping (diagnostics; never leaves the client): inf
+    #: where the norm is beyond float32's range (still clipped exactly), NaN where the gradient
+    #: was not finite (it contributed zero).
     norms: torch.Tensor
 
 
@@ -85,6 +105,9 @@ class PerSampleClipper:
         # than added on every batch.
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._eye: torch.Tensor | None = None  # one-hot rows for the fused cross-entropy
+        #: Examples whose per-sample gradient was not finite and so contributed zero, over the
+        #: clipper's life. Kept on the client for its own logs; never part of an update.
+        self.nonfinite = 0
 
     def _record(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
         if self._records is not None:
@@ -217,33 +240,66 @@ class PerSampleClipper:
             outputs[i] = g
             if i > chain.lowest:
                 g = g.mm(weights[i])
-        # Per-sample squared norms Σₗ ‖bᵢ‖²·(‖aᵢ‖² + 1 if bias): every row's sum of squares
-        # of every layer's b and a at once, as one product with a 0/1 selector matrix.
-        parts = [outputs[i] for i in chain.trainable]
-        parts += [inputs[i] for i in chain.trainable if chain.layers[i].weight is not None]
-        both = torch.cat(parts, 1)
-        selector = chain.selector
-        if selector.dtype != both.dtype:
-            selector = selector.to(both.dtype)
-        sums = (both * both).mm(selector)
-        width = len(chain.trainable)
-        sq = (sums[:, :width] * sums[:, width:].add_(chain.bias_flags)).sum(1)
-        norms = sq.sqrt_()
+        norms = _chain_norms(chain, inputs, outputs)
+        if not float(norms.max()) <= _SAFE_NORM:  # NaN fails the comparison too
+            sums, norms = self._extreme_rows(
+                norms, lambda rows, dtype: self._chain_rows(inputs, outputs, clip, rows, dtype)
+            )
+            torch._foreach_add_(list(out), [sums[n] for n in self.params], alpha=scale)
+            return norms
         factors = (norms + 1e-6).reciprocal_().mul_(clip).clamp_(max=1.0)
-        column = factors.unsqueeze(1)
-        # Clipped sums: Σᵢ fᵢ bᵢ aᵢᵀ = (b·f)ᵀ a, one product per layer; Σᵢ fᵢ bᵢ = bᵀ f.
-        for i in chain.trainable:
-            layer = chain.layers[i]
-            g = outputs[i]
-            if layer.weight is not None:
-                a = inputs[i]
-                if g.shape[1] <= a.shape[1]:
-                    out[layer.weight].addmm_((g * column).t(), a, alpha=scale)
-                else:
-                    out[layer.weight].addmm_(g.t(), a * column, alpha=scale)
-            if layer.bias is not None:
-                out[layer.bias].addmv_(g.t(), factors, alpha=scale)
+        _chain_sums(chain, inputs, outputs, factors, out, scale)
         return norms
+
+    def _chain_rows(
+        self,
+        inputs: list[torch.Tensor],
+        outputs: list[torch.Tensor],
+        clip: float,
+        rows: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The fused path's clipped sum and norms over `rows` only, computed in `dtype`."""
+        chain = self._chain
+        assert chain is not None
+        ins = [t.index_select(0, rows).to(dtype) for t in inputs]
+        outs = [t.index_select(0, rows).to(dtype) for t in outputs]
+        checked = [outs[i] for i in chain.trainable]
+        checked += [ins[i] for i in chain.trainable if chain.layers[i].weight is not None]
+        finite = _finite_rows(checked, len(rows))
+        if not bool(finite.all()):
+            ins = [_zero_rows(t, finite) for t in ins]
+            outs = [_zero_rows(t, finite) for t in outs]
+        norms = _chain_norms(chain, ins, outs)
+        factors = (clip / (norms + 1e-6)).clamp_(max=1.0)
+        sums = [torch.zeros_like(p, dtype=dtype) for p in self.params.values()]
+        _chain_sums(chain, ins, outs, factors, sums, 1.0)
+        return dict(zip(self.params, sums, strict=True)), norms.masked_fill_(~finite, math.nan)
+
+    # -- extreme records -------------------------------------------------------------------
+
+    def _extreme_rows(
+        self,
+        norms: torch.Tensor,
+        clip_rows: Callable[
+            [torch.Tensor, torch.dtype], tuple[dict[str, torch.Tensor], torch.Tensor]
+        ],
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The clipped sum and norms of a batch whose float32 norms (`norms`) are not all finite
+        and safe: the ordinary examples again in float32, the flagged ones in float64, each by
+        `clip_rows(row indices, dtype)`, which gives (sums, norms) and a NaN norm for an example
+        that is not finite and so contributes zero (counted in `nonfinite`)."""
+        flagged = ~(norms <= _SAFE_NORM)
+        extreme = flagged.nonzero().squeeze(1)
+        sums, extreme_norms = clip_rows(extreme, torch.float64)
+        self.nonfinite += int(extreme_norms.isnan().sum())
+        merged = norms.clone()
+        merged[extreme] = extreme_norms.to(norms.dtype)
+        ordinary = (~flagged).nonzero().squeeze(1)
+        if len(ordinary) == 0:
+            return {n: t.to(norms.dtype) for n, t in sums.items()}, merged
+        ordinary_sums, _ = clip_rows(ordinary, norms.dtype)
+        return {n: t.add_(sums[n].to(t.dtype)) for n, t in ordinary_sums.items()}, merged
 
     # -- layer rules ---------------------------------------------------------------------
 
@@ -265,37 +321,12 @@ class PerSampleClipper:
         grads_out = torch.autograd.grad(
             losses.sum(), [records[layer.module][0][1] for layer in plan]
         )
-        batch = x.shape[0]
-        sq_norms = torch.zeros(batch, dtype=torch.float32)
-        # Per layer: (activation, output-grad) for the ghost rule, or per-sample gradients.
-        parts: list[tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]] = []
-        for layer, g in zip(plan, grads_out, strict=True):
-            a = records[layer.module][0][0]
-            if layer.linear and a.dim() == 2:
-                parts.append((a, g))
-                weight_sq = (a * a).sum(1) if layer.weight else 0.0
-                sq_norms += (g * g).sum(1) * (weight_sq + (1.0 if layer.bias else 0.0))
-            else:
-                per = _per_sample_layer_grads(layer.module, a, g)
-                parts.append(per)
-                for attr, name in (("weight", layer.weight), ("bias", layer.bias)):
-                    if name is not None:
-                        sq_norms += _row_norms(per[attr]).square_()
-        norms = sq_norms.sqrt()
-        factors = (clip / (norms + 1e-6)).clamp(max=1.0)
-        out: dict[str, torch.Tensor] = {}
-        for layer, part in zip(plan, parts, strict=True):
-            if isinstance(part, tuple):
-                a, g = part
-                scaled = g * factors[:, None]
-                if layer.weight:
-                    out[layer.weight] = scaled.T @ a
-                if layer.bias:
-                    out[layer.bias] = scaled.sum(0)
-            else:
-                for attr, name in (("weight", layer.weight), ("bias", layer.bias)):
-                    if name is not None:
-                        out[name] = torch.einsum("b,b...->...", factors, part[attr])
+        raw = [(records[layer.module][0][0], g) for layer, g in zip(plan, grads_out, strict=True)]
+        out, norms = _rules_clip(plan, raw, clip, x.shape[0])
+        if not float(norms.max()) <= _SAFE_NORM:  # NaN fails the comparison too
+            out, norms = self._extreme_rows(
+                norms, lambda rows, dtype: _rules_rows(plan, raw, clip, rows, dtype)
+            )
         return ClippedBatch(out, norms)
 
     # -- torch.func fallback ---------------------------------------------------------------
@@ -311,11 +342,149 @@ class PerSampleClipper:
             return self.loss(out, yi.unsqueeze(0)).sum()
 
         per = vmap(grad(one_loss), in_dims=(None, 0, 0), randomness="different")(params, x, y)
-        sq = sum(_row_norms(t).square_() for t in per.values())
-        norms = torch.as_tensor(sq).sqrt()
-        factors = (clip / (norms + 1e-6)).clamp(max=1.0)
-        grads = {n: torch.einsum("b,b...->...", factors, t) for n, t in per.items()}
+        grads, norms = _clip_per_sample(per, clip)
+        if not float(norms.max()) <= _SAFE_NORM:  # NaN fails the comparison too
+            grads, norms = self._extreme_rows(
+                norms, lambda rows, dtype: _per_sample_rows(per, clip, rows, dtype)
+            )
         return ClippedBatch(grads, norms)
+
+
+def _clip_per_sample(
+    per: dict[str, torch.Tensor], clip: float
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The clipped sum and the norms of materialised per-sample gradients."""
+    sq = sum(_row_norms(t).square_() for t in per.values())
+    norms = torch.as_tensor(sq).sqrt()
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return {n: torch.einsum("b,b...->...", factors, t) for n, t in per.items()}, norms
+
+
+def _per_sample_rows(
+    per: dict[str, torch.Tensor], clip: float, rows: torch.Tensor, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`_clip_per_sample` over `rows` only, in `dtype`; a NaN norm where not finite."""
+    part = {n: t.index_select(0, rows).to(dtype) for n, t in per.items()}
+    finite = _finite_rows(list(part.values()), len(rows))
+    if not bool(finite.all()):
+        part = {n: _zero_rows(t, finite) for n, t in part.items()}
+    grads, norms = _clip_per_sample(part, clip)
+    return grads, norms.masked_fill_(~finite, math.nan)
+
+
+def _rules_clip(
+    plan: list[_Layer], raw: list[tuple[torch.Tensor, torch.Tensor]], clip: float, batch: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The layer rules' clipped sum and norms, from each layer's (input, output gradient)."""
+    like = raw[0][1] if raw else torch.zeros(())
+    sq_norms = torch.zeros(batch, dtype=like.dtype, device=like.device)
+    # Per layer: (activation, output-grad) for the ghost rule, or per-sample gradients.
+    parts: list[tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]] = []
+    for layer, (a, g) in zip(plan, raw, strict=True):
+        if layer.linear and a.dim() == 2:
+            parts.append((a, g))
+            weight_sq = (a * a).sum(1) if layer.weight else 0.0
+            sq_norms += (g * g).sum(1) * (weight_sq + (1.0 if layer.bias else 0.0))
+        else:
+            per = _per_sample_layer_grads(layer.module, a, g)
+            parts.append(per)
+            for attr, name in (("weight", layer.weight), ("bias", layer.bias)):
+                if name is not None:
+                    sq_norms += _row_norms(per[attr]).square_()
+    norms = sq_norms.sqrt()
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    out: dict[str, torch.Tensor] = {}
+    for layer, part in zip(plan, parts, strict=True):
+        if isinstance(part, tuple):
+            a, g = part
+            scaled = g * factors[:, None]
+            if layer.weight:
+                out[layer.weight] = scaled.T @ a
+            if layer.bias:
+                out[layer.bias] = scaled.sum(0)
+        else:
+            for attr, name in (("weight", layer.weight), ("bias", layer.bias)):
+                if name is not None:
+                    out[name] = torch.einsum("b,b...->...", factors, part[attr])
+    return out, norms
+
+
+def _rules_rows(
+    plan: list[_Layer],
+    raw: list[tuple[torch.Tensor, torch.Tensor]],
+    clip: float,
+    rows: torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`_rules_clip` over `rows` only, in `dtype`; a NaN norm where not finite."""
+    part = [(a.index_select(0, rows).to(dtype), g.index_select(0, rows).to(dtype)) for a, g in raw]
+    checked = [g for _, g in part]
+    checked += [a for layer, (a, _) in zip(plan, part, strict=True) if layer.weight]
+    finite = _finite_rows(checked, len(rows))
+    if not bool(finite.all()):
+        part = [(_zero_rows(a, finite), _zero_rows(g, finite)) for a, g in part]
+    out, norms = _rules_clip(plan, part, clip, len(rows))
+    return out, norms.masked_fill_(~finite, math.nan)
+
+
+def _chain_norms(
+    chain: _Chain, inputs: list[torch.Tensor], outputs: list[torch.Tensor]
+) -> torch.Tensor:
+    """Per-sample gradient norms of a fused chain, from each layer's input and output gradient.
+
+    Σₗ ‖bᵢ‖²·(‖aᵢ‖² + 1 if bias): every row's sum of squares of every layer's b and a at once, as
+    one product with a 0/1 selector matrix.
+    """
+    parts = [outputs[i] for i in chain.trainable]
+    parts += [inputs[i] for i in chain.trainable if chain.layers[i].weight is not None]
+    both = torch.cat(parts, 1)
+    selector = chain.selector
+    if selector.dtype != both.dtype:
+        selector = selector.to(both.dtype)
+    sums = (both * both).mm(selector)
+    width = len(chain.trainable)
+    bias_flags = chain.bias_flags
+    if bias_flags.dtype != both.dtype:
+        bias_flags = bias_flags.to(both.dtype)
+    sq = (sums[:, :width] * sums[:, width:].add_(bias_flags)).sum(1)
+    return sq.sqrt_()
+
+
+def _chain_sums(
+    chain: _Chain,
+    inputs: list[torch.Tensor],
+    outputs: list[torch.Tensor],
+    factors: torch.Tensor,
+    out: Sequence[torch.Tensor],
+    scale: float,
+) -> None:
+    """Add `scale` · Σᵢ fᵢ·gᵢ into `out` for a fused chain: Σᵢ fᵢ bᵢ aᵢᵀ = (b·f)ᵀ a, one product
+    per layer; Σᵢ fᵢ bᵢ = bᵀ f."""
+    column = factors.unsqueeze(1)
+    for i in chain.trainable:
+        layer = chain.layers[i]
+        g = outputs[i]
+        if layer.weight is not None:
+            a = inputs[i]
+            if g.shape[1] <= a.shape[1]:
+                out[layer.weight].addmm_((g * column).t(), a, alpha=scale)
+            else:
+                out[layer.weight].addmm_(g.t(), a * column, alpha=scale)
+        if layer.bias is not None:
+            out[layer.bias].addmv_(g.t(), factors, alpha=scale)
+
+
+def _finite_rows(tensors: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """True for each example (first dimension) whose values in every tensor are all finite."""
+    finite = torch.ones(rows, dtype=torch.bool, device=tensors[0].device if tensors else None)
+    for t in tensors:
+        finite &= torch.isfinite(t.reshape(rows, -1)).all(1)
+    return finite
+
+
+def _zero_rows(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`t` with the examples (first dimension) outside `keep` set to zero."""
+    return torch.where(keep.reshape(-1, *([1] * (t.dim() - 1))), t, t.new_zeros(()))
 
 
 def _row_norms(per_sample: torch.Tensor) -> torch.Tensor:
