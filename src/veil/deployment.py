@@ -3,10 +3,25 @@
 - `serve`: the server process (`veil server`): the same federation loop as simulation, talking to
   clients through `GrpcGateway`; writes `result.json`, `veil.db` and checkpoints to its run folder.
 - `serve_client`: one organisation's process (`veil client`): trains on its own data file.
-- `run_deployment`: what `veil run` does with `mode = "deployment"`: issues certificates into the
-  run folder, writes each organisation's share of the data, starts the server and the clients as
+- `run_deployment`: what `veil run` does with `mode = "deployment"`: plays every organisation
+  and the CA operator on one machine as separate folders, starts the server and the clients as
   real processes on 127.0.0.1 (free ports chosen automatically), waits for them, collects their
   logs under `RUN/logs/`, and returns the same `Result` as simulation.
+
+Key custody on loopback, as it would be across machines (`prepare_deployment`):
+
+    RUN/ca/                 the CA operator's folder: ca.crt, ca.key, crl.pem, its register of
+                            issued certificates; no federation process is ever given it
+    RUN/orgs/NAME/          one organisation's own folder (0700): its keys, created there by
+                            `veil.crypto.pki.request` (the CA signs the request and never sees a
+                            private key), ca.crt, crl.pem, its data (0600) and its trust state
+    RUN/orgs/server/        the coordinator's: its own keys, ca.crt, crl.pem, the members'
+                            certificates (public), its test data and checkpoint key; under CKKS
+                            the public key set only
+
+On one machine under one user, file permissions cannot keep processes apart: what is tested is
+that each process is only given its own folder. Across machines each folder lives on its owner's
+machine (docs/deployment.md).
 
 Data files are NumPy `.npz` archives read with `allow_pickle=False`.
 """
@@ -19,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +42,14 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from veil.atomic import atomic_write_bytes
 from veil.config import RunConfig, load_config
 from veil.crypto import pki
 from veil.crypto.envelope import generate_key_file, load_key_file
 from veil.crypto.identity import IdentityKey, IdentityPublicKey
+from veil.crypto.keyfile import read_private
+from veil.crypto.revocation import CRL_FILE
+from veil.crypto.trust import TRUST_FILE, TrustStore
 from veil.data import ClientData, FederatedData
 from veil.errors import UserError
 from veil.federation.client import ClientRunner
@@ -44,6 +64,7 @@ from veil.privacy.he.settings import settings_from_config as ckks_settings
 from veil.privacy.secagg.layout import UpdateLayout
 from veil.privacy.secagg.participant import SecAggParticipant
 from veil.privacy.secagg.roster import CertificateRoster
+from veil.privacy.tee import channel as tee_channel
 from veil.privacy.tee import federation as tee
 from veil.privacy.tee.protocol import TeeParticipant
 from veil.result import Result
@@ -57,11 +78,12 @@ from veil.run import (
 )
 from veil.seeding import Purpose, derive_seed
 from veil.tensors import NamedArrays
-from veil.transport.grpc.client import ClientCredentials, open_channel, run_client
+from veil.transport.grpc.client import ClientCredentials, PinnedChannel, open_channel, run_client
 from veil.transport.grpc.server import GrpcGateway, ServerCredentials
 
 SERVER_NAME = "server"
 TEST_FILE = "server-test.npz"
+DATA_FILE = "data.npz"
 
 
 class DeploymentError(UserError):
@@ -73,8 +95,8 @@ class DeploymentError(UserError):
 
 def write_client_data(path: Path, client: ClientData, *, index: int, fed: FederatedData) -> None:
     """One organisation's prepared data (what it would hold in a real deployment)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(
+    _private_dir(path.parent)
+    _private_npz(
         path,
         x_train=client.x_train,
         y_train=client.y_train,
@@ -87,12 +109,29 @@ def write_client_data(path: Path, client: ClientData, *, index: int, fed: Federa
 def write_server_data(path: Path, fed: FederatedData) -> None:
     """The server's held-out test set, the client names and the data's shape."""
     meta = _shape_meta(fed) | {"clients": [c.name for c in fed.clients]}
-    np.savez(
+    _private_dir(path.parent)
+    _private_npz(
         path,
         x_test=fed.x_test,
         y_test=fed.y_test,
         meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
     )
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+
+
+def _private_npz(path: Path, **arrays: np.ndarray) -> None:
+    """An .npz readable by its owner only (0600), written under a temporary name first."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def _shape_meta(fed: FederatedData) -> dict[str, Any]:
@@ -159,8 +198,14 @@ def serve(
         y_test=arrays["y_test"],
         scaling=config.data.scaling,
     )
-    identities = {n: IdentityPublicKey.load(pki.node_files(pki_dir, n).identity_pub) for n in names}
-    credentials = None if insecure else _server_credentials(pki_dir)
+    identities = member_identities(pki_dir, names)
+    # Under TEE the TLS key is made here, inside the attested process, and never written to disk.
+    attested = (
+        tee_channel.attested_server_key(config, pki_dir)
+        if config.secure_aggregation == "tee" and not insecure
+        else None
+    )
+    credentials = None if insecure else _server_credentials(pki_dir, attested)
     holder: dict[str, GrpcGateway] = {}
 
     def factory(run_id: str, initial: NamedArrays) -> GrpcGateway:
@@ -170,6 +215,7 @@ def serve(
             reference=upload_reference(config, initial, _client_privacy(config)),
             deadline_s=config.deployment.round_deadline_s,
             max_update_norm=config.deployment.max_update_norm,
+            revocations=None if insecure else _revocations_reader(pki_dir),
         )
         port = gateway.start(address or config.deployment.address, credentials)
         if port_file is not None:
@@ -200,10 +246,8 @@ def serve(
                 resume=resume,
                 checkpoint_key=key,
                 ckks_keys=ckks_keys,
-                # Under TEE the server attests to its own certificate's key.
-                tee_tls_key=tee.deployment_tls_key(pki_dir)
-                if config.secure_aggregation == "tee" and not insecure
-                else None,
+                # Under TEE the evidence binds the key made in this process.
+                tee_tls_key=attested.tls_public_key if attested is not None else None,
             )
     finally:
         gateway = holder.get("gateway")
@@ -214,16 +258,30 @@ def serve(
 
 
 def _participant(
-    config: RunConfig, name: str, model: nn.Module, files: pki.NodeFiles, pki_dir: Path
+    config: RunConfig,
+    name: str,
+    model: nn.Module,
+    files: pki.NodeFiles,
+    pki_dir: Path,
+    trust: TrustStore | None,
+    pin: tee_channel.ServerPin | None = None,
 ) -> SecAggParticipant | CkksParticipant | TeeParticipant | None:
     """This organisation's SecAgg participant: its identity key, and its peers' identity keys
     taken from their CA-signed certificates (never from the server); or its CKKS participant,
-    with the secret key set sealed to it by the key ceremony; or its TEE participant, bound to
-    the server certificate in the PKI folder (checked against the CA)."""
+    with the secret key set sealed to it by the key ceremony; or its TEE participant, which
+    checks every round's evidence against the key of the server certificate its channel pins
+    (`pin`)."""
     if config.secure_aggregation == "tee":
-        return TeeParticipant(name, tee.policy_from_config(config), tee.deployment_tls_key(pki_dir))
+        if pin is None:
+            raise DeploymentError(
+                "attested aggregation binds its evidence to the TLS connection: it does not run "
+                "with --insecure-dev"
+            )
+        return TeeParticipant(name, tee.policy_from_config(config), pin)
     if config.secure_aggregation == "ckks":
-        return ckks.participant_from_pki(config.ckks, name, get_parameters(model), pki_dir)
+        return ckks.participant_from_pki(
+            config.ckks, name, get_parameters(model), pki_dir, trust=trust
+        )
     settings = secagg_settings(config, _client_privacy(config))
     if settings is None:
         return None
@@ -231,6 +289,7 @@ def _participant(
         files.ca_cert.read_bytes(),
         files.cert.read_bytes(),
         revoked=pki.revoked_serials(pki_dir),
+        trust=trust,
     )
     layout = UpdateLayout.of(get_parameters(model), settings.sum_bounds)
     return SecAggParticipant(name, IdentityKey.load(files.identity_key), roster, settings, layout)
@@ -254,14 +313,60 @@ def _client_privacy(config: RunConfig) -> ClientLevelPrivacy | None:
     )
 
 
-def _server_credentials(pki_dir: Path) -> ServerCredentials:
+def _server_credentials(
+    pki_dir: Path, attested: tee_channel.AttestedTlsKey | None = None
+) -> ServerCredentials:
     files = pki.node_files(pki_dir, SERVER_NAME)
+    if attested is not None:  # the in-process key and its certificate, from memory
+        certificate, private_key = attested.certificate_pem, attested.private_key_pem
+    else:
+        certificate, private_key = files.cert.read_bytes(), read_private(files.key, "TLS key")
     return ServerCredentials(
-        certificate=files.cert.read_bytes(),
-        private_key=files.key.read_bytes(),
+        certificate=certificate,
+        private_key=private_key,
         ca_certificate=files.ca_cert.read_bytes(),
         revoked=pki.revoked_serials(pki_dir),
     )
+
+
+def member_identities(pki_dir: Path, names: list[str]) -> dict[str, IdentityPublicKey]:
+    """The members' identity keys, from their certificates in the coordinator's folder
+    (``nodes/NAME/node.crt``, public), each checked against the CA and the revocation list."""
+    ca = pki.load_certificate(Path(pki_dir) / pki.CA_CERT)
+    revoked = pki.revoked_serials(pki_dir)
+    identities = {}
+    for name in names:
+        cert = pki.member_certificate(pki_dir, name)
+        pki.verify_certificate(cert, ca, role="client", revoked=revoked)
+        if pki.certificate_name(cert) != name:
+            raise DeploymentError(f"the certificate filed for '{name}' names another member")
+        identities[name] = pki.certificate_identity(cert)
+    return identities
+
+
+def _revocations_reader(pki_dir: Path) -> Callable[[], bytes | None]:
+    """Reads the coordinator's copy of the CA's revocation list anew for every task, so that a
+    list the CA operator publishes during a run reaches every member at its next task."""
+    path = Path(pki_dir) / CRL_FILE
+
+    def read() -> bytes | None:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    return read
+
+
+def member_trust(pki_dir: Path, name: str) -> TrustStore:
+    """Member `name`'s trust state (pinned peer keys, newest revocation list) in its own folder,
+    seeded with the revocation list it received with its certificate."""
+    files = pki.node_files(pki_dir, name)
+    trust = TrustStore(files.cert.parent / TRUST_FILE, pki.load_certificate(files.ca_cert))
+    crl = Path(pki_dir) / CRL_FILE
+    if crl.is_file():
+        trust.accept_revocations(crl.read_bytes())
+    return trust
 
 
 # -- client ----------------------------------------------------------------------------------
@@ -288,6 +393,16 @@ def serve_client(
         image_shape=_image_shape(meta),
     )
     files = pki.node_files(pki_dir, name)
+    # One trust state for the process: the revocation lists that tasks bring reach the
+    # secure-aggregation roster at once.
+    trust = None if insecure else member_trust(pki_dir, name)
+    # Under TEE: the server certificate of this client's own connection, checked (endorsed by
+    # the server's identity, which `trust` pins; evidence binding its key) and then pinned.
+    pin = (
+        tee_channel.server_pin(config, pki_dir, trust=trust)
+        if config.secure_aggregation == "tee" and not insecure
+        else None
+    )
     privacy = _client_privacy(config)
     runner = ClientRunner(
         name,
@@ -300,18 +415,28 @@ def serve_client(
             ]
         ),
         seed=derive_seed(config.seed, Purpose.LOCAL_TRAINING, int(meta.get("index", 0))),
-        protocol=_participant(config, name, model, files, pki_dir),
+        protocol=_participant(config, name, model, files, pki_dir, trust, pin),
     )
     credentials = (
         None
         if insecure
         else ClientCredentials(
             certificate=files.cert.read_bytes(),
-            private_key=files.key.read_bytes(),
+            private_key=read_private(files.key, "TLS key"),
             ca_certificate=files.ca_cert.read_bytes(),
         )
     )
-    channel = open_channel(server, credentials)
+    channel = (
+        PinnedChannel(
+            server,
+            credentials,
+            client_certificate=files.cert,
+            client_key=files.key,
+            accept=pin.accept,
+        )
+        if pin is not None and credentials is not None
+        else open_channel(server, credentials)
+    )
     try:
         with _torch_threads(config.federation.torch_threads):
             return run_client(
@@ -320,6 +445,7 @@ def serve_client(
                 model,
                 IdentityKey.load(files.identity_key),
                 reconnect_timeout_s=config.deployment.reconnect_timeout_s,
+                on_revocations=None if trust is None else trust.accept_revocations,
             )
     finally:
         channel.close()
@@ -330,69 +456,119 @@ def serve_client(
 
 @dataclass(frozen=True)
 class DeploymentFiles:
-    """Everything a loopback deployment needs on disk, and the commands that use it."""
+    """Everything a loopback deployment needs on disk, and the commands that use it: the CA
+    operator's folder and one folder per organisation (see the module docstring)."""
 
     config_path: Path
     run_dir: Path
-    pki_dir: Path
-    data_dir: Path
+    ca_dir: Path
+    orgs_dir: Path
     logs: Path
     key_file: Path
     port_file: Path
     clients: list[str]
 
+    def org_dir(self, name: str) -> Path:
+        """Organisation `name`'s own folder (the coordinator's is `SERVER_NAME`'s)."""
+        return self.orgs_dir / name
+
     def server_args(self, address: str = "127.0.0.1:0") -> list[str]:
-        """`veil server ...` arguments (after `python -m veil.cli`)."""
+        """`veil server ...` arguments (after `python -m veil.cli`): its own folder only."""
+        own = self.org_dir(SERVER_NAME)
         return [
             "server", str(self.config_path), "--run-dir", str(self.run_dir),
-            "--pki", str(self.pki_dir), "--test-data", str(self.data_dir / TEST_FILE),
+            "--pki", str(own), "--test-data", str(own / TEST_FILE),
             "--address", address, "--port-file", str(self.port_file),
             "--checkpoint-key", str(self.key_file),
         ]  # fmt: skip
 
     def client_args(self, name: str, server: str) -> list[str]:
-        """`veil client ...` arguments for organisation `name`."""
+        """`veil client ...` arguments for organisation `name`: its own folder only."""
+        own = self.org_dir(name)
         return [
             "client", str(self.config_path), "--name", name,
-            "--data", str(self.data_dir / f"{name}.npz"), "--pki", str(self.pki_dir),
-            "--server", server,
+            "--data", str(own / DATA_FILE), "--pki", str(own), "--server", server,
         ]  # fmt: skip
 
 
 def prepare_deployment(config: RunConfig, out: Path, *, config_path: Path) -> DeploymentFiles:
-    """Issue the certificates, a checkpoint key and each organisation's data file into `out`
-    (what already exists is kept)."""
+    """Play the CA operator and every organisation on this machine, each in its own folder
+    under `out`: each organisation creates its keys and a certificate request in its folder,
+    the CA signs the requests (never seeing a private key), and only public files travel (the
+    certificates, ``ca.crt``, the revocation list, under CKKS the public and sealed key sets).
+    What already exists is kept."""
     out.mkdir(parents=True, exist_ok=True)
+    server_dir = out / "orgs" / SERVER_NAME
     files = DeploymentFiles(
         config_path=config_path,
         run_dir=out,
-        pki_dir=out / "pki",
-        data_dir=out / "data",
+        ca_dir=out / "ca",
+        orgs_dir=out / "orgs",
         logs=out / "logs",
-        key_file=config.checkpoint.key_file or out / "keys" / "checkpoint.key",
+        key_file=config.checkpoint.key_file or server_dir / "checkpoint.key",
         port_file=out / "server.port",
         clients=[],
     )
     fed = _federated_data(config)
     files.clients.extend(c.name for c in fed.clients)
-    if not (files.pki_dir / "ca.crt").is_file():
-        pki.init_ca(files.pki_dir)
+    _private_dir(files.ca_dir)
+    _private_dir(files.orgs_dir)
+    if not (files.ca_dir / pki.CA_CERT).is_file():
+        pki.init_ca(files.ca_dir)
     for name, role in [(SERVER_NAME, "server"), *((n, "client") for n in files.clients)]:
-        if not (files.pki_dir / "nodes" / name / "node.crt").is_file():
-            pki.issue(files.pki_dir, name, role=role)  # type: ignore[arg-type]
+        _enrol(files, name, role)  # type: ignore[arg-type]
+    # The coordinator's copies of public files: each member's certificate, the newest list.
+    for name in files.clients:
+        _copy_public(files.org_dir(name) / pki.NODES / name / pki.NODE_CERT,
+                     server_dir / pki.NODES / name / pki.NODE_CERT)  # fmt: skip
+    for name in files.clients:
+        # The coordinator's certificate (public), which an attested aggregator's clients check.
+        _copy_public(server_dir / pki.NODES / SERVER_NAME / pki.NODE_CERT,
+                     files.org_dir(name) / pki.NODES / SERVER_NAME / pki.NODE_CERT)  # fmt: skip
+    for name in [SERVER_NAME, *files.clients]:
+        _copy_public(files.ca_dir / CRL_FILE, files.org_dir(name) / CRL_FILE)
     if not files.key_file.is_file():
-        files.key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _private_dir(files.key_file.parent)
         generate_key_file(files.key_file)
-    if config.secure_aggregation == "ckks" and not (files.pki_dir / he_keys.HE_DIR).is_dir():
-        # The key ceremony: a fresh CKKS key for this run, sealed to each client.
-        params = ckks_settings(config.ckks).params
-        he_keys.ceremony(files.pki_dir, params, clients=files.clients)
+    if config.secure_aggregation == "ckks":
+        _ckks_ceremony(files, config)
     for index, client in enumerate(fed.clients):
-        write_client_data(files.data_dir / f"{client.name}.npz", client, index=index, fed=fed)
-    write_server_data(files.data_dir / TEST_FILE, fed)
+        write_client_data(files.org_dir(client.name) / DATA_FILE, client, index=index, fed=fed)
+    write_server_data(server_dir / TEST_FILE, fed)
     files.logs.mkdir(exist_ok=True)
     files.port_file.unlink(missing_ok=True)
     return files
+
+
+def _enrol(files: DeploymentFiles, name: str, role: pki.Role) -> None:
+    """Organisation `name` requests a certificate from its own folder; the CA signs it."""
+    own = files.org_dir(name)
+    _private_dir(own)
+    if (own / pki.NODES / name / pki.NODE_CERT).is_file():
+        return
+    request = pki.request(own, name, role=role, overwrite=True)
+    pki.sign_request(files.ca_dir, request)
+    _copy_public(files.ca_dir / pki.CA_CERT, own / pki.CA_CERT)
+
+
+def _ckks_ceremony(files: DeploymentFiles, config: RunConfig) -> None:
+    """The CKKS key ceremony, run by the CA operator on the members' certificates (public): a
+    fresh key sealed to each member; the coordinator gets the public set only."""
+    he_dir = files.ca_dir / he_keys.HE_DIR
+    if not he_dir.is_dir():
+        he_keys.ceremony(files.ca_dir, ckks_settings(config.ckks).params, clients=files.clients)
+    for name in [SERVER_NAME, *files.clients]:
+        for public in (he_keys.PUBLIC_CONTEXT, he_keys.KEYSET):
+            _copy_public(he_dir / public, files.org_dir(name) / he_keys.HE_DIR / public)
+    for name in files.clients:
+        box = Path(he_keys.SEALED) / f"{name}.box"
+        _copy_public(he_dir / box, files.org_dir(name) / he_keys.HE_DIR / box, mode=0o600)
+
+
+def _copy_public(source: Path, target: Path, *, mode: int = 0o644) -> None:
+    """What travels between folders: public files, or a box sealed to the recipient."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target, source.read_bytes(), mode=mode)
 
 
 def run_deployment(config: RunConfig, out: Path, *, config_path: Path) -> Result:

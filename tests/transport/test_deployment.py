@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import veil
+from veil import deployment
 from veil.config import load_config
 
 if TYPE_CHECKING:
@@ -49,7 +50,9 @@ def test_deployment_matches_simulation_and_uses_mutual_tls(deploy: Deploy) -> No
         assert '"event": "done"' in (out / "logs" / f"{name}.log").read_text()
     assert "accepted" in server_log
     # Private keys stay private.
-    assert (out / "pki" / "nodes" / "client-0" / "node.key").stat().st_mode & 0o077 == 0
+    assert (
+        out / "orgs" / "client-0" / "nodes" / "client-0" / "node.key"
+    ).stat().st_mode & 0o077 == 0
 
     simulated = veil.run(load_config(run.config_path).model_copy(update={"mode": "simulation"}))
     assert abs(simulated.final["accuracy"] - deployed["final"]["accuracy"]) <= 0.01
@@ -94,8 +97,45 @@ def test_secure_aggregation_deployment_matches_plain(
     assert abs(plain.final["accuracy"] - deployed["final"]["accuracy"]) <= 0.01
 
 
+def assert_key_custody(out: Path) -> None:
+    """Every private key is in its owner's folder and nowhere else; the coordinator's folder
+    holds no CA key and no member's private key; raw data is 0600 in 0700 folders."""
+    every_file = [p for p in out.rglob("*") if p.is_file()]
+    orgs = sorted(p.name for p in (out / "orgs").iterdir())
+    assert orgs == ["client-0", "client-1", "client-2", "server"]
+    secrets: dict[Path, bytes] = {out / "ca" / "ca.key": (out / "ca" / "ca.key").read_bytes()}
+    for org in orgs:
+        node = out / "orgs" / org / "nodes" / org
+        for key in ("node.key", "identity.key", "encryption.key"):
+            secrets[node / key] = (node / key).read_bytes()
+            assert (node / key).stat().st_mode & 0o077 == 0
+        assert (node / "request.csr").is_file()  # the CA signed a request, not a key it made
+    for owner, blob in secrets.items():
+        assert [p for p in every_file if blob in p.read_bytes()] == [owner], owner
+    server_dir = out / "orgs" / "server"
+    for path in server_dir.rglob("*"):
+        if path.is_file() and path.name.endswith(".key"):
+            assert path.parent == server_dir / "nodes" / "server" or path.name == "checkpoint.key"
+    assert not (server_dir / "he" / "sealed").exists()
+    for org in orgs:
+        assert (out / "orgs" / org).stat().st_mode & 0o077 == 0
+    for data in [*(out / "orgs").glob("client-*/data.npz"), server_dir / "server-test.npz"]:
+        assert data.stat().st_mode & 0o077 == 0
+    # The coordinator's command line names its own folder and the run folder, nothing else.
+    files = deployment.DeploymentFiles(
+        config_path=out / "run.toml", run_dir=out, ca_dir=out / "ca", orgs_dir=out / "orgs",
+        logs=out / "logs", key_file=server_dir / "checkpoint.key",
+        port_file=out / "server.port", clients=orgs[:-1],
+    )  # fmt: skip
+    paths = [Path(a) for a in files.server_args() if "/" in a]
+    for path in paths:
+        assert path in (out, server_dir) or server_dir in path.parents or path.parent == out, path
+
+
 def test_client_level_dp_under_secure_aggregation_in_deployment(deploy: Deploy) -> None:
-    """The clients clip and add the noise (distributed discrete Gaussian); the server accounts."""
+    """The clients clip and add the noise (distributed discrete Gaussian); the server accounts.
+    Every organisation made its own keys and had the CA sign a request (the loopback run plays
+    each party in its own folder): no folder but its owner's holds a private key."""
     text = CONFIG.replace("seed = 7", 'seed = 7\nsecure_aggregation = "secagg"')
     text = text.replace(
         'dataset = "breast_cancer"',
@@ -103,9 +143,11 @@ def test_client_level_dp_under_secure_aggregation_in_deployment(deploy: Deploy) 
     )
     text = text.replace("learning_rate = 0.1", "learning_rate = 0.1\nfraction_evaluate = 0.0")
     text += "[privacy]\nunit = 'client'\nepsilon = 5.0\ndelta = 1e-5\nclip_norm = 1.0\n"
-    deployed = deploy(text).result
+    run = deploy(text)
+    deployed = run.result
     privacy = deployed["privacy"]
     assert privacy["aggregation"] == "secagg" and privacy["unit"] == "client"
     assert 0 < privacy["epsilon"] <= 5.0 + 1e-9
     assert "added by the clients" in privacy["mechanism"]["noise"]
     assert all(r["applied"] and r["aggregation"]["survivors"] == 3 for r in deployed["rounds"])
+    assert_key_custody(run.out)

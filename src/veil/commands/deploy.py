@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 
 from veil.crypto import pki
+from veil.crypto.keyfile import read_private
 from veil.errors import UserError
 
 
@@ -17,7 +18,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("server", help="run the federation server (mutual TLS)")
     p.add_argument("config", type=Path)
     p.add_argument("--run-dir", type=Path, required=True, help="where result.json and veil.db go")
-    p.add_argument("--pki", type=Path, required=True, help="the federation's PKI folder")
+    p.add_argument(
+        "--pki",
+        type=Path,
+        required=True,
+        help="the coordinator's own folder: ca.crt, crl.pem, nodes/server/ (its keys) and each "
+        "member's public certificate nodes/NAME/node.crt; never the CA's key",
+    )
     p.add_argument("--test-data", type=Path, required=True, help="the server's test set (.npz)")
     p.add_argument("--address", help="host:port to listen on (default from [deployment])")
     p.add_argument("--port-file", type=Path, help="write the chosen port here once listening")
@@ -30,7 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("config", type=Path)
     p.add_argument("--name", required=True, help="this node's name, as in its certificate")
     p.add_argument("--data", type=Path, required=True, help="this organisation's data (.npz)")
-    p.add_argument("--pki", type=Path, required=True, help="folder holding nodes/NAME/ and ca.crt")
+    p.add_argument(
+        "--pki",
+        type=Path,
+        required=True,
+        help="this organisation's own folder: ca.crt, crl.pem and nodes/NAME/ (its keys)",
+    )
     p.add_argument("--server", required=True, help="the server's host:port")
     p.add_argument("--insecure-dev", action="store_true", help="plaintext: development only")
     p.set_defaults(handler=_cmd_client)
@@ -42,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("status", help="show a running server's round and clients")
     p.add_argument("--server", required=True, help="host:port")
     p.add_argument("--pki", type=Path, required=True, help="PKI folder")
-    p.add_argument("--name", required=True, help="a node name whose certificate to present")
+    p.add_argument("--name", required=True, help="a member whose certificate to present")
     p.set_defaults(handler=_cmd_status)
 
 
@@ -109,7 +121,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     files = pki.node_files(args.pki, args.name)
     creds = ClientCredentials(
-        files.cert.read_bytes(), files.key.read_bytes(), files.ca_cert.read_bytes()
+        files.cert.read_bytes(), read_private(files.key, "TLS key"), files.ca_cert.read_bytes()
     )
     with open_channel(args.server, creds) as channel:
         try:

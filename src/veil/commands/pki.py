@@ -1,9 +1,11 @@
-"""`veil pki`: create the federation CA, issue and revoke node certificates, list them.
+"""`veil pki`: the federation CA, certificate requests, revocation.
 
-    veil pki init DIR
-    veil pki issue DIR NAME --role server|client [--host H ...] [--overwrite]
-    veil pki revoke DIR NAME
-    veil pki show DIR
+    veil pki init CA_DIR
+    veil pki request DIR NAME --role server|client [--host H ...]   (on the member's machine)
+    veil pki sign CA_DIR REQUEST.csr [--out CERT]                   (on the CA's machine)
+    veil pki revoke CA_DIR NAME
+    veil pki show CA_DIR
+    veil pki issue CA_DIR NAME --role server|client                 (single-operator test only)
 
 Every command prints file paths and serial numbers, never key material. Errors (existing CA or
 node, bad name, missing CA) are `UserError`s: one line on stderr, exit status 2.
@@ -40,20 +42,38 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p_init.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
     p_init.set_defaults(handler=cmd_init)
 
+    p_request = pki_sub.add_parser(
+        "request",
+        help="on a member's own machine: create its keys and a certificate request",
+        description="Create this node's TLS, identity and encryption keys in DIR/nodes/NAME "
+        "(mode 0600, they never leave it) and DIR/nodes/NAME/request.csr for the CA operator.",
+    )
+    p_request.add_argument("dir", type=Path, help="this organisation's own folder")
+    _node_arguments(p_request)
+    p_request.add_argument("--overwrite", action="store_true", help="make new keys")
+    p_request.set_defaults(handler=cmd_request)
+
+    p_sign = pki_sub.add_parser(
+        "sign",
+        help="on the CA's machine: check a certificate request and issue its certificate",
+        description="Check a request made by `veil pki request` (its signatures, name, role "
+        "and hosts) and issue the certificate. The CA never sees a private key.",
+    )
+    p_sign.add_argument("dir", type=Path, help="the CA folder (holding ca.crt and ca.key)")
+    p_sign.add_argument("request", type=Path, help="the request.csr a member sent")
+    p_sign.add_argument("--out", type=Path, help="where to write the certificate")
+    p_sign.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    p_sign.set_defaults(handler=cmd_sign)
+
     p_issue = pki_sub.add_parser(
-        "issue", help="issue a node's certificate, TLS key and identity key"
+        "issue",
+        help="single-operator test federations only: make a node's keys in the CA's folder",
+        description="Create a node's keys AND its certificate in the CA's folder: whoever holds "
+        "that folder holds every member's keys. For a test federation run by one operator; a "
+        "real federation uses `request` on each member's machine and `sign` on the CA's.",
     )
     p_issue.add_argument("dir", type=Path, help="the PKI folder (holding ca.crt and ca.key)")
-    p_issue.add_argument("name", help="the node name: 1-64 of letters, digits, '.', '_', '-'")
-    p_issue.add_argument("--role", required=True, choices=pki.ROLES, help="server or client")
-    p_issue.add_argument(
-        "--host",
-        action="append",
-        dest="hosts",
-        metavar="H",
-        help="server only: a DNS name or IP address the server is reached at (repeatable; "
-        f"default: {' '.join(_DEFAULT_HOSTS)})",
-    )
+    _node_arguments(p_issue)
     p_issue.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
     p_issue.add_argument("--overwrite", action="store_true", help="replace an existing node")
     p_issue.set_defaults(handler=cmd_issue)
@@ -68,6 +88,26 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p_show.set_defaults(handler=cmd_show)
 
 
+def _node_arguments(parser: argparse.ArgumentParser) -> None:
+    """NAME, --role and --host, as `request` and `issue` take them."""
+    parser.add_argument("name", help="the node name: 1-64 of letters, digits, '.', '_', '-'")
+    parser.add_argument("--role", required=True, choices=pki.ROLES, help="server or client")
+    parser.add_argument(
+        "--host",
+        action="append",
+        dest="hosts",
+        metavar="H",
+        help="server only: a DNS name or IP address the server is reached at (repeatable; "
+        f"default: {' '.join(_DEFAULT_HOSTS)})",
+    )
+
+
+def _hosts(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.hosts and args.role != "server":
+        raise UserError("--host applies to server certificates only")
+    return tuple(args.hosts) if args.hosts else _DEFAULT_HOSTS
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     """Create the CA and print the certificate path."""
     cert = pki.init_ca(args.dir, name=args.name, days=args.days)
@@ -78,9 +118,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_issue(args: argparse.Namespace) -> int:
     """Issue one node and print its file paths."""
-    if args.hosts and args.role != "server":
-        raise UserError("--host applies to server certificates only")
-    hosts = tuple(args.hosts) if args.hosts else _DEFAULT_HOSTS
+    hosts = _hosts(args)
     files = pki.issue(
         args.dir, args.name, role=args.role, days=args.days, hosts=hosts, overwrite=args.overwrite
     )
@@ -94,10 +132,34 @@ def cmd_issue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_request(args: argparse.Namespace) -> int:
+    """Create this node's keys and request; print where they are and what to do next."""
+    hosts = _hosts(args)
+    path = pki.request(args.dir, args.name, role=args.role, hosts=hosts, overwrite=args.overwrite)
+    print(f"keys of '{args.name}' created in {path.parent} (mode 0600; they stay here)")
+    print(f"certificate request: {path}")
+    print(
+        "send the request to the CA operator; put the certificate and ca.crt it sends back at "
+        f"{path.parent / pki.NODE_CERT} and {args.dir / pki.CA_CERT}"
+    )
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    """Issue the certificate for one request; print its path and serial."""
+    path = pki.sign_request(args.dir, args.request, days=args.days, out=args.out)
+    cert = pki.load_certificate(path)
+    print(f"issued {pki.certificate_role(cert)} '{pki.certificate_name(cert)}' "
+          f"(serial {cert.serial_number}): {path}")  # fmt: skip
+    print(f"send it back with {args.dir / pki.CA_CERT} and {args.dir / 'crl.pem'}")
+    return 0
+
+
 def cmd_revoke(args: argparse.Namespace) -> int:
     """Revoke one node and print its serial."""
     serial = pki.revoke(args.dir, args.name)
-    print(f"revoked '{args.name}' (serial {serial}) in {args.dir / pki.REVOKED}")
+    print(f"revoked '{args.name}' (serial {serial}); signed list: {args.dir / 'crl.pem'}")
+    print("give the new crl.pem to the coordinator: it hands it to every member with every task")
     return 0
 
 

@@ -32,13 +32,13 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from veil.atomic import atomic_write_bytes
+from veil.crypto.keyfile import read_private
 from veil.errors import UserError
 
 __all__ = [
@@ -86,22 +86,13 @@ def load_key_file(path: Path) -> bytes:
     group or others (the message says how to fix the permissions).
     """
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"no key file at '{path}'; create one with generate_key_file")
+    text = read_private(path, "key file").strip()
     try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise UserError(f"no key file at '{path}'; create one with generate_key_file") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise UserError(
-            f"key file '{path}' is accessible by group or others (mode {stat.S_IMODE(mode):o}); "
-            f"run `chmod 600 {path}`"
-        )
-    try:
-        text = path.read_bytes().strip()
         key = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise UserError(f"key file '{path}' is not base64 text") from None
-    except OSError as exc:
-        raise UserError(f"cannot read key file '{path}': {exc.strerror}") from None
     if len(key) != KEY_BYTES:
         raise UserError(f"key file '{path}' holds {len(key)} bytes, expected {KEY_BYTES}")
     return key

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from veil.atomic import atomic_write_bytes
+from veil.crypto.keyfile import read_private
 from veil.errors import UserError, VeilError
 
 __all__ = [
@@ -165,7 +166,7 @@ class IdentityKey:
     def load(cls, path: str | Path) -> IdentityKey:
         """Read an unencrypted PKCS#8 PEM Ed25519 private key; UserError if absent or wrong."""
         path = Path(path)
-        data = _read(path, "identity key")
+        data = read_private(path, "identity key")
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError):

@@ -1,17 +1,25 @@
 """The federation's own PKI: one CA, one TLS certificate and one identity key per node.
 
-Shortest example::
+The safe flow: every member makes its own keys and a certificate request on its own machine, and
+the CA operator signs the request without ever seeing a private key::
 
-    init_ca(Path("pki"))                                       # pki/ca.crt, pki/ca.key
-    server = issue(Path("pki"), "coordinator", role="server", hosts=("localhost", "127.0.0.1"))
-    bank = issue(Path("pki"), "bank-a", role="client")
-    verify_certificate(load_certificate(bank.cert), load_certificate(bank.ca_cert), role="client")
+    init_ca(Path("ca"))                                          # on the CA operator's machine
+    request = request(Path("bank"), "bank-a", role="client")     # on bank-a's machine
+    sign_request(Path("ca"), request)                            # the CA reads the request only
+    # bank-a puts the certificate, ca/ca.crt and ca/crl.pem into its own folder
 
-Layout of a PKI folder::
+`issue` makes a node's keys and certificate in the CA's own folder at once: only for a test
+federation run by one operator, since whoever holds that folder holds every member's keys.
 
-    DIR/ca.crt  DIR/ca.key (0600)  DIR/revoked.txt (one decimal serial per line)
+Layout of a PKI folder (the CA's, or one organisation's own)::
+
+    DIR/ca.crt  DIR/ca.key (0600, the CA's folder only)  DIR/crl.pem (the signed revocation list)
+    DIR/revoked.txt (the CA's own list, one decimal serial per line)
     DIR/nodes/NAME/node.crt  node.key (0600)  identity.key (0600)  identity.pub
-                   encryption.key (0600)
+                   encryption.key (0600)  request.csr  trust.json (0600, `veil.crypto.trust`)
+
+In the CA's folder ``nodes/NAME/node.crt`` is its register of issued certificates; in the
+coordinator's folder, ``nodes/NAME/node.crt`` of each member is a public copy.
 
 Keys: the CA and node TLS keys are ECDSA P-256 (PKCS#8 PEM), which gRPC's TLS stack (BoringSSL)
 accepts for mutual TLS; signatures are ECDSA with SHA-256. The identity key is Ed25519
@@ -27,9 +35,10 @@ a second one (`ENCRYPTION_OID`, the raw 32-byte X25519 public key of the node's 
 `veil.crypto.sealed_box`) so that keys can be sealed to a node (the CKKS key ceremony) with the
 CA's word for whose key it is.
 
-Revocation: `revoke` appends a serial to ``revoked.txt`` and `verify_certificate` refuses it.
-The TLS handshake itself does not read that list; a node must check its peer's certificate with
-`verify_certificate(..., revoked=revoked_serials(DIR))` after the handshake.
+Revocation: `revoke` appends a serial to ``revoked.txt`` and signs a new ``crl.pem`` with a
+higher number (`veil.crypto.revocation`). The TLS handshake itself does not read that list; the
+coordinator checks its peers' certificates against it, and hands it to every member with every
+task, and members keep the newest one they saw (`veil.crypto.trust`).
 """
 
 from __future__ import annotations
@@ -49,7 +58,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from veil.atomic import atomic_write_bytes, atomic_write_text
-from veil.crypto.identity import IdentityKey, IdentityPublicKey
+from veil.crypto.identity import IdentityKey, IdentityPublicKey, SignatureRejected, signing_payload
+from veil.crypto.keyfile import read_private
+from veil.crypto.revocation import CRL_FILE, read_revocations, sign_revocations
 from veil.crypto.sealed_box import EncryptionKey
 from veil.errors import UserError
 
@@ -67,9 +78,13 @@ __all__ = [
     "issue",
     "issued_nodes",
     "load_certificate",
+    "member_certificate",
     "node_files",
+    "publish_revocations",
+    "request",
     "revoke",
     "revoked_serials",
+    "sign_request",
     "verify_certificate",
 ]
 
@@ -85,6 +100,7 @@ NODE_KEY = "node.key"
 IDENTITY_KEY = "identity.key"
 IDENTITY_PUB = "identity.pub"
 ENCRYPTION_KEY = "encryption.key"
+REQUEST = "request.csr"
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HOST = re.compile(r"[A-Za-z0-9.*_-]{1,253}")
@@ -94,7 +110,11 @@ _EKU = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID
 IDENTITY_OID = x509.ObjectIdentifier("2.25.254227675962433388747850750087626402989")
 #: OID of the extension that carries a node's X25519 encryption key (same construction).
 ENCRYPTION_OID = x509.ObjectIdentifier("2.25.127049348851150900984897569176333437814")
+#: OID of a certificate request's proof that the requester holds its identity key (an
+#: Ed25519 signature over `request_payload`); requests only, never in a certificate.
+POSSESSION_OID = x509.ObjectIdentifier("2.25.33693880485117809004665379647775684287")
 _OCTET_STRING_32 = b"\x04\x20"
+_OCTET_STRING_64 = b"\x04\x40"
 
 # Certificates start a few minutes in the past so that small clock differences between
 # organisations do not reject a certificate that was just issued.
@@ -170,6 +190,7 @@ def init_ca(directory: Path, *, name: str = "Veil federation CA", days: int = 36
     )
     atomic_write_bytes(key_path, _private_pem(key), mode=0o600)
     atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    sign_revocations(directory / CRL_FILE, cert, key, ())
     return cert_path
 
 
@@ -182,22 +203,21 @@ def issue(
     hosts: Sequence[str] = ("localhost", "127.0.0.1"),
     overwrite: bool = False,
 ) -> NodeFiles:
-    """Issue node `name`: a CA-signed TLS certificate and key, an Ed25519 identity key and an
-    X25519 encryption key.
+    """Issue node `name` in the CA's own folder: `request` and `sign_request` in one step, for a
+    test federation run by a single operator (whoever holds this folder holds the node's keys;
+    a real member runs `request` on its own machine).
 
     Writes ``DIR/nodes/NAME/{node.crt, node.key (0600), identity.key (0600), identity.pub,
-    encryption.key (0600)}``.
-    A server's SubjectAltName lists `hosts` (IP addresses as IP entries, the rest as DNS names);
-    a client's holds DNS:NAME and `hosts` is ignored. UserError if the name is not 1-64 of
-    ``[A-Za-z0-9._-]``, the role or a host is invalid, the CA is missing, or the node exists and
-    `overwrite` is false. Overwriting does not revoke the old certificate: `revoke` it first.
+    encryption.key (0600), request.csr}``. A server's SubjectAltName lists `hosts` (IP addresses
+    as IP entries, the rest as DNS names); a client's holds DNS:NAME and `hosts` is ignored.
+    UserError if the name is not 1-64 of ``[A-Za-z0-9._-]``, the role or a host is invalid, the
+    CA is missing, or the node exists and `overwrite` is false. Overwriting does not revoke the
+    old certificate: `revoke` it first.
     """
     directory = Path(directory)
     _check_name(name)
-    if role not in ROLES:
-        raise UserError(f"unknown role '{role}'; use 'server' or 'client'")
     _check_days(days)
-    ca_cert, ca_key = _load_ca(directory)
+    _load_ca(directory)
     node_dir = directory / NODES / name
     paths = [node_dir / f for f in (NODE_CERT, NODE_KEY, IDENTITY_KEY, IDENTITY_PUB)]
     if not overwrite and any(p.exists() for p in paths):
@@ -205,45 +225,60 @@ def issue(
             f"node '{name}' already exists in '{directory}'; pass --overwrite "
             "(overwrite=True) to replace it, and revoke the old certificate if it leaked"
         )
-    if role == "server":
-        if not hosts:
-            raise UserError("a server certificate needs at least one host (--host)")
-        san = [_san_entry(h) for h in hosts]
-    else:
-        san = [x509.DNSName(name)]
+    request_path = request(directory, name, role=role, hosts=hosts, overwrite=True)
+    # The node's certificate is the CA's register entry too: replacing it is the overwrite.
+    (node_dir / NODE_CERT).unlink(missing_ok=True)
+    sign_request(directory, request_path, days=days)
+    return _node_files(directory, name, role)
 
+
+def request(
+    directory: Path,
+    name: str,
+    *,
+    role: Role,
+    hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+    overwrite: bool = False,
+) -> Path:
+    """On the organisation's own machine: create node `name`'s keys and a certificate signing
+    request for the CA; return the request's path. No private key ever leaves `directory`.
+
+    Writes ``DIR/nodes/NAME/{node.key, identity.key, encryption.key (all 0600), identity.pub,
+    request.csr}``. The request (PKCS#10, signed with the TLS key) carries the name, the role,
+    the hosts (server) and the identity and encryption public keys, with an Ed25519 signature
+    by the identity key over the name, role and keys (`request_payload`), which proves to the
+    CA that the requester holds the identity key too. Send ``request.csr`` to the CA operator
+    (`sign_request`), and put the certificate and ``ca.crt`` it sends back at
+    ``DIR/nodes/NAME/node.crt`` and ``DIR/ca.crt``. UserError for a bad name, role or host, or
+    existing keys without `overwrite`.
+    """
+    directory = Path(directory)
+    _check_name(name)
+    if role not in ROLES:
+        raise UserError(f"unknown role '{role}'; use 'server' or 'client'")
+    node_dir = directory / NODES / name
+    files = _node_files(directory, name, role)
+    existing = [p for p in (files.key, files.identity_key, files.encryption_key) if p.exists()]
+    if existing and not overwrite:
+        raise UserError(
+            f"node '{name}' already has keys in '{node_dir}'; pass --overwrite to make new ones "
+            "(and have the CA revoke the old certificate)"
+        )
+    if role == "server" and not hosts:
+        raise UserError("a server certificate needs at least one host (--host)")
+    san = [_san_entry(h) for h in hosts] if role == "server" else [x509.DNSName(name)]
     key = ec.generate_private_key(ec.SECP256R1())
     identity = IdentityKey.generate()
     encryption = EncryptionKey.generate()
-    now = _now()
-    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.COMMON_NAME, name),
-                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
-                ]
-            )
+    possession = identity.sign(
+        request_payload(
+            name, role, _spki(key.public_key()), identity.public_bytes(), encryption.public_bytes()
         )
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            _key_usage(signs_certificates=False),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([_EKU[role]]), critical=False)
+    )
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_subject(name, role))
         .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
         .add_extension(
             x509.UnrecognizedExtension(IDENTITY_OID, _OCTET_STRING_32 + identity.public_bytes()),
             critical=False,
@@ -254,16 +289,203 @@ def issue(
             ),
             critical=False,
         )
-        .sign(ca_key, hashes.SHA256())
+        .add_extension(
+            x509.UnrecognizedExtension(POSSESSION_OID, _OCTET_STRING_64 + possession),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
     )
-    files = _node_files(directory, name, role)
-    # The certificate goes last: its presence means the node is complete.
+    node_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write_bytes(files.key, _private_pem(key), mode=0o600)
     identity.save(files.identity_key)
     identity.public_key().save(files.identity_pub)
     encryption.save(files.encryption_key)
-    atomic_write_bytes(files.cert, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
-    return files
+    path = node_dir / REQUEST
+    atomic_write_bytes(path, csr.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    return path
+
+
+def request_payload(
+    name: str, role: str, tls_public_key: bytes, identity: bytes, encryption: bytes
+) -> bytes:
+    """What a requester's identity key signs in its certificate request: ``signing_payload(
+    "veil-csr", name, role, TLS SubjectPublicKeyInfo DER, identity key, encryption key)``."""
+    return signing_payload("veil-csr", name, role, tls_public_key, identity, encryption)
+
+
+def sign_request(
+    directory: Path, request_path: Path, *, days: int = 825, out: Path | None = None
+) -> Path:
+    """The CA operator's half: check a certificate signing request and issue its certificate.
+
+    Checks the request's own signature (the requester holds the TLS key), its name, role and
+    hosts, and the identity key's signature over the keys (it holds the identity key); refuses
+    a name that already has a valid, unrevoked certificate (revoke it first: a second
+    certificate for a name is how a CA operator would substitute a member's keys, and members
+    refuse a changed key unless the old certificate is revoked). Writes the certificate to
+    `out` (default: ``node.crt`` beside the request) and records it in the CA's register
+    ``DIR/nodes/NAME/node.crt``. Never sees a private key. UserError, in one line, for anything
+    wrong with the request.
+    """
+    directory = Path(directory)
+    request_path = Path(request_path)
+    _check_days(days)
+    ca_cert, ca_key = _load_ca(directory)
+    try:
+        csr = x509.load_pem_x509_csr(request_path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"no certificate request at '{request_path}'") from None
+    except ValueError:
+        raise UserError(f"'{request_path}' is not a PEM certificate signing request") from None
+    if not csr.is_signature_valid:
+        raise UserError(f"'{request_path}': the request's signature does not verify")
+    name = _request_attribute(csr, NameOID.COMMON_NAME, "a name")
+    _check_name(name)
+    role_value = _request_attribute(csr, NameOID.ORGANIZATIONAL_UNIT_NAME, "a role")
+    if role_value not in ROLES:
+        raise UserError(f"'{request_path}': unknown role '{role_value}'")
+    role: Role = "server" if role_value == "server" else "client"
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != (
+        "secp256r1"
+    ):
+        raise UserError(f"'{request_path}': the TLS key must be ECDSA P-256")
+    try:
+        san = list(csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+        identity = _request_key(csr, IDENTITY_OID, 32)
+        encryption = _request_key(csr, ENCRYPTION_OID, 32)
+        possession = _request_key(csr, POSSESSION_OID, 64)
+    except x509.ExtensionNotFound:
+        raise UserError(
+            f"'{request_path}' lacks Veil's key extensions; make it with `veil pki request`"
+        ) from None
+    if role == "client" and san != [x509.DNSName(name)]:
+        raise UserError(f"'{request_path}': a client request names only DNS:{name}")
+    if role == "server":
+        for entry in san:
+            if not isinstance(entry, x509.DNSName | x509.IPAddress):
+                raise UserError(f"'{request_path}': unexpected host entry {entry}")
+            if isinstance(entry, x509.DNSName):
+                _san_entry(entry.value)
+    try:
+        IdentityPublicKey.from_bytes(identity).verify(
+            possession, request_payload(name, role, _spki(public_key), identity, encryption)
+        )
+    except SignatureRejected:
+        raise UserError(
+            f"'{request_path}': the identity key did not sign the request (proof of possession "
+            "failed)"
+        ) from None
+    register = directory / NODES / name / NODE_CERT
+    if register.is_file():
+        current = load_certificate(register)
+        if current.serial_number not in revoked_serials(directory) and (
+            current.not_valid_after_utc > _now()
+        ):
+            raise UserError(
+                f"'{name}' already has a valid certificate (serial {current.serial_number}); "
+                f"revoke it first with `veil pki revoke {directory} {name}`"
+            )
+    cert = _node_certificate(
+        ca_cert,
+        ca_key,
+        name=name,
+        role=role,
+        san=san,
+        public_key=public_key,
+        identity=identity,
+        encryption=encryption,
+        days=days,
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    target = Path(out) if out is not None else request_path.parent / NODE_CERT
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target, pem, mode=0o644)
+    register.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(register, pem, mode=0o644)
+    return target
+
+
+def _request_attribute(
+    csr: x509.CertificateSigningRequest, oid: x509.ObjectIdentifier, what: str
+) -> str:
+    attrs = csr.subject.get_attributes_for_oid(oid)
+    if len(attrs) != 1 or not isinstance(attrs[0].value, str):
+        raise UserError(f"the certificate request does not name {what}")
+    return attrs[0].value
+
+
+def _request_key(
+    csr: x509.CertificateSigningRequest, oid: x509.ObjectIdentifier, size: int
+) -> bytes:
+    ext = csr.extensions.get_extension_for_oid(oid).value
+    raw = ext.value if isinstance(ext, x509.UnrecognizedExtension) else b""
+    header = bytes([0x04, size])
+    if len(raw) != size + 2 or not raw.startswith(header):
+        raise UserError(f"the certificate request has a malformed extension {oid.dotted_string}")
+    return bytes(raw[2:])
+
+
+def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _node_certificate(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    *,
+    name: str,
+    role: Role,
+    san: Sequence[x509.GeneralName],
+    public_key: ec.EllipticCurvePublicKey,
+    identity: bytes,
+    encryption: bytes,
+    days: int,
+) -> x509.Certificate:
+    """A node certificate as the module docstring describes, signed by the CA."""
+    now = _now()
+    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_subject(name, role))
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            _key_usage(signs_certificates=False),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([_EKU[role]]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .add_extension(
+            x509.UnrecognizedExtension(IDENTITY_OID, _OCTET_STRING_32 + identity),
+            critical=False,
+        )
+        .add_extension(
+            x509.UnrecognizedExtension(ENCRYPTION_OID, _OCTET_STRING_32 + encryption),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def _subject(name: str, role: Role) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+        ]
+    )
 
 
 def node_files(directory: Path, name: str) -> NodeFiles:
@@ -287,6 +509,21 @@ def node_files(directory: Path, name: str) -> NodeFiles:
             + (" --overwrite" if len(missing) < len(paths) else "")
         )
     return _node_files(directory, name, certificate_role(load_certificate(paths[0])))
+
+
+def member_certificate(directory: Path, name: str) -> x509.Certificate:
+    """Node `name`'s certificate as another party holds it: ``DIR/nodes/NAME/node.crt`` alone
+    (the coordinator's copy of a member's certificate, or the CA's register), not checked here
+    (`verify_certificate`). UserError if it is missing."""
+    directory = Path(directory)
+    _check_name(name)
+    path = directory / NODES / name / NODE_CERT
+    if not path.is_file():
+        raise UserError(
+            f"no certificate of '{name}' at '{path}'; the member sends its node.crt (public) "
+            "to whoever needs it"
+        )
+    return load_certificate(path)
 
 
 def load_certificate(path: str | Path) -> x509.Certificate:
@@ -414,9 +651,11 @@ def verify_certificate(
 
 
 def revoke(directory: Path, name: str) -> int:
-    """Add node `name`'s certificate serial to ``DIR/revoked.txt``; return the serial.
+    """Revoke node `name`'s certificate: add its serial to ``DIR/revoked.txt`` and sign a new
+    revocation list ``DIR/crl.pem`` (`veil.crypto.revocation`) for the coordinator to hand to
+    every member; return the serial.
 
-    Revoking twice is harmless (the serial is listed once). The file is rewritten atomically.
+    Revoking twice is harmless (the serial is listed once). The files are rewritten atomically.
     """
     directory = Path(directory)
     _check_name(name)
@@ -428,15 +667,41 @@ def revoke(directory: Path, name: str) -> int:
         )
     serial = load_certificate(cert_path).serial_number
     path = directory / REVOKED
-    if serial not in revoked_serials(directory):
+    listed = _listed_serials(directory)
+    if serial not in listed:
         old = path.read_text(encoding="utf-8") if path.is_file() else ""
         if old and not old.endswith("\n"):
             old += "\n"
         atomic_write_text(path, f"{old}{serial}\n", mode=0o644)
+    publish_revocations(directory)
     return serial
 
 
+def publish_revocations(directory: Path) -> Path:
+    """Sign ``DIR/crl.pem`` anew from ``DIR/revoked.txt`` (the CA's own list); return its path."""
+    directory = Path(directory)
+    ca_cert, ca_key = _load_ca(directory)
+    path = directory / CRL_FILE
+    sign_revocations(path, ca_cert, ca_key, _listed_serials(directory))
+    return path
+
+
 def revoked_serials(directory: Path) -> frozenset[int]:
+    """The serials revoked in a PKI folder: those of ``DIR/crl.pem``, checked against
+    ``DIR/ca.crt`` (a folder that a member or the coordinator holds), and, in the CA's own
+    folder, those of ``DIR/revoked.txt``. Empty if there is neither.
+
+    UserError for a revocation list the CA did not sign, or a malformed ``revoked.txt`` line.
+    """
+    directory = Path(directory)
+    serials = set(_listed_serials(directory))
+    crl = directory / CRL_FILE
+    if crl.is_file():
+        serials |= read_revocations(crl, load_certificate(directory / CA_CERT)).serials
+    return frozenset(serials)
+
+
+def _listed_serials(directory: Path) -> frozenset[int]:
     """The serials listed in ``DIR/revoked.txt`` (empty if there is no such file).
 
     Blank lines and lines starting with '#' are ignored; anything else that is not a decimal
@@ -490,7 +755,7 @@ def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
         )
     cert = load_certificate(cert_path)
     try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(read_private(key_path, "CA key"), password=None)
     except (ValueError, TypeError):
         raise UserError(f"'{key_path}' is not an unencrypted PEM private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from veil.atomic import atomic_write_bytes
 from veil.crypto.identity import signing_payload
+from veil.crypto.keyfile import read_private
 from veil.errors import UserError
 
 __all__ = ["PUBLIC_BYTES", "BoxError", "EncryptionKey", "derive_key", "open_box", "seal_to"]
@@ -57,13 +58,12 @@ class EncryptionKey:
     def load(cls, path: str | Path) -> EncryptionKey:
         """Read a PKCS#8 PEM X25519 private key; UserError if absent or not one."""
         path = Path(path)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+        if not path.exists():
             raise UserError(
                 f"no encryption key at '{path}' (nodes issued by an older version of Veil have "
                 "none); reissue the node with `veil pki issue DIR NAME --role client --overwrite`"
-            ) from None
+            )
+        data = read_private(path, "encryption key")
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError):

@@ -51,17 +51,19 @@ def test_ckks_deployment_matches_simulation(deploy: Deploy) -> None:
         assert len(r["aggregation"]["decryptors_answered"]) == 2
     server_log = (out / "logs" / "server.log").read_text()
     assert '"kind": "protocol_result"' in server_log and '"kind": "fit_result"' in server_log
-    # The ceremony's outputs: the server's context carries no key, the clients' keys are sealed.
-    he = out / "pki" / "he"
-    public = ts.context_from((he / "public.ctx").read_bytes())
+    # The ceremony's outputs: the coordinator's folder holds the public set only (a context
+    # without a key, and no sealed box: it could not open one anyway); each member's folder
+    # holds its own sealed box, which only its encryption key opens.
+    server_he = out / "orgs" / "server" / "he"
+    public = ts.context_from((server_he / "public.ctx").read_bytes())
     assert not public.has_secret_key() and not public.is_private()
-    keyset = json.loads((he / "keyset.json").read_text())
+    assert not (server_he / "sealed").exists()
+    keyset = json.loads((server_he / "keyset.json").read_text())
     assert deployed["rounds"][0]["aggregation"]["key_id"] == keyset["key_id"]
     for name in ("client-0", "client-1", "client-2"):
-        box = (he / "sealed" / f"{name}.box").read_bytes()
-        assert (
-            box.find(b"context") == -1
-            and (he / "sealed" / f"{name}.box").stat().st_mode & 0o077 == 0
-        )
+        sealed = out / "orgs" / name / "he" / "sealed"
+        assert sorted(p.name for p in sealed.iterdir()) == [f"{name}.box"]
+        box = (sealed / f"{name}.box").read_bytes()
+        assert box.find(b"context") == -1 and (sealed / f"{name}.box").stat().st_mode & 0o077 == 0
     simulated = veil.run(load_config(config_path).model_copy(update={"mode": "simulation"}))
     assert abs(simulated.final["accuracy"] - deployed["final"]["accuracy"]) <= 0.01

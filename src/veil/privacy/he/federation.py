@@ -20,6 +20,7 @@ from typing import Any
 from veil.config import CkksConfig
 from veil.crypto import pki
 from veil.crypto.identity import IdentityKey
+from veil.crypto.trust import TrustStore
 from veil.privacy.he import keys as he_keys
 from veil.privacy.he.aggregator import CkksAggregator, encrypted_reference
 from veil.privacy.he.keys import PublicKeySet, SecretKeySet
@@ -89,7 +90,12 @@ def ckks_federation(
 
 
 def participant_from_pki(
-    config: CkksConfig | None, name: str, initial: NamedArrays, pki_dir: Path
+    config: CkksConfig | None,
+    name: str,
+    initial: NamedArrays,
+    pki_dir: Path,
+    *,
+    trust: TrustStore | None = None,
 ) -> CkksParticipant:
     """A deployment client's participant, with its key set opened from ``PKI/he/sealed``, its
     identity key, and its peers' identity keys taken from their CA-signed certificates."""
@@ -101,6 +107,7 @@ def participant_from_pki(
         files.ca_cert.read_bytes(),
         files.cert.read_bytes(),
         revoked=pki.revoked_serials(pki_dir),
+        trust=trust,
     )
     identity = IdentityKey.load(files.identity_key)
     return CkksParticipant(name, secret, settings, layout, identity, roster)

@@ -108,7 +108,7 @@ def ceremony(
         raise UserError(f"no client nodes in '{pki_dir}' to give the CKKS key to")
     recipients: dict[str, bytes] = {}
     for name in clients:
-        cert = pki.load_certificate(pki.node_files(pki_dir, name).cert)
+        cert = pki.member_certificate(pki_dir, name)
         pki.verify_certificate(cert, ca, role="client", revoked=revoked)
         recipients[name] = pki.certificate_encryption_key(cert)
     secret, public = generate(params)

@@ -16,6 +16,7 @@ from cryptography import x509
 
 from veil.crypto import pki
 from veil.crypto.identity import IdentityPublicKey
+from veil.crypto.trust import TrustStore
 from veil.privacy.secagg.errors import KeySubstitution
 
 
@@ -48,7 +49,12 @@ class StaticRoster:
 
 
 class CertificateRoster:
-    """Peers prove their identity keys with certificates issued by the federation's CA."""
+    """Peers prove their identity keys with certificates issued by the federation's CA.
+
+    With a `trust` store (a member's own `veil.crypto.trust.TrustStore`), a peer's key is also
+    checked against the newest revocation list the member has seen and against the key pinned
+    for its name: a second certificate minted by the CA for a peer, with another key, is
+    refused unless the pinned certificate was revoked."""
 
     def __init__(
         self,
@@ -56,10 +62,12 @@ class CertificateRoster:
         own_certificate: bytes,
         *,
         revoked: Collection[int] = (),
+        trust: TrustStore | None = None,
     ) -> None:
         self._ca = x509.load_pem_x509_certificate(ca_certificate)
         self._own = own_certificate
         self._revoked = frozenset(revoked)
+        self._trust = trust
 
     def credential(self) -> bytes:
         return self._own
@@ -70,6 +78,8 @@ class CertificateRoster:
         except ValueError:
             raise KeySubstitution(f"the certificate relayed for {name!r} is not PEM") from None
         try:
+            if self._trust is not None:
+                return self._trust.check_peer(name, cert, role="client")
             pki.verify_certificate(cert, self._ca, role="client", revoked=self._revoked)
             if pki.certificate_name(cert) != name:
                 raise KeySubstitution(

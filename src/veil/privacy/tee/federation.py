@@ -2,11 +2,16 @@
 
 In a simulation the server's "TLS key" is a P-256 key generated for the run (there is no TLS
 in-process) and each client is given its public key, standing in for the certificate it would
-verify. In a deployment the server attests to its certificate's key and each client takes the
-key from the server certificate in the PKI folder, verified against the federation's CA
-(`deployment_tls_key`): gRPC Python does not expose the peer certificate to the client, so the
-binding is to the certificate the client pinned and verified, and the TLS handshake then proves
-that the server it talks to holds that certificate's private key.
+verify. In a deployment the server generates its TLS key inside the attested process at
+start-up (`veil.privacy.tee.channel.attested_server_key`: in memory, never on disk, endorsed by
+the server's CA-certified identity key, start-up evidence in its certificate), and each client
+pins the certificate of the very connection it talks on (`channel.server_pin` with
+`veil.transport.grpc.client.PinnedChannel`): evidence relayed from another process names
+another key and is refused.
+
+`deployment_tls_key` is the older, weaker binding (the key of the CA-issued certificate in the
+PKI folder, which a CA holder could serve from an unattested process); it is kept until the
+deployment switches to the in-process key.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from veil.config import RunConfig, TeeConfig
 from veil.crypto import pki
 from veil.federation.pipeline import Aggregator
 from veil.privacy.tee.attestation import Policy, describe
+from veil.privacy.tee.channel import generated_in_process
 from veil.privacy.tee.measurement import measure
 from veil.privacy.tee.protocol import TeeAggregator, TeeParticipant
 from veil.privacy.tee.software_dev import SoftwareDevAttester
@@ -43,7 +49,11 @@ def spki(cert: x509.Certificate) -> bytes:
 
 
 def deployment_tls_key(pki_dir: Path) -> bytes:
-    """The server certificate's public key, after checking the certificate against the CA."""
+    """The server certificate's public key, after checking the certificate against the CA.
+
+    The older binding, to a key that lives in a file outside any enclave: prefer
+    `veil.privacy.tee.channel.attested_server_key` (server) and `channel.server_pin` (client).
+    """
     files = pki.node_files(pki_dir, SERVER_NAME)
     cert = pki.load_certificate(files.cert)
     pki.verify_certificate(
@@ -90,10 +100,19 @@ class TeeFederation:
             "min_security_version": self.policy.min_security_version,
             "allow_insecure_dev": self.policy.allow_insecure_dev,
             "binding": "SHA-256(server TLS public key | client nonce | round) in the report data",
-            "tls_key": "the server certificate's key, verified against the CA by each client"
-            if self.config.mode == "deployment"
-            else "generated per run (simulation)",
+            "tls_key": self._tls_key_origin(),
         }
+
+    def _tls_key_origin(self) -> str:
+        if generated_in_process(self.tls_public_key):
+            return (
+                "the server certificate's key, generated inside the attested process at "
+                "start-up (never on disk) and endorsed by the server's identity; each client "
+                "pins the certificate of its own connection (channel binding)"
+            )
+        if self.config.mode == "deployment":
+            return "the server certificate's key, verified against the CA by each client"
+        return "generated per run (simulation)"
 
     def description(self) -> str:
         return describe(self.attester.backend, hardware=False)

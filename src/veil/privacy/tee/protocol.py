@@ -16,7 +16,9 @@ stage              server → client                         client → server
 `TeeAggregator` wraps the aggregator that runs "inside the enclave" (the weighted sum, or a
 robust rule): only clients that accepted the evidence take part in the round. `TeeParticipant`
 is the client half; its `seal` refuses to release an update unless this round's evidence
-verified against its policy and named the TLS key of the channel it talks on.
+verified against its policy and named the TLS key of the channel it talks on — in a deployment
+the key of the certificate its channel pins (`veil.privacy.tee.channel.ServerPin`), so evidence
+relayed from another process is refused.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from veil.federation.messages import FitResult, ProtocolInstruction
 from veil.federation.pipeline import (
@@ -47,15 +49,24 @@ from veil.privacy.tee.attestation import (
     describe,
     verify,
 )
+from veil.privacy.tee.channel import fingerprint
 from veil.tensors import NamedArrays
 
-__all__ = ["CHALLENGE", "EVIDENCE", "OK", "TeeAggregator", "TeeParticipant"]
+__all__ = ["CHALLENGE", "EVIDENCE", "OK", "ChannelKey", "TeeAggregator", "TeeParticipant"]
 
 CHALLENGE = "tee/challenge"
 EVIDENCE = "tee/evidence"
 OK = b"ok"
 
 _log = logging.getLogger("veil.tee")
+
+
+class ChannelKey(Protocol):
+    """The TLS key of the connection a client talks on, which may change when it reconnects
+    (`veil.privacy.tee.channel.ServerPin`); None before it has connected."""
+
+    @property
+    def tls_public_key(self) -> bytes | None: ...
 
 
 class TeeAggregator:
@@ -122,8 +133,9 @@ class TeeParticipant:
     """One client's half: draws the nonce, verifies the evidence, gates its update.
 
     `channel_tls_key` is the DER SubjectPublicKeyInfo of the server's TLS key on the channel this
-    client talks on (in a deployment: the server certificate the client verified against the
-    federation's CA; the TLS handshake then proves the server holds that key).
+    client talks on, or a `ChannelKey` that gives the current one (in a deployment: the
+    `ServerPin` whose certificate the client's channel trusts, and nothing else; the TLS
+    handshake then proves the server holds that key).
     """
 
     name = "tee"
@@ -132,16 +144,23 @@ class TeeParticipant:
         self,
         client: str,
         policy: Policy,
-        channel_tls_key: bytes,
+        channel_tls_key: bytes | ChannelKey,
         *,
         verifiers: list[Verifier] | None = None,
     ) -> None:
         self.client = client
         self.policy = policy
-        self.channel_tls_key = channel_tls_key
+        self._channel = channel_tls_key
         self.verifiers = verifiers
         self._nonce: tuple[int, bytes] | None = None
         self._verified: Claims | None = None
+
+    @property
+    def channel_tls_key(self) -> bytes | None:
+        """The TLS key of the channel this client talks on now."""
+        if isinstance(self._channel, bytes):
+            return self._channel
+        return self._channel.tls_public_key
 
     def handle(self, instruction: ProtocolInstruction) -> bytes:
         if instruction.stage == CHALLENGE:
@@ -174,10 +193,14 @@ class TeeParticipant:
                 f"evidence for round {evidence.round} offered in round {instruction.round}"
             )
         claims = verify(evidence, self.policy, self._nonce[1], verifiers=self.verifiers)
-        if claims.tls_public_key != self.channel_tls_key:
+        channel = self.channel_tls_key
+        if channel is None:
+            raise AttestationRefused("this client has not pinned the server's TLS certificate")
+        if claims.tls_public_key != channel:
             raise AttestationRefused(
-                "the attested TLS key is not the key of this client's channel: the evidence "
-                "comes from another machine than the server this client talks to"
+                f"the attested TLS key ({fingerprint(claims.tls_public_key)}) is not the key "
+                f"of this client's channel ({fingerprint(channel)}): the evidence comes from "
+                "another process than the server this client talks to (relayed), refused"
             )
         return claims
 
@@ -189,5 +212,10 @@ class TeeParticipant:
             raise AttestationRefused(
                 f"no verified attestation for round {context.round}: this client does not "
                 "release its update to an unattested aggregator"
+            )
+        if claims.tls_public_key != self.channel_tls_key:
+            raise AttestationRefused(
+                "the server's TLS certificate changed after this round's evidence verified (a "
+                "reconnection to another process): this client withholds its update"
             )
         return result

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import ssl
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,7 +23,7 @@ import numpy as np
 from torch import nn
 
 from veil.crypto.identity import IdentityKey, signing_payload
-from veil.errors import VeilError
+from veil.errors import UserError, VeilError
 from veil.federation.client import ClientRunner
 from veil.federation.messages import (
     EvaluateInstruction,
@@ -44,8 +49,18 @@ class ClientCredentials:
     ca_certificate: bytes
 
 
-def open_channel(address: str, credentials: ClientCredentials | None) -> grpc.Channel:
-    """A channel to the server: mutual TLS, or plaintext when `credentials` is None (dev only)."""
+def open_channel(
+    address: str,
+    credentials: ClientCredentials | None,
+    *,
+    server_certificate: bytes | None = None,
+) -> grpc.Channel:
+    """A channel to the server: mutual TLS, or plaintext when `credentials` is None (dev only).
+
+    With `server_certificate` (PEM) the channel trusts exactly that certificate instead of the
+    CA (pinning): only the holder of its key can complete the handshake. The server still
+    checks this client's certificate against the CA.
+    """
     options = [
         ("grpc.keepalive_time_ms", 20_000),
         ("grpc.max_receive_message_length", 8 << 20),
@@ -53,11 +68,227 @@ def open_channel(address: str, credentials: ClientCredentials | None) -> grpc.Ch
     if credentials is None:
         return grpc.insecure_channel(address, options=options)
     creds = grpc.ssl_channel_credentials(
-        root_certificates=credentials.ca_certificate,
+        root_certificates=credentials.ca_certificate
+        if server_certificate is None
+        else server_certificate,
         private_key=credentials.private_key,
         certificate_chain=credentials.certificate,
     )
     return grpc.secure_channel(address, creds, options=options)
+
+
+def fetch_context(client_certificate: Path, client_key: Path) -> ssl.SSLContext:
+    """The TLS context `fetch_server_certificate` uses: this client's certificate and key (the
+    server requires one), and NO verification of the server's certificate: whoever fetches it
+    checks it and then pins it."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # trust comes from the caller's check, then the pin
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    try:
+        context.load_cert_chain(client_certificate, client_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UserError(
+            f"cannot load this client's TLS certificate '{client_certificate}' and key "
+            f"'{client_key}': {exc}"
+        ) from None
+    return context
+
+
+def fetch_server_certificate(
+    address: str, context: ssl.SSLContext, *, timeout_s: float = 10.0
+) -> bytes:
+    """The DER certificate the server at `address` (``host:port``) presents in a TLS handshake
+    (`context` from `fetch_context`; nothing is verified). OSError if it cannot be reached."""
+    host, port = _host_port(address)
+    with (
+        socket.create_connection((host, port), timeout=timeout_s) as sock,
+        context.wrap_socket(sock, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    if not der:
+        raise ssl.SSLError(f"the server at {address} presented no certificate")
+    return der
+
+
+class PinFailed(grpc.RpcError):  # type: ignore[misc]
+    """A `PinnedChannel` could not pin: the server cannot be reached (UNAVAILABLE, which
+    `run_client` retries), or its certificate was refused (UNAUTHENTICATED, not retried; the
+    reason is in `details()`)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class PinnedChannel(grpc.Channel):  # type: ignore[misc]
+    """A mutual-TLS channel that trusts exactly the certificate the server presents, once
+    `accept` has checked it (`veil.privacy.tee.channel.ServerPin.accept`: an attested
+    aggregator's in-process key), instead of any certificate the CA issued.
+
+    `accept(der)` returns the PEM to trust, or raises a VeilError to refuse. The certificate is
+    fetched (`fetch_server_certificate`, same address) before the first call, and again after
+    a call that could not reach the server (a restarted server has a new key); it must pass
+    `accept` each time, and the channel is reopened to trust it when it changed. A refused
+    certificate fails the call with `PinFailed` (UNAUTHENTICATED, the reason in its details):
+    the client does not connect. Between re-pins every call goes over a connection to the
+    holder of the pinned key.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        credentials: ClientCredentials,
+        *,
+        client_certificate: Path,
+        client_key: Path,
+        accept: Callable[[bytes], bytes],
+        timeout_s: float = 10.0,
+    ) -> None:
+        _host_port(address)
+        self.address = address
+        self.credentials = credentials
+        self._context = fetch_context(client_certificate, client_key)
+        self._accept = accept
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._pinned: bytes | None = None
+        self._stale = True
+
+    def pin(self) -> grpc.Channel:
+        """The channel to the pinned certificate, fetching and checking it first if none is
+        pinned yet or the last call could not reach the server. PinFailed otherwise."""
+        with self._lock:
+            if self._channel is not None and not self._stale:
+                return self._channel
+            try:
+                der = fetch_server_certificate(
+                    self.address, self._context, timeout_s=self._timeout_s
+                )
+            except OSError as exc:
+                raise PinFailed(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"cannot fetch the server's TLS certificate from {self.address}: {exc}",
+                ) from exc
+            try:
+                # Checked at every fetch, not only when it changed: a revocation published
+                # meanwhile is seen at the next reconnection.
+                pem = self._accept(der)
+            except VeilError as exc:
+                log.warning(
+                    json.dumps(
+                        {
+                            "event": "server certificate refused",
+                            "server": self.address,
+                            "reason": str(exc),
+                        }
+                    )
+                )
+                raise PinFailed(
+                    grpc.StatusCode.UNAUTHENTICATED, f"server certificate refused: {exc}"
+                ) from exc
+            if self._channel is None or der != self._pinned:
+                previous = self._channel
+                self._channel = open_channel(self.address, self.credentials, server_certificate=pem)
+                self._pinned = der
+                if previous is not None:
+                    previous.close()
+            self._stale = False
+            return self._channel
+
+    def failed(self, exc: grpc.RpcError) -> None:
+        """Note a failed call: after UNAVAILABLE the next call fetches the certificate again."""
+        code = getattr(exc, "code", None)
+        if callable(code) and code() == grpc.StatusCode.UNAVAILABLE:
+            with self._lock:
+                self._stale = True
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> _PinnedMethod:
+        return _PinnedMethod(self, "unary_unary", method, args, kwargs)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> _PinnedMethod:
+        return _PinnedMethod(self, "unary_stream", method, args, kwargs)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> _PinnedMethod:
+        return _PinnedMethod(self, "stream_unary", method, args, kwargs)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> _PinnedMethod:
+        return _PinnedMethod(self, "stream_stream", method, args, kwargs)
+
+    def subscribe(self, callback: Callable[[Any], None], try_to_connect: bool = False) -> None:
+        self.pin().subscribe(callback, try_to_connect=try_to_connect)
+
+    def unsubscribe(self, callback: Callable[[Any], None]) -> None:
+        if self._channel is not None:
+            self._channel.unsubscribe(callback)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+            self._channel, self._pinned, self._stale = None, None, True
+
+    def __enter__(self) -> PinnedChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _PinnedMethod:
+    """A method of a `PinnedChannel`: each call goes over the channel pinned at that time."""
+
+    def __init__(
+        self,
+        owner: PinnedChannel,
+        kind: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self._owner = owner
+        self._kind = kind
+        self._method = method
+        self._args = args
+        self._kwargs = kwargs
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        channel = self._owner.pin()
+        call = getattr(channel, self._kind)(self._method, *self._args, **self._kwargs)
+        try:
+            result = call(*args, **kwargs)
+        except grpc.RpcError as exc:
+            self._owner.failed(exc)
+            raise
+        if self._kind.endswith("_stream"):
+            return self._watch(result)
+        return result
+
+    def _watch(self, stream: Iterator[Any]) -> Iterator[Any]:
+        try:
+            yield from stream
+        except grpc.RpcError as exc:
+            self._owner.failed(exc)
+            raise
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """(host, port) of ``host:port`` or ``[v6 address]:port``; UserError otherwise."""
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit():
+        raise UserError(f"the server address must be host:port, got '{address}'")
+    return host, int(port)
 
 
 def run_client(
@@ -68,8 +299,13 @@ def run_client(
     *,
     poll_s: float = 10.0,
     reconnect_timeout_s: float = 120.0,
+    on_revocations: Callable[[bytes], object] | None = None,
 ) -> int:
     """Serve tasks until the server says the run is done; returns the number of tasks done.
+
+    `on_revocations` receives the revocation list (PEM) that comes with each task before the
+    task is done (a member's `veil.crypto.trust.TrustStore.accept_revocations`); a VeilError
+    from it (a list the CA did not sign, or older than one already seen) refuses the task.
 
     Raises `grpc.RpcError` for a refusal that retrying cannot fix (e.g. a rejected certificate),
     or after `reconnect_timeout_s` without reaching the server.
@@ -94,7 +330,7 @@ def run_client(
             return done
         if task.kind == "wait":
             continue
-        upload = _answer(task, runner, model, identity)
+        upload = _answer(task, runner, model, identity, on_revocations)
         try:
             reply = stub.Upload(iter(upload))
         except grpc.RpcError as exc:
@@ -116,7 +352,11 @@ def run_client(
 
 
 def _answer(
-    task: Message, runner: ClientRunner, model: nn.Module, identity: IdentityKey
+    task: Message,
+    runner: ClientRunner,
+    model: nn.Module,
+    identity: IdentityKey,
+    on_revocations: Callable[[bytes], object] | None = None,
 ) -> list[pb.Chunk]:
     meta = task.meta
     base = {
@@ -126,6 +366,9 @@ def _answer(
         "client": runner.name,
     }
     try:
+        revocations = meta.get("revocations")
+        if on_revocations is not None and isinstance(revocations, str):
+            on_revocations(revocations.encode("ascii"))
         kind, out_meta, arrays = _work(task, runner, model)
     except VeilError as exc:
         # Refuse out loud (e.g. a SecAgg step that would be unsafe): the server records why at

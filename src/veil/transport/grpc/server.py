@@ -26,6 +26,8 @@ import numpy as np
 from cryptography import x509
 
 from veil.crypto.identity import IdentityPublicKey, SignatureRejected
+from veil.crypto.revocation import load_revocations
+from veil.errors import VeilError
 from veil.federation.messages import (
     ClientFailure,
     EvaluateInstruction,
@@ -104,6 +106,7 @@ class GrpcGateway(pb_grpc.FederationServicer):
         deadline_s: float,
         max_update_norm: float | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        revocations: Callable[[], bytes | None] | None = None,
     ) -> None:
         self.run_id = run_id
         self.identities = dict(identities)
@@ -119,6 +122,9 @@ class GrpcGateway(pb_grpc.FederationServicer):
         self._secure = False
         self._server: grpc.Server | None = None
         self._on_event = on_event or (lambda event: None)
+        #: Reads the CA's newest revocation list (PEM), handed to every member with every task.
+        self._revocations = revocations
+        self._ca: x509.Certificate | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -135,6 +141,7 @@ class GrpcGateway(pb_grpc.FederationServicer):
         else:
             self._secure = True
             self._revoked = credentials.revoked
+            self._ca = x509.load_pem_x509_certificate(credentials.ca_certificate)
             creds = grpc.ssl_server_credentials(
                 [(credentials.private_key, credentials.certificate)],
                 root_certificates=credentials.ca_certificate,
@@ -213,12 +220,15 @@ class GrpcGateway(pb_grpc.FederationServicer):
         round_: int,
         tasks: Mapping[str, tuple[dict[str, Any], Arrays, list[pb.Chunk]]],
     ) -> Iterator[Reply]:
+        revocations = self._current_revocations()
         with self._lock:
             self._round = round_
             self._deadline = time.monotonic() + self.deadline_s
             for name, (meta, arrays, chunks) in tasks.items():
                 nonce = secrets.token_hex(16)
                 task_meta = {**meta, "round": round_, "nonce": nonce, "client": name}
+                if revocations is not None:
+                    task_meta["revocations"] = revocations
                 self._clients[name].task = _Task(kind, round_, nonce, task_meta, arrays, chunks)
             self._lock.notify_all()
         pending = set(tasks)
@@ -335,7 +345,8 @@ class GrpcGateway(pb_grpc.FederationServicer):
         return pb.UploadReply(accepted=True, reason="")
 
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
-        self._authenticate(None, context, allow_any=True)
+        # Members only: the member list and their liveness are not for any CA-signed stranger.
+        self._authenticate(None, context)
         now = time.time()
         with self._lock:
             status = {
@@ -354,6 +365,23 @@ class GrpcGateway(pb_grpc.FederationServicer):
         return pb.StatusReply(json=json.dumps(status))
 
     # -- checks ----------------------------------------------------------------------------
+
+    def _current_revocations(self) -> str | None:
+        """The newest revocation list as text for a task, after checking the CA signed it; the
+        server also refuses the certificates on it from now on."""
+        if self._revocations is None or self._ca is None:
+            return None
+        pem = self._revocations()
+        if pem is None:
+            return None
+        try:
+            listed = load_revocations(pem, self._ca)
+        except VeilError as exc:
+            self._event("revocation list refused", reason=str(exc))
+            return None
+        with self._lock:
+            self._revoked = self._revoked | listed.serials
+        return pem.decode("ascii")
 
     def _authenticate(
         self, claimed: str | None, context: grpc.ServicerContext, *, allow_any: bool = False
