@@ -548,12 +548,6 @@ class RunConfig(_Section):
                 f"version of Veil; use one of {list(IMPLEMENTED_AGGREGATIONS)}"
             )
         if self.mode == "deployment":
-            if self.privacy is not None and self.privacy.unit == "record":
-                raise ValueError(
-                    "record-level [privacy] is not available with mode = 'deployment' in this "
-                    "version (each organisation would report its DP-SGD mechanism to the "
-                    "server's accountant); use unit = 'client', or mode = 'simulation'"
-                )
             if self.federation.simulated_dropout > 0:
                 raise ValueError("simulated_dropout applies to mode = 'simulation' only")
         if self.privacy is not None:

@@ -56,7 +56,7 @@ from veil.federation.client import ClientRunner
 from veil.federation.compression import compression_stage
 from veil.federation.pipeline import UpdatePipeline
 from veil.models import build_model, get_parameters
-from veil.privacy.dp.policy import ClientLevelPrivacy
+from veil.privacy.dp.policy import ClientLevelPrivacy, RecordLevelPrivacy
 from veil.privacy.he import federation as ckks
 from veil.privacy.he import keys as he_keys
 from veil.privacy.he.participant import CkksParticipant
@@ -73,6 +73,7 @@ from veil.run import (
     _federated_data,
     _run,
     _torch_threads,
+    _training_plan,
     secagg_settings,
     upload_reference,
 )
@@ -108,7 +109,12 @@ def write_client_data(path: Path, client: ClientData, *, index: int, fed: Federa
 
 def write_server_data(path: Path, fed: FederatedData) -> None:
     """The server's held-out test set, the client names and the data's shape."""
-    meta = _shape_meta(fed) | {"clients": [c.name for c in fed.clients]}
+    # Each member's training-set size, as it declares it when it joins: the coordinator
+    # accounts record-level DP per organisation with it (result.json publishes it anyway).
+    meta = _shape_meta(fed) | {
+        "clients": [c.name for c in fed.clients],
+        "examples": {c.name: c.n_train for c in fed.clients},
+    }
     _private_dir(path.parent)
     _private_npz(
         path,
@@ -182,6 +188,7 @@ def serve(
     key = load_key_file(key_path) if key_path else None
     arrays, meta = _load_npz(test_data)
     names = list(meta["clients"])
+    examples = {str(k): int(v) for k, v in dict(meta.get("examples", {})).items()}
     empty = np.zeros((0, int(meta["n_features"])), np.float32)
     fed = FederatedData(
         dataset_name=meta["dataset"],
@@ -191,8 +198,12 @@ def serve(
         image_shape=_image_shape(meta),
         feature_names=(),
         class_names=(),
+        # No data: only each member's declared size (labels stand in for the count).
         clients=[
-            ClientData(n, empty, np.zeros(0, np.int64), empty, np.zeros(0, np.int64)) for n in names
+            ClientData(
+                n, empty, np.zeros(examples.get(n, 0), np.int64), empty, np.zeros(0, np.int64)
+            )
+            for n in names
         ],
         x_test=arrays["x_test"],
         y_test=arrays["y_test"],
@@ -295,15 +306,28 @@ def _participant(
     return SecAggParticipant(name, IdentityKey.load(files.identity_key), roster, settings, layout)
 
 
+def _record_privacy(config: RunConfig, name: str, n_train: int) -> RecordLevelPrivacy | None:
+    """Record-level DP as organisation `name` plans it from the shared config and its own
+    training-set size: the same σ, sampling rate and steps the coordinator accounts for it
+    (from the size it declared), computed by the same function as in simulation."""
+    p = config.privacy
+    if p is None or p.unit != "record":
+        return None
+    return RecordLevelPrivacy.plan(
+        p,
+        clients=[(name, n_train)],
+        training=_training_plan(config),
+        rounds=config.federation.rounds,
+    )
+
+
 def _client_privacy(config: RunConfig) -> ClientLevelPrivacy | None:
     """Client-level DP as every process derives it from the shared config: the same calibrated
     noise multiplier on the server (which accounts it) and on the clients (which clip, and
     under SecAgg add the noise)."""
     p = config.privacy
-    if p is None:
+    if p is None or p.unit != "client":
         return None
-    if p.unit != "client":
-        raise DeploymentError("only client-level [privacy] runs in deployment mode")
     return ClientLevelPrivacy.plan(
         p,
         n_clients=config.federation.clients,
@@ -404,6 +428,8 @@ def serve_client(
         else None
     )
     privacy = _client_privacy(config)
+    record = _record_privacy(config, name, client.n_train)
+    index = int(meta.get("index", 0))
     runner = ClientRunner(
         name,
         client,
@@ -414,7 +440,8 @@ def serve_client(
                 *([compress] if (compress := compression_stage(config)) else []),
             ]
         ),
-        seed=derive_seed(config.seed, Purpose.LOCAL_TRAINING, int(meta.get("index", 0))),
+        seed=derive_seed(config.seed, Purpose.LOCAL_TRAINING, index),
+        trainer=record.trainer(name, index) if record else None,
         protocol=_participant(config, name, model, files, pki_dir, trust, pin),
     )
     credentials = (

@@ -139,7 +139,7 @@ def test_client_level_dp_under_secure_aggregation_in_deployment(deploy: Deploy) 
     text = CONFIG.replace("seed = 7", 'seed = 7\nsecure_aggregation = "secagg"')
     text = text.replace(
         'dataset = "breast_cancer"',
-        'dataset = "breast_cancer"\nscaling = "local"\nvalidation_fraction = 0.0',
+        'dataset = "breast_cancer"\nscaling = "bounds"\nvalidation_fraction = 0.0',
     )
     text = text.replace("learning_rate = 0.1", "learning_rate = 0.1\nfraction_evaluate = 0.0")
     text += "[privacy]\nunit = 'client'\nepsilon = 5.0\ndelta = 1e-5\nclip_norm = 1.0\n"
@@ -151,3 +151,26 @@ def test_client_level_dp_under_secure_aggregation_in_deployment(deploy: Deploy) 
     assert "added by the clients" in privacy["mechanism"]["noise"]
     assert all(r["applied"] and r["aggregation"]["survivors"] == 3 for r in deployed["rounds"])
     assert_key_custody(run.out)
+
+
+def test_record_level_dp_in_deployment_is_accounted_as_in_simulation(deploy: Deploy) -> None:
+    """Each organisation plans DP-SGD from the shared config and its own data (the same σ, q
+    and steps the coordinator accounts for it from the size it declared); the per-organisation
+    record equals simulation's."""
+    text = CONFIG.replace(
+        'dataset = "breast_cancer"',
+        'dataset = "breast_cancer"\nscaling = "none"\nvalidation_fraction = 0.0',
+    )
+    text = text.replace("learning_rate = 0.1", "learning_rate = 0.1\nfraction_evaluate = 0.0")
+    text += "[privacy]\nunit = 'record'\nepsilon = 2.0\ndelta = 1e-5\nclip_norm = 1.0\n"
+    run = deploy(text)
+    deployed = run.result["privacy"]
+    assert deployed["unit"] == "record" and 0 < deployed["epsilon"] <= 2.0 + 1e-9
+    simulated = veil.run(load_config(run.config_path).model_copy(update={"mode": "simulation"}))
+    record = simulated.privacy.model_dump()
+    assert deployed["epsilon"] == pytest.approx(record["epsilon"], abs=1e-9)
+    by_name = {o["name"]: o for o in deployed["per_organisation"]}
+    for org in record["per_organisation"]:
+        assert by_name[org["name"]]["epsilon"] == pytest.approx(org["epsilon"], abs=1e-9)
+        assert by_name[org["name"]]["mechanism"] == org["mechanism"]
+    assert all(r["applied"] and r["clients"] == 3 for r in run.result["rounds"])
