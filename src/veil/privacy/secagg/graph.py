@@ -9,15 +9,16 @@ client masks with, and shares its keys among, its neighbours only.
 The sparse graph here is the Harary graph H(degree, n) (the circulant graph in which position i
 is joined to i ± 1, …, i ± ⌊degree/2⌋, plus the "diameter" chord for odd degree) laid over a
 pseudo-random order of the clients, as in Bell et al. The order sorts the clients by
-SHA-256(``signing_payload("secagg-graph", seed, name)``), so it depends only on the server's
-per-round `seed`, and every client recomputes (and thereby checks) its own neighbourhood.
+SHA-256(``signing_payload("secagg-graph", seed, name)``), so it depends only on the per-round
+`seed`, and every client recomputes its own neighbourhood.
 
 Degrees: every client has exactly `degree` neighbours, except when both `degree` and the number
 of clients are odd (no such regular graph exists), where one client has ``degree + 1``.
 
-Security depends on the graph being random and unknown in advance: the server must draw the
-seed fresh each round, after the clients are selected (a server that picks the seed to isolate
-a victim with colluding neighbours breaks the guarantee; Bell et al. §5 discuss the bound).
+Security depends on the graph being random and unknown to the server until the clients have
+committed: `veil.privacy.secagg.protocol.graph_seed` derives the seed from every client's signed
+advertisement, never from the server (a server that could pick the seed could isolate a victim
+among colluding neighbours; Bell et al. §5).
 """
 
 from __future__ import annotations
