@@ -29,7 +29,7 @@ __all__ = ["MANIFEST", "SIGNATURE", "ManifestError", "VerifiedManifest", "sign_r
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 FORMAT = "veil-manifest-v1"
-_SKIP_DIRS = {"pki", "keys", "logs", "data"}
+_SKIP_DIRS = {"pki", "keys", "logs", "data", "ca", "orgs"}
 _SKIP_FILES = {MANIFEST, SIGNATURE, "server.port"}
 _SKIP_SUFFIXES = ("-wal", "-shm", "-journal")
 
