@@ -54,6 +54,32 @@ class Aggregate:
         return {name: arr * scale for name, arr in self.total.items()}
 
 
+#: The largest aggregation weight an update may carry. An honest weight is a number of examples
+#: (or 1 under client-level DP); this bound keeps `np.float32(weight)` and a sum of weights far
+#: from float32's 3.4e38, so a weight such as 1e39 cannot become inf in the float32 sum.
+MAX_WEIGHT = 1e12
+
+
+def nonfinite(arrays: Mapping[str, np.ndarray]) -> str | None:
+    """The name of the first floating-point array in `arrays` holding a NaN or an Inf, or None."""
+    for name, arr in arrays.items():
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            return name
+    return None
+
+
+def check_aggregate(aggregate: Aggregate) -> str | None:
+    """Why `aggregate` cannot move the model (a non-finite weight or sum), or None."""
+    if not (np.isfinite(aggregate.weight) and 0 < aggregate.weight <= MAX_WEIGHT * 2**20):
+        return f"the summed weight {aggregate.weight} is not a finite positive number"
+    name = nonfinite(aggregate.total)
+    if name is not None:
+        return f"the summed update of '{name}' is not finite (NaN or Inf)"
+    if not all(np.isfinite(v) for v in aggregate.sums.values()):
+        return "a summed scalar is not finite (NaN or Inf)"
+    return None
+
+
 class UpdateRejected(ValueError):
     """An update that the server refuses (wrong names, shapes or dtype, non-finite values)."""
 
@@ -146,14 +172,16 @@ class Aggregator(Protocol):
 
 def check_update(reference: NamedArrays, result: FitResult) -> None:
     """Raise `UpdateRejected` unless `result` is a plaintext update the server can use: the
-    names, shapes and float32 dtype of `reference`, finite values, a positive finite weight and
-    finite summed scalars."""
+    names, shapes and float32 dtype of `reference`, finite values, a positive weight of at most
+    `MAX_WEIGHT` and finite summed scalars."""
     try:
         check_compatible(reference, result.update)
     except ValueError as exc:
         raise UpdateRejected(str(exc)) from None
-    if not (np.isfinite(result.weight) and result.weight > 0):
-        raise UpdateRejected(f"weight must be a positive number, got {result.weight}")
+    if not (np.isfinite(result.weight) and 0 < result.weight <= MAX_WEIGHT):
+        raise UpdateRejected(
+            f"weight must be a positive number of at most {MAX_WEIGHT:g}, got {result.weight}"
+        )
     for name, arr in result.update.items():
         if not np.isfinite(arr).all():
             raise UpdateRejected(f"parameter '{name}' contains NaN or Inf")
@@ -189,7 +217,8 @@ class _WeightedSumAccumulator:
 
     def add(self, result: FitResult) -> None:
         check_update(self._reference, result)
-        add_scaled_(self._total, result.update, result.weight)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught in finish
+            add_scaled_(self._total, result.update, result.weight)
         self._weight += result.weight
         self._count += 1
         for key, value in result.sums.items():

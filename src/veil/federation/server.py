@@ -6,10 +6,13 @@ Ray) implement it, so the loop does not know how messages travel.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
+
+import numpy as np
 
 from veil.federation.messages import (
     ClientFailure,
@@ -27,6 +30,8 @@ from veil.federation.pipeline import (
     RoundContext,
     UpdatePipeline,
     UpdateRejected,
+    check_aggregate,
+    nonfinite,
 )
 from veil.federation.strategy import Strategy
 from veil.seeding import Purpose, numpy_rng
@@ -106,6 +111,9 @@ class RoundRecord:
     selected_clients: list[str] = field(default_factory=list)
     #: What the aggregator reported (e.g. SecAgg's clipped values and recovered dropouts).
     aggregation: dict[str, Any] = field(default_factory=dict)
+    #: Why the round's aggregate was not applied although enough clients answered (it, or the
+    #: model it would give, was not finite); also in `aggregation["discarded"]`.
+    discarded: str | None = None
 
 
 class ServerObserver(Protocol):
@@ -221,7 +229,7 @@ class FederatedServer:
                     failures.append(ClientFailure(reply.client, rnd, f"update rejected: {exc}"))
                 else:
                     loss = reply.metrics.get("train_loss")
-                    if loss is not None and loss == loss:
+                    if loss is not None and math.isfinite(loss):
                         train_loss += loss * reply.num_examples
                         train_weight += reply.num_examples
             for obs in self.observers:
@@ -235,9 +243,12 @@ class FederatedServer:
         bytes_up += channel.bytes_up
         bytes_down += channel.bytes_down
         applied = aggregate.count >= self.min_clients and aggregate.weight > 0
+        discarded: str | None = None
         if applied:
-            aggregate = self.pipeline.on_server(aggregate, context)
-            self.parameters = self.strategy.update_global(self.parameters, aggregate)
+            aggregate, discarded = self._step(aggregate, context)
+            if discarded is not None:
+                applied = False
+                aggregate.report = {**aggregate.report, "discarded": discarded}
         metrics: dict[str, float] = {}
         if train_weight:
             metrics["train_loss"] = train_loss / train_weight
@@ -258,10 +269,35 @@ class FederatedServer:
             failures=failures,
             selected_clients=list(selected),
             aggregation=aggregate.report,
+            discarded=discarded,
         )
         for obs in self.observers:
             obs.on_round_end(record, self.parameters, self.strategy)
         return record
+
+    def _step(self, aggregate: Aggregate, context: RoundContext) -> tuple[Aggregate, str | None]:
+        """Apply the round's aggregate to the global model, unless the aggregate, the server
+        stages' output, the new global model or the strategy's new state would be non-finite:
+        then the model and the strategy's state stay as they were, and the reason is returned.
+        The global model can never become NaN or Inf."""
+        problem = check_aggregate(aggregate)
+        if problem is not None:
+            return aggregate, f"round discarded: {problem}"
+        saved = {k: v.copy() for k, v in self.strategy.state().items()}
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            aggregate = self.pipeline.on_server(aggregate, context)
+            problem = check_aggregate(aggregate)
+            if problem is not None:
+                return aggregate, f"round discarded after the server stages: {problem}"
+            parameters = self.strategy.update_global(self.parameters, aggregate)
+        name = nonfinite(parameters)
+        state = nonfinite(self.strategy.state())
+        if name is not None or state is not None:
+            self.strategy.load_state(saved)
+            what = f"parameter '{name}'" if name is not None else f"strategy state '{state}'"
+            return aggregate, f"round discarded: the new global model's {what} is not finite"
+        self.parameters = parameters
+        return aggregate, None
 
     def _evaluate(self, rnd: int) -> tuple[dict[str, float], int]:
         """Centralized and federated metrics of the current global model, and bytes sent."""

@@ -47,7 +47,20 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint, *, key: bytes | None = None) -> None:
-    """Write `checkpoint` to `path` atomically; sealed under `key` when one is given."""
+    """Write `checkpoint` to `path` atomically; sealed under `key` when one is given.
+
+    A model or strategy state holding NaN or Inf is refused (`StoreError`): a resumed run must
+    never start from a poisoned model."""
+    for kind, arrays in (
+        ("parameter", checkpoint.parameters),
+        ("strategy state", checkpoint.strategy_state),
+    ):
+        for name, arr in arrays.items():
+            if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                raise StoreError(
+                    f"refusing to checkpoint round {checkpoint.round}: {kind} '{name}' is not "
+                    "finite (NaN or Inf)"
+                )
     tensors = {
         **{_PARAM + k: np.ascontiguousarray(v) for k, v in checkpoint.parameters.items()},
         **{_STATE + k: np.ascontiguousarray(v) for k, v in checkpoint.strategy_state.items()},

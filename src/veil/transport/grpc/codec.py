@@ -5,12 +5,18 @@ then every tensor's raw little-endian bytes, in spec order, split into chunks of
 `CHUNK_BYTES`. Decoding preallocates each array from its spec and fills it as chunks arrive, so a
 receiver holds one copy of the payload, never the chunk list. No pickle: only the dtypes in
 `ALLOWED_DTYPES` are accepted.
+
+A receiver bounds what a stream may cost it: the announced size is computed in exact integers
+(a shape whose product overflows int64 is refused, not wrapped), and the number of data chunks
+is capped (`max_data_chunks`), with at most `MAX_EMPTY_CHUNKS` empty ones, so a stream of
+200,000 zero-length chunks is refused after the 17th empty chunk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +28,17 @@ from veil.transport.grpc import veil_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
 ALLOWED_DTYPES = frozenset({"<f4", "<f8", "<i8", "<i4", "<u2", "<u4", "<u8", "|u1"})
+#: A sender never needs an empty data chunk (`data_chunks` sends none); a few are tolerated.
+MAX_EMPTY_CHUNKS = 16
+#: The most dimensions a tensor may announce (numpy's own limit is 64).
+MAX_DIMS = 32
+
+
+def max_data_chunks(announced_bytes: int, tensors: int) -> int:
+    """The most data chunks a message announcing `announced_bytes` in `tensors` tensors may
+    have: what `data_chunks` sends (at most one short chunk per tensor plus one per full
+    `CHUNK_BYTES`), with room for senders that use chunks as small as 64 KiB, plus 64."""
+    return 64 + tensors + announced_bytes // (64 << 10)
 
 
 class MalformedMessage(ValueError):
@@ -133,8 +150,11 @@ def decode(chunks: Iterable[pb.Chunk], *, max_bytes: int = 1 << 40) -> Message:
             raise MalformedMessage(f"tensor '{spec.name}': dtype {spec.dtype!r} is not allowed")
         if spec.name in arrays or any(d < 0 for d in spec.shape):
             raise MalformedMessage(f"tensor '{spec.name}': duplicate name or negative shape")
+        if len(spec.shape) > MAX_DIMS:
+            raise MalformedMessage(f"tensor '{spec.name}': more than {MAX_DIMS} dimensions")
         shape = tuple(int(d) for d in spec.shape)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+        # Exact integers: a product that overflows int64 must not wrap to a small size.
+        nbytes = math.prod(shape) * np.dtype(spec.dtype).itemsize
         total += nbytes
         if total > max_bytes:
             raise MalformedMessage(f"message larger than the limit of {max_bytes} bytes")
@@ -143,9 +163,21 @@ def decode(chunks: Iterable[pb.Chunk], *, max_bytes: int = 1 << 40) -> Message:
         buffers.append(arr.reshape(-1).view(np.uint8).data)
     h = _digest_start(header.kind, header.json, header.tensors)
     index, offset = 0, 0
+    chunk_limit = max_data_chunks(total, len(buffers))
+    chunks_seen, empty_seen = 0, 0
     for chunk in it:
         if chunk.WhichOneof("part") != "data":
             raise MalformedMessage("a second header inside one message")
+        chunks_seen += 1
+        if chunks_seen > chunk_limit:
+            raise MalformedMessage(
+                f"more than {chunk_limit} data chunks for {total} announced bytes"
+            )
+        if not chunk.data:
+            empty_seen += 1
+            if empty_seen > MAX_EMPTY_CHUNKS:
+                raise MalformedMessage(f"more than {MAX_EMPTY_CHUNKS} empty data chunks")
+            continue
         data = memoryview(chunk.data)  # slices of a view do not copy
         pos = 0
         while pos < len(data):

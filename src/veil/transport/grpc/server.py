@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import secrets
 import threading
@@ -37,11 +38,13 @@ from veil.federation.messages import (
     ProtocolInstruction,
     ProtocolReply,
 )
+from veil.federation.pipeline import MAX_WEIGHT
 from veil.tensors import NamedArrays, check_compatible, l2_norm
 from veil.transport.grpc import veil_pb2 as pb
 from veil.transport.grpc import veil_pb2_grpc as pb_grpc
 from veil.transport.grpc.codec import (
     MalformedMessage,
+    Message,
     data_chunks,
     decode,
     encode,
@@ -60,6 +63,20 @@ CHANNEL_OPTIONS = [
 
 #: The tensor that carries a protocol step's body (raw bytes as uint8).
 PROTOCOL_BODY = "body"
+#: The largest number of examples, and magnitude of a metric or summed scalar, an upload may
+#: state.
+MAX_COUNT = 1 << 40
+MAX_SCALAR = 1e15
+#: At most this many metrics or summed scalars per upload.
+MAX_SCALARS = 64
+#: Signed answers to one task refused for their content before the task is closed (the client
+#: is then dropped from the round at once, with the reason).
+MAX_REFUSED_UPLOADS = 3
+
+
+class UploadRefused(ValueError):
+    """An answer to an open task whose content the server refuses (the reason)."""
+
 
 Reply = FitResult | EvaluateResult | ProtocolReply | ClientFailure
 #: A task's tensors: float32 parameters, or a protocol step's uint8 body.
@@ -75,6 +92,9 @@ class _Task:
     arrays: Arrays
     #: The arrays' data chunks, built once per round and shared by every client's task.
     data: list[pb.Chunk] = field(default_factory=list)
+    #: Signed answers to this task refused for their content, and the last reason.
+    refusals: int = 0
+    last_refusal: str = ""
 
 
 @dataclass
@@ -243,15 +263,21 @@ class GrpcGateway(pb_grpc.FederationServicer):
             if reply.client in pending and reply.round == round_:
                 pending.discard(reply.client)
                 yield reply
+        refused: dict[str, str] = {}
         with self._lock:
             for name in tasks:
                 task = self._clients[name].task
                 if task is not None and task.round == round_ and task.kind == kind:
                     self._clients[name].task = None
                     self._clients[name].used_nonces.add(task.nonce)
+                    if task.last_refusal:
+                        refused[name] = task.last_refusal
         for name in sorted(pending):
-            self._event("dropped", client=name, round=round_, reason="missed the deadline")
-            yield ClientFailure(name, round_, f"no {kind} result within {self.deadline_s:g} s")
+            reason = f"missed the deadline: no {kind} result within {self.deadline_s:g} s"
+            if name in refused:
+                reason += f" (its last upload was refused: {refused[name]})"
+            self._event("dropped", client=name, round=round_, reason=reason)
+            yield ClientFailure(name, round_, reason)
 
     # -- RPCs ------------------------------------------------------------------------------
 
@@ -277,14 +303,23 @@ class GrpcGateway(pb_grpc.FederationServicer):
     def Upload(
         self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext
     ) -> pb.UploadReply:
-        name = self._authenticate(None, context)
+        name = self._authenticate(None, context)  # aborts the call for a stranger
+        try:
+            return self._upload(name, request_iterator)
+        except Exception as exc:  # never gRPC UNKNOWN: every failure is a refusal with a reason
+            log.exception("upload from %s could not be checked", name)
+            return self._refuse(name, f"upload could not be checked: {type(exc).__name__}: {exc}")
+
+    def _upload(self, name: str, request_iterator: Iterator[pb.Chunk]) -> pb.UploadReply:
+        """Check one upload; only an accepted one consumes its task's nonce, so a refused
+        upload may be retried (at most `MAX_REFUSED_UPLOADS` times per task)."""
         try:
             message = decode(request_iterator, max_bytes=_limit(self.reference))
         except MalformedMessage as exc:
             return self._refuse(name, f"malformed upload: {exc}")
         meta = message.meta
         if meta.get("client") != name:
-            return self._refuse(name, f"upload names client {meta.get('client')!r}")
+            return self._refuse(name, f"upload names client {str(meta.get('client'))[:100]!r}")
         try:
             self.identities[name].verify(message.signature, message.signed_payload())
         except SignatureRejected:
@@ -293,56 +328,74 @@ class GrpcGateway(pb_grpc.FederationServicer):
             state = self._clients[name]
             task = state.task
             nonce = meta.get("nonce")
+            if not isinstance(nonce, str):
+                return self._refuse(name, "the upload carries no nonce")
             if nonce in state.used_nonces:
                 return self._refuse(name, "replayed upload (nonce already used)")
-            if task is None or nonce != task.nonce:
+            if task is None or task.kind == "done" or nonce != task.nonce:
                 return self._refuse(name, "stale or unknown task (no open task with this nonce)")
             answers = {f"{task.kind}_result", "refused"}
             if message.kind not in answers or meta.get("round") != task.round:
                 return self._refuse(name, f"a {message.kind} does not answer a {task.kind} task")
+        # The signed answer to the open task: check its content before it consumes the nonce.
+        try:
+            reply = self._reply(name, task, message)
+        except UploadRefused as exc:
+            return self._refuse_attempt(name, task, str(exc))
+        with self._lock:
+            if state.task is not task or task.nonce in state.used_nonces:
+                return self._refuse(name, "stale or unknown task (no open task with this nonce)")
             state.used_nonces.add(task.nonce)
             state.task = None
             state.last_seen = time.time()
+            self._results.put(reply)
+        if isinstance(reply, ClientFailure):
+            self._event("client refused", client=name, round=task.round, reason=reply.reason)
+        else:
+            self._event("accepted", client=name, round=task.round, kind=message.kind)
+        return pb.UploadReply(accepted=True, reason="")
+
+    def _reply(self, name: str, task: _Task, message: Message) -> Reply:
+        """What a signed answer to `task` says, after checking every tensor and metadata
+        number; `UploadRefused` with the reason otherwise."""
+        meta = message.meta
         if message.kind == "refused":
             what = task.meta["stage"] if task.kind == "protocol" else task.kind
-            reason = f"refused {what}: {str(meta.get('reason', ''))[:500]}"
-            self._results.put(ClientFailure(name, task.round, reason))
-            self._event("client refused", client=name, round=task.round, reason=reason)
-            return pb.UploadReply(accepted=True, reason="")
+            return ClientFailure(
+                name, task.round, f"refused {what}: {str(meta.get('reason', ''))[:500]}"
+            )
         if message.kind == "protocol_result":
             body = message.arrays.get(PROTOCOL_BODY)
-            if meta.get("stage") != task.meta["stage"] or body is None or body.dtype != np.uint8:
-                reason = f"not an answer to the '{task.meta['stage']}' step"
-                self._results.put(ClientFailure(name, task.round, reason))
-                return self._refuse(name, reason)
-            self._results.put(ProtocolReply(name, task.round, task.meta["stage"], body.tobytes()))
-        elif message.kind == "fit_result":
+            if (
+                meta.get("stage") != task.meta["stage"]
+                or set(message.arrays) != {PROTOCOL_BODY}
+                or body is None
+                or body.dtype != np.uint8
+                or body.ndim != 1
+            ):
+                raise UploadRefused(f"not an answer to the '{task.meta['stage']}' step")
+            return ProtocolReply(name, task.round, task.meta["stage"], body.tobytes())
+        if message.kind == "fit_result":
             problem = self._check_update(message.arrays)
             if problem:
-                self._results.put(ClientFailure(name, task.round, f"update rejected: {problem}"))
-                return self._refuse(name, f"update rejected: {problem}")
-            self._results.put(
-                FitResult(
-                    client=name,
-                    round=task.round,
-                    update=dict(message.arrays),
-                    weight=float(meta["weight"]),
-                    num_examples=int(meta["num_examples"]),
-                    metrics={k: float(v) for k, v in meta.get("metrics", {}).items()},
-                    sums={k: float(v) for k, v in meta.get("sums", {}).items()},
-                )
+                raise UploadRefused(f"update rejected: {problem}")
+            return FitResult(
+                client=name,
+                round=task.round,
+                update=dict(message.arrays),
+                weight=_number(meta, "weight", low=0.0, high=MAX_WEIGHT),
+                num_examples=_count(meta, "num_examples"),
+                metrics=_scalars(meta, "metrics"),
+                sums=_scalars(meta, "sums"),
             )
-        else:
-            self._results.put(
-                EvaluateResult(
-                    client=name,
-                    round=task.round,
-                    num_examples=int(meta["num_examples"]),
-                    metrics={k: float(v) for k, v in meta.get("metrics", {}).items()},
-                )
-            )
-        self._event("accepted", client=name, round=task.round, kind=message.kind)
-        return pb.UploadReply(accepted=True, reason="")
+        if message.arrays:
+            raise UploadRefused("an evaluate result carries no tensors")
+        return EvaluateResult(
+            client=name,
+            round=task.round,
+            num_examples=_count(meta, "num_examples"),
+            metrics=_scalars(meta, "metrics"),
+        )
 
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         # Members only: the member list and their liveness are not for any CA-signed stranger.
@@ -432,7 +485,24 @@ class GrpcGateway(pb_grpc.FederationServicer):
                 return f"update norm {norm:.4g} exceeds the bound {self.max_update_norm:g}"
         return None
 
+    def _refuse_attempt(self, name: str, task: _Task, reason: str) -> pb.UploadReply:
+        """Refuse a signed answer to the open `task` whose content is unusable. The nonce stays
+        open for a retry; after `MAX_REFUSED_UPLOADS` such refusals the task is closed and the
+        client dropped from the round at once, with the reason."""
+        with self._lock:
+            state = self._clients[name]
+            if state.task is task:
+                task.refusals += 1
+                task.last_refusal = reason
+                if task.refusals >= MAX_REFUSED_UPLOADS:
+                    state.task = None
+                    state.used_nonces.add(task.nonce)
+                    failure = f"{reason} ({task.refusals} uploads refused)"
+                    self._results.put(ClientFailure(name, task.round, failure))
+        return self._refuse(name, reason)
+
     def _refuse(self, name: str, reason: str) -> pb.UploadReply:
+        reason = reason[:1000]
         self._event("refused", client=name, reason=reason)
         return pb.UploadReply(accepted=False, reason=reason)
 
@@ -440,6 +510,35 @@ class GrpcGateway(pb_grpc.FederationServicer):
         record = {"event": event, "time": time.time(), **fields}
         log.info(json.dumps(record))
         self._on_event(record)
+
+
+def _number(meta: Mapping[str, Any], key: str, *, low: float, high: float) -> float:
+    """`meta[key]` as a float: a JSON number (not a string, not a bool), finite, in [low, high]."""
+    value = meta.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UploadRefused(f"'{key}' must be a number, got {str(value)[:50]!r}")
+    number = float(value) if isinstance(value, float) or abs(value) < 1 << 63 else math.inf
+    if not math.isfinite(number) or not low <= number <= high:
+        raise UploadRefused(f"'{key}' must be a finite number in [{low:g}, {high:g}], got {number}")
+    return number
+
+
+def _count(meta: Mapping[str, Any], key: str) -> int:
+    """`meta[key]` as a non-negative JSON integer of at most `MAX_COUNT`."""
+    value = meta.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise UploadRefused(
+            f"'{key}' must be an integer in [0, {MAX_COUNT}], got {str(value)[:50]!r}"
+        )
+    return value
+
+
+def _scalars(meta: Mapping[str, Any], key: str) -> dict[str, float]:
+    """`meta[key]` (absent: empty) as named finite numbers of magnitude at most `MAX_SCALAR`."""
+    values = meta.get(key, {})
+    if not isinstance(values, dict) or len(values) > MAX_SCALARS:
+        raise UploadRefused(f"'{key}' must be an object of at most {MAX_SCALARS} numbers")
+    return {str(k): _number(values, k, low=-MAX_SCALAR, high=MAX_SCALAR) for k in values}
 
 
 def _limit(reference: NamedArrays) -> int:
