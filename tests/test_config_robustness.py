@@ -12,7 +12,7 @@ from veil.errors import ConfigError
 MINIMAL = """
 [data]
 dataset = "breast_cancer"
-scaling = "local"
+scaling = "bounds"
 [federation]
 clients = 10
 rounds = 2

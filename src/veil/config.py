@@ -8,6 +8,7 @@ one line naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +53,50 @@ class PartitionConfig(_Section):
     min_examples: int = Field(2, ge=1)
 
 
+class FeatureBoundsConfig(_Section):
+    """Public, declared per-feature ranges: each value is clamped into [lower, upper] before
+    training, and ``scaling = "bounds"`` maps it by (x - centre) / ((upper - lower) / 6) (the
+    midpoint as centre maps the range onto [-3, 3]). A number applies to every feature; a list
+    gives one per feature column, in order (after one-hot encoding). They must come from outside
+    the private data (documentation, device ranges, domain knowledge)."""
+
+    lower: float | list[float]
+    upper: float | list[float]
+    #: A typical value per feature, mapped to 0; default the midpoint of each range.
+    centre: float | list[float] | None = None
+
+    @model_validator(mode="after")
+    def _ranges(self) -> FeatureBoundsConfig:
+        given = {"lower": self.lower, "upper": self.upper, "centre": self.centre}
+        lists = {k: v if isinstance(v, list) else [v] for k, v in given.items() if v is not None}
+        if not all(lists.values()):
+            raise ValueError("feature_bounds lower, upper and centre need at least one number")
+        lengths = {len(v) for v in lists.values()} - {1}
+        if len(lengths) > 1:
+            counts = ", ".join(f"{len(v)} {k}" for k, v in lists.items())
+            raise ValueError(
+                f"feature_bounds has {counts} values; give one per feature (the same number "
+                "in each list), or a single number for all"
+            )
+        if not all(math.isfinite(x) for v in lists.values() for x in v):
+            raise ValueError("feature_bounds must be finite numbers")
+        n = max(len(v) for v in lists.values())
+        full = {k: v * n if len(v) == 1 else v for k, v in lists.items()}
+        for j in range(n):
+            lo, hi = full["lower"][j], full["upper"][j]
+            if not lo < hi:
+                raise ValueError(
+                    f"feature_bounds: lower {lo:g} is not below upper {hi:g} (feature {j}); "
+                    "give each feature a range with lower < upper"
+                )
+            if "centre" in full and not lo <= full["centre"][j] <= hi:
+                raise ValueError(
+                    f"feature_bounds: centre {full['centre'][j]:g} lies outside [{lo:g}, "
+                    f"{hi:g}] (feature {j}); give a centre within each range"
+                )
+        return self
+
+
 class DataConfig(_Section):
     """Which data set, how it is split, and how features are scaled."""
 
@@ -64,7 +109,13 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     #: Fraction of each client's examples kept for its local (federated) evaluation.
     validation_fraction: float = Field(0.2, ge=0, lt=1)
-    scaling: Literal["federated", "local", "none"] = "federated"
+    #: "bounds": clamp into the declared feature bounds, then a fixed affine map (the scaling
+    #: [privacy] accepts besides "none"); "federated" / "local":
+    #: standardisation fitted on the clients' records; "none": raw values.
+    scaling: Literal["federated", "local", "none", "bounds"] = "federated"
+    #: Public per-feature ranges; default: those the data set's schema declares (if any).
+    #: Declared bounds clamp every value before scaling, whatever the scaling.
+    feature_bounds: FeatureBoundsConfig | None = None
     partition: PartitionConfig = PartitionConfig()
 
     @model_validator(mode="after")
@@ -547,15 +598,23 @@ class RunConfig(_Section):
                 f"secure_aggregation = '{self.secure_aggregation}' is not available in this "
                 f"version of Veil; use one of {list(IMPLEMENTED_AGGREGATIONS)}"
             )
-        if self.mode == "deployment":
-            if self.federation.simulated_dropout > 0:
-                raise ValueError("simulated_dropout applies to mode = 'simulation' only")
+        if self.mode == "deployment" and self.federation.simulated_dropout > 0:
+            raise ValueError("simulated_dropout applies to mode = 'simulation' only")
         if self.privacy is not None:
             if self.data.scaling == "federated":
                 raise ValueError(
                     "data.scaling = 'federated' sends exact per-client feature sums, which the "
-                    "differential-privacy guarantee does not cover; with [privacy] use "
-                    "scaling = 'local' or 'none'"
+                    "differential-privacy guarantee does not cover; with [privacy] set "
+                    "scaling = 'bounds' (declared public ranges: the data set's, or [data] "
+                    "feature_bounds = {lower = [...], upper = [...]}) or 'none'"
+                )
+            if self.data.scaling == "local":
+                raise ValueError(
+                    "data.scaling = 'local' fits each client's scaler on its private records, "
+                    "so one record moves every other record's inputs, which the "
+                    "differential-privacy guarantee does not cover; with [privacy] set "
+                    "scaling = 'bounds' (declared public ranges: the data set's, or [data] "
+                    "feature_bounds = {lower = [...], upper = [...]}) or 'none'"
                 )
             if self.federation.fraction_evaluate > 0 and self.data.validation_fraction > 0:
                 raise ValueError(

@@ -29,7 +29,7 @@ from veil.config import (
 )
 from veil.crypto.envelope import load_key_file
 from veil.crypto.identity import IdentityKey
-from veil.data import FederatedData, build_federated_data, load_dataset
+from veil.data import FederatedData, build_federated_data, declared_bounds, load_dataset
 from veil.data.text import load_text_dataset
 from veil.errors import ConfigError, StoreError
 from veil.federation import (
@@ -302,7 +302,7 @@ def _run(
             name=config.name,
             mode=config.mode,
             final=final,
-            centralized_baseline=Baseline(**baseline) if baseline else None,
+            centralized_baseline=_baseline(config, baseline),
             rounds=rounds,
             privacy=_privacy_record(config, privacy, secure),
             communication=_communication(
@@ -506,7 +506,14 @@ def _privacy_record(
     secure: _SecureAggregation | CkksFederation | TeeFederation | None,
 ) -> PrivacyRecord:
     record = (
-        PrivacyRecord.model_validate(privacy.privacy_record(config.secure_aggregation))
+        PrivacyRecord.model_validate(
+            privacy.privacy_record(
+                config.secure_aggregation,
+                dimension=secure.layout.parameter_count
+                if isinstance(secure, _SecureAggregation)
+                else None,
+            )
+        )
         if privacy
         else PrivacyRecord(aggregation=config.secure_aggregation)
     )
@@ -653,6 +660,7 @@ def _federated_data(config: RunConfig) -> FederatedData:
         dataset = load_text_dataset(d.dataset, tokenizer, config.model.max_length)
     else:
         dataset = load_dataset(d.dataset, path=d.path, target=d.target)
+    declared = d.feature_bounds
     return build_federated_data(
         dataset,
         n_clients=config.federation.clients,
@@ -663,6 +671,13 @@ def _federated_data(config: RunConfig) -> FederatedData:
         scaling=d.scaling,
         seed=derive_seed(config.seed, Purpose.PARTITION),
         min_examples=d.partition.min_examples,
+        # Public bounds (the config's, else the schema's) clamp every value before scaling.
+        bounds=declared_bounds(
+            dataset,
+            declared.lower if declared else None,
+            declared.upper if declared else None,
+            declared.centre if declared else None,
+        ),
     )
 
 
@@ -696,6 +711,16 @@ def _test_evaluator(config: RunConfig, fed: FederatedData) -> Evaluator:
         return evaluate(model, x, y, fed.n_classes)
 
     return evaluate_on_test
+
+
+def _baseline(config: RunConfig, metrics: dict[str, float] | None) -> Baseline | None:
+    """The pooled baseline's record; under [privacy] marked as outside the guarantee: it is
+    trained on the pooled records without DP, so its metrics are not private."""
+    if not metrics:
+        return None
+    if config.privacy is None:
+        return Baseline(**metrics)
+    return Baseline(**metrics, outside_guarantee=True)
 
 
 def _centralized_baseline(

@@ -248,19 +248,19 @@ def test_client_level_dp_refuses_compression_that_can_lengthen_an_update(
         _config(
             privacy=privacy,
             compression=compression,
-            data={"dataset": "breast_cancer", "scaling": "local", "validation_fraction": 0.0},
+            data={"dataset": "breast_cancer", "scaling": "bounds", "validation_fraction": 0.0},
         )
     # Allowed: top-k without error feedback (never longer), and int8 inside SecAgg's encoding.
     _config(
         privacy=privacy,
         compression={"kind": "topk", "error_feedback": False},
-        data={"dataset": "breast_cancer", "scaling": "local", "validation_fraction": 0.0},
+        data={"dataset": "breast_cancer", "scaling": "bounds", "validation_fraction": 0.0},
     )
     _config(
         privacy=privacy,
         secure_aggregation="secagg",
         compression={"kind": "int8"},
-        data={"dataset": "breast_cancer", "scaling": "local", "validation_fraction": 0.0},
+        data={"dataset": "breast_cancer", "scaling": "bounds", "validation_fraction": 0.0},
     )
 
 

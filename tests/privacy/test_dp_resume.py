@@ -44,7 +44,7 @@ name = "resume-record"
 seed = 3
 [data]
 dataset = "breast_cancer"
-scaling = "local"
+scaling = "bounds"
 validation_fraction = 0.0
 [model]
 name = "logistic"
@@ -67,7 +67,7 @@ name = "resume-client"
 seed = 3
 [data]
 dataset = "breast_cancer"
-scaling = "local"
+scaling = "bounds"
 validation_fraction = 0.0
 [model]
 name = "logistic"
@@ -89,7 +89,7 @@ mode = "deployment"
 seed = 3
 [data]
 dataset = "breast_cancer"
-scaling = "local"
+scaling = "bounds"
 validation_fraction = 0.0
 [model]
 name = "logistic"

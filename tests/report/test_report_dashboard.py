@@ -36,7 +36,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {
             "name": "dash-dp",
             "seed": 2,
-            "data": {"dataset": "breast_cancer", "validation_fraction": 0.0, "scaling": "local"},
+            "data": {"dataset": "breast_cancer", "validation_fraction": 0.0, "scaling": "bounds"},
             "model": {"name": "logistic"},
             "federation": {"clients": 3, "rounds": 2, "fraction_evaluate": 0.0},
             "privacy": {"unit": "record", "epsilon": 2.0, "delta": 1e-5, "clip_norm": 1.0},

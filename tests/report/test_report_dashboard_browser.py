@@ -53,7 +53,7 @@ def _config() -> RunConfig:
         {
             "name": "browser-live",
             "seed": 4,
-            "data": {"dataset": "breast_cancer", "validation_fraction": 0.0, "scaling": "local"},
+            "data": {"dataset": "breast_cancer", "validation_fraction": 0.0, "scaling": "bounds"},
             "model": {"name": "logistic"},
             "federation": {"clients": 3, "rounds": ROUNDS, "fraction_evaluate": 0.0},
             "privacy": {"unit": "record", "epsilon": 4.0, "delta": 1e-5, "clip_norm": 1.0},

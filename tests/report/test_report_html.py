@@ -38,7 +38,7 @@ def _config(name: str, **extra: Any) -> RunConfig:
             "dataset": "breast_cancer",
             "partition": {"kind": "iid"},
             "validation_fraction": 0.0,
-            "scaling": "local",
+            "scaling": "bounds",
         },
         "model": {"name": "logistic"},
         "federation": {"clients": 3, "rounds": 2, "learning_rate": 0.5, "fraction_evaluate": 0.0},

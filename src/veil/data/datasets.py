@@ -2,7 +2,10 @@
 
 `load_dataset` returns a `Dataset`: raw (unscaled) float32 features with categorical columns
 one-hot encoded and no missing values, int64 labels ``0..n_classes-1`` and human-readable names
-for features and classes. Scaling and partitioning happen later (`veil.data.scaling`,
+for features and classes. Where public per-feature ranges are known without looking at the
+records (a pixel format, a generator's documented model, the physical nature of a measurement
+with the ranges its publishers document), the schema declares them as `Dataset.feature_bounds`
+and says where they come from. Scaling and partitioning happen later (`veil.data.scaling`,
 `veil.data.partition`, `veil.data.federated`), so that no statistic is ever computed on data that
 a party should not see.
 """
@@ -17,6 +20,7 @@ from typing import Final
 import numpy as np
 import pandas as pd
 
+from veil.data.scaling import FeatureBounds
 from veil.errors import DataError
 
 __all__ = [
@@ -47,6 +51,37 @@ _GERMAN_CREDIT_CLASSES: Final[dict[str, str]] = {"0": "bad", "1": "good"}
 # depends only on the number of features; the `seed` argument draws the examples.
 _SYNTHETIC_MODEL_SEED: Final[int] = 20_240_601
 _SYNTHETIC_WEIGHT_NORM: Final[float] = 3.0
+#: Declared bound of every `make_synthetic_logistic` feature: it is drawn from N(0, 1) (public,
+#: the generator's model), and |x| > 6 has probability 2e-9.
+SYNTHETIC_LOGISTIC_BOUND: Final[float] = 6.0
+
+#: Declared ranges of the 30 Wisconsin diagnostic breast cancer features, in scikit-learn's
+#: column order. Source: the ranges that scikit-learn's documentation of the data set prints
+#: (`load_breast_cancer().DESCR`, "Summary Statistics"), each minimum rounded DOWN and each
+#: maximum rounded UP to one significant digit, strictly outside the printed value (a printed 0
+#: stays 0: every feature is a length, an area, a ratio or a standard deviation, never
+#: negative). Those printed ranges were computed by the data set's publishers from these same
+#: 569 records, so they are public because they are published with the data, not because they
+#: are independent of it; bounds for your own data must come from domain knowledge (device
+#: ranges, physiology), never from the private records.
+BREAST_CANCER_LOWER: Final[tuple[float, ...]] = (
+    6, 9, 40, 100, 0.05, 0.01, 0, 0, 0.1, 0.04,  # means
+    0.1, 0.3, 0.7, 6, 0.001, 0.001, 0, 0, 0.007, 0,  # standard errors
+    7, 10, 50, 100, 0.07, 0.02, 0, 0, 0.1, 0.05,  # "worst" (mean of the three largest)
+)  # fmt: skip
+BREAST_CANCER_UPPER: Final[tuple[float, ...]] = (
+    30, 40, 200, 3000, 0.2, 0.4, 0.5, 0.3, 0.4, 0.1,
+    3, 5, 30, 600, 0.04, 0.2, 0.4, 0.06, 0.08, 0.04,
+    40, 50, 300, 5000, 0.3, 2, 2, 0.3, 0.7, 0.3,
+)  # fmt: skip
+
+
+def _log_midpoints(lower: tuple[float, ...], upper: tuple[float, ...]) -> np.ndarray:
+    """sqrt(lower · upper) where lower > 0, else the midpoint: the centre of a range on a log
+    scale, a typical value of a positive, right-skewed measurement (a function of the declared
+    range only)."""
+    lo, hi = np.asarray(lower, dtype=np.float64), np.asarray(upper, dtype=np.float64)
+    return np.where(lo > 0, np.sqrt(np.maximum(lo, 0.0) * hi), (lo + hi) / 2.0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,6 +98,8 @@ class Dataset:
         image_shape: ``(channels, height, width)`` when each row is a flattened image
             (``(1, 8, 8)`` for digits), else ``None``.
         synthetic: ``True`` for generated data (benchmarks), ``False`` for real data.
+        feature_bounds: Public per-feature ranges the schema declares (`FeatureBounds`, with
+            their source), or ``None`` when none are known (the user's CSV, German credit).
 
     Raises:
         ValueError: If the arrays do not satisfy the contract above (a bug in the loader).
@@ -75,6 +112,7 @@ class Dataset:
     class_names: tuple[str, ...]
     image_shape: tuple[int, int, int] | None = None
     synthetic: bool = False
+    feature_bounds: FeatureBounds | None = None
 
     def __post_init__(self) -> None:
         x, y = self.features, self.labels
@@ -96,6 +134,10 @@ class Dataset:
             raise ValueError(f"labels must lie in 0..{len(self.class_names) - 1}")
         if self.image_shape is not None and int(np.prod(self.image_shape)) != x.shape[1]:
             raise ValueError(f"image shape {self.image_shape} does not match {x.shape[1]} features")
+        if self.feature_bounds is not None and self.feature_bounds.n_features != x.shape[1]:
+            raise ValueError(
+                f"{self.feature_bounds.n_features} feature bounds for {x.shape[1]} feature columns"
+            )
 
     @property
     def n_examples(self) -> int:
@@ -222,6 +264,12 @@ def make_synthetic_logistic(n_examples: int, n_features: int, seed: int) -> Data
         feature_names=tuple(f"x{j}" for j in range(n_features)),
         class_names=("0", "1"),
         synthetic=True,
+        feature_bounds=FeatureBounds.from_values(
+            -SYNTHETIC_LOGISTIC_BOUND,
+            SYNTHETIC_LOGISTIC_BOUND,
+            n_features,
+            source="the generator's model: standard-normal features, |x| <= 6",
+        ),
     )
 
 
@@ -235,6 +283,14 @@ def _load_breast_cancer() -> Dataset:
         labels=np.asarray(bunch.target, dtype=np.int64),
         feature_names=tuple(str(f) for f in bunch.feature_names),
         class_names=tuple(str(c) for c in bunch.target_names),
+        feature_bounds=FeatureBounds.from_values(
+            BREAST_CANCER_LOWER,
+            BREAST_CANCER_UPPER,
+            len(BREAST_CANCER_UPPER),
+            source="the ranges printed in scikit-learn's documentation of the data set, "
+            "rounded outward to one significant digit; centres on a log scale",
+            centre=_log_midpoints(BREAST_CANCER_LOWER, BREAST_CANCER_UPPER).tolist(),
+        ),
     )
 
 
@@ -249,6 +305,9 @@ def _load_digits() -> Dataset:
         feature_names=tuple(f"pixel_{r}_{c}" for r in range(8) for c in range(8)),
         class_names=tuple(str(c) for c in bunch.target_names),
         image_shape=(1, 8, 8),
+        feature_bounds=FeatureBounds.from_values(
+            0.0, 16.0, 64, source="the data format: pixel counts 0..16 (UCI optdigits)"
+        ),
     )
 
 

@@ -7,15 +7,24 @@
 2. a partition of the remaining examples among the clients (IID, Dirichlet label skew or
    quantity skew, see `veil.data.partition`);
 3. per client, a stratified split of its own examples into local train and validation sets;
-4. scaling, which never looks at the test set or at another client's rows:
+4. clamping and scaling, which never look at the test set or at another client's rows. Declared
+   feature bounds (`FeatureBounds`: public ranges from the config or the data set's schema),
+   when given, first clamp every value into its range, whatever the scaling; then:
 
+   - ``"bounds"``: the bounds' fixed map ``(x - centre) / ((upper - lower) / 6)``
+     (`FeatureBounds.scaler`), the same for every client and the test set. It depends on no
+     record, so under differential privacy adding one record (however extreme) changes no other
+     record's input;
    - ``"federated"``: each client sends `FeatureStatistics` of its own *training* split, the
      server combines them (`scaler_from_statistics`), and every client and the test set use that
      one scaler;
    - ``"local"``: each client fits a scaler on its own training split and applies it to its
      own train and validation data; the test set is scaled with its own statistics (the
      evaluating party's);
-   - ``"none"``: raw features.
+   - ``"none"``: raw features (clamped, if bounds are given).
+
+Each client keeps its `Preprocessing` (clamp, then its scaler), so that anything that later
+trains as the run did (the privacy audit's canaries) goes through the same transform.
 
 The same arguments and seed give identical arrays.
 """
@@ -23,7 +32,7 @@ The same arguments and seed give identical arrays.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal, get_args
 
 import numpy as np
@@ -31,6 +40,8 @@ import numpy as np
 from veil.data.datasets import Dataset
 from veil.data.partition import partition_dirichlet, partition_iid, partition_quantity_skew
 from veil.data.scaling import (
+    FeatureBounds,
+    Preprocessing,
     StandardScaler,
     feature_statistics,
     fit_scaler,
@@ -44,10 +55,11 @@ __all__ = [
     "PartitionKind",
     "ScalingKind",
     "build_federated_data",
+    "declared_bounds",
 ]
 
 PartitionKind = Literal["iid", "dirichlet", "quantity"]
-ScalingKind = Literal["federated", "local", "none"]
+ScalingKind = Literal["federated", "local", "none", "bounds"]
 
 PARTITIONS: Final[tuple[str, ...]] = get_args(PartitionKind)
 SCALINGS: Final[tuple[str, ...]] = get_args(ScalingKind)
@@ -57,7 +69,9 @@ SCALINGS: Final[tuple[str, ...]] = get_args(ScalingKind)
 class ClientData:
     """One client's private data: float32 features ``(n, d)`` and int64 labels ``(n,)``.
 
-    The validation arrays may be empty (shape ``(0, d)`` and ``(0,)``).
+    The validation arrays may be empty (shape ``(0, d)`` and ``(0,)``). `preprocessing` is the
+    transform that turned the client's raw records into `x_train` and `x_val` (identity for
+    data built elsewhere, e.g. a deployment's data file).
     """
 
     name: str
@@ -65,6 +79,7 @@ class ClientData:
     y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
 
     @property
     def n_train(self) -> int:
@@ -87,9 +102,15 @@ class FederatedData:
         clients: Per-client train/validation data, in client order.
         x_test: The held-out test features (float32), seen by no client.
         y_test: The held-out test labels (int64).
-        scaling: ``"federated"``, ``"local"`` or ``"none"``: how the features were scaled.
-        scaler: The combined scaler when ``scaling == "federated"`` (to scale new inputs at
-            inference time the same way), else ``None``.
+        scaling: ``"bounds"``, ``"federated"``, ``"local"`` or ``"none"``: how the features
+            were scaled.
+        scaler: The shared scaler when ``scaling`` is ``"federated"`` (combined from the
+            clients' statistics) or ``"bounds"`` (the bounds' fixed map), to scale new inputs at
+            inference time the same way (after clamping into `bounds`); else ``None``.
+        bounds: The declared feature bounds that clamped every value, or ``None``.
+        x_test_raw: The held-out test features as loaded, before clamping and scaling (None for
+            data built elsewhere). The privacy audit draws its input canaries from them and
+            passes them through a client's `preprocessing`, as the run's records were.
     """
 
     dataset_name: str
@@ -104,12 +125,40 @@ class FederatedData:
     y_test: np.ndarray
     scaling: str
     scaler: StandardScaler | None = None
+    bounds: FeatureBounds | None = None
+    x_test_raw: np.ndarray | None = None
 
     def pooled_train(self) -> tuple[np.ndarray, np.ndarray]:
         """All clients' training data concatenated (client order), for the centralized baseline."""
         x = np.concatenate([c.x_train for c in self.clients], axis=0).astype(np.float32)
         y = np.concatenate([c.y_train for c in self.clients], axis=0).astype(np.int64)
         return x, y
+
+
+def declared_bounds(
+    dataset: Dataset,
+    lower: float | Sequence[float] | None = None,
+    upper: float | Sequence[float] | None = None,
+    centre: float | Sequence[float] | None = None,
+) -> FeatureBounds | None:
+    """The public feature bounds of a run: `lower`, `upper` (and optionally `centre`) from the
+    config when given (a number for every feature, or one per feature in column order), else the
+    bounds that the data set's schema declares (`Dataset.feature_bounds`), else None.
+
+    Raises:
+        DataError: If only one of `lower` and `upper` is given, or they do not fit the data.
+    """
+    if lower is None and upper is None:
+        return dataset.feature_bounds
+    if lower is None or upper is None:
+        raise DataError("feature bounds need both lower and upper; give both, or neither")
+    return FeatureBounds.from_values(
+        lower,
+        upper,
+        dataset.n_features,
+        source="declared in the config ([data] feature_bounds)",
+        centre=centre,
+    )
 
 
 def build_federated_data(
@@ -124,6 +173,7 @@ def build_federated_data(
     seed: int,
     min_examples: int = 2,
     client_names: Sequence[str] | None = None,
+    bounds: FeatureBounds | None = None,
 ) -> FederatedData:
     """Split `dataset` into a held-out test set and `n_clients` clients' train/validation data.
 
@@ -138,19 +188,35 @@ def build_federated_data(
         validation_fraction: Share of each client's examples kept for local validation, in
             [0, 1); 0 gives empty validation arrays. Each client keeps at least one training
             example.
-        scaling: ``"federated"``, ``"local"`` or ``"none"`` (see the module docstring).
+        scaling: ``"bounds"``, ``"federated"``, ``"local"`` or ``"none"`` (see the module
+            docstring); ``"bounds"`` needs `bounds`.
         seed: Seed of the only random generator used.
         min_examples: Smallest number of examples (train + validation) per client.
         client_names: One unique name per client; default ``client-0, client-1, ...``.
+        bounds: Declared public feature bounds (`declared_bounds` resolves the config's and the
+            schema's); every value is clamped into them before scaling. None: no clamping.
 
     Raises:
         DataError: For invalid arguments or a split that cannot satisfy them (the message names
             the numbers).
     """
     _validate(dataset, n_clients, partition, test_fraction, validation_fraction, scaling)
+    if scaling == "bounds" and bounds is None:
+        raise DataError(
+            f"scaling = 'bounds' needs declared feature bounds, and data set {dataset.name!r} "
+            "declares none; set [data] feature_bounds = {lower = [...], upper = [...]} (public "
+            "ranges, one per feature, not computed from the data)"
+        )
+    if bounds is not None and bounds.n_features != dataset.n_features:
+        raise DataError(
+            f"feature bounds ({bounds.source}) declare {bounds.n_features} features, data set "
+            f"{dataset.name!r} has {dataset.n_features}; give one range per feature column"
+        )
     names = _client_names(n_clients, client_names)
     rng = np.random.default_rng(seed)
-    x_all, y_all = dataset.features, dataset.labels
+    y_all = dataset.labels
+    # Clamping is value by value: a record's clamped values depend on that record only.
+    x_all = dataset.features if bounds is None else bounds.clamp(dataset.features)
 
     remaining, test_index = _stratified_split(y_all, test_fraction, rng, keep_at_least=n_clients)
     if test_index.size == 0:
@@ -184,15 +250,20 @@ def build_federated_data(
     x_test = x_all[test_index]
     scaler: StandardScaler | None = None
     client_scalers: list[StandardScaler | None]
-    if scaling == "federated":
+    test_scaler: StandardScaler | None = None
+    if scaling == "bounds" and bounds is not None:
+        scaler = test_scaler = bounds.scaler()
+        client_scalers = [scaler] * n_clients
+    elif scaling == "federated":
         scaler = scaler_from_statistics([feature_statistics(x_all[tr]) for tr, _ in splits])
         client_scalers = [scaler] * n_clients
-        x_test = scaler.transform(x_test)
+        test_scaler = scaler
     elif scaling == "local":
         client_scalers = [fit_scaler(x_all[tr]) for tr, _ in splits]
-        x_test = fit_scaler(x_test).transform(x_test)
+        test_scaler = fit_scaler(x_test)
     else:
         client_scalers = [None] * n_clients
+    x_test = _apply(test_scaler, x_test)
 
     clients = [
         ClientData(
@@ -201,6 +272,7 @@ def build_federated_data(
             y_train=y_all[train].copy(),
             x_val=_apply(local_scaler, x_all[val]),
             y_val=y_all[val].copy(),
+            preprocessing=Preprocessing(bounds=bounds, scaler=local_scaler, kind=scaling),
         )
         for name, (train, val), local_scaler in zip(names, splits, client_scalers, strict=True)
     ]
@@ -217,6 +289,8 @@ def build_federated_data(
         y_test=y_all[test_index].copy(),
         scaling=scaling,
         scaler=scaler,
+        bounds=bounds,
+        x_test_raw=np.array(dataset.features[test_index], dtype=np.float32),
     )
 
 

@@ -19,6 +19,7 @@ from typing import Final
 import numpy as np
 
 from veil.data.datasets import Dataset
+from veil.data.scaling import FeatureBounds
 from veil.errors import DataError
 
 VEHICLE_FEATURES: Final[tuple[str, ...]] = (
@@ -32,6 +33,24 @@ VEHICLE_FEATURES: Final[tuple[str, ...]] = (
     "dtc_count_30d",
     "towing_share",
     "ambient_temp_c",
+)
+
+#: Declared (lower, upper, centre) of each vehicle feature: physically plausible ranges of the
+#: quantities (a 12 V battery, a thermostat-regulated engine, climate extremes) and, as centre,
+#: the typical value of the generator's documented model (its mean at the mean age of 6 years);
+#: chosen from the model, not from its draws. Every value of the shipped draw lies inside the
+#: ranges (checked by tests/data/test_data_declared_bounds.py).
+VEHICLE_BOUNDS: Final[tuple[tuple[float, float, float], ...]] = (
+    (0.0, 12.0, 6.0),  # age_years: Uniform(0, 12)
+    (0.0, 1_000_000.0, 86_400.0),  # odometer_km: 6 years · 12 months · 1200 km
+    (0.0, 10_000.0, 1200.0),  # monthly_km: over 330 km a day is implausible; median 1200
+    (70.0, 120.0, 93.6),  # coolant_temp_c: 90 + 0.12 · 12 + 9 / 13 + 0.25 · 6
+    (100.0, 400.0, 262.6),  # oil_pressure_kpa: 300 − 6 · 6 − 0.4 · 3.6
+    (7.0, 13.0, 10.1),  # battery_crank_v: 10.6 − 0.08 · 6
+    (0.0, 0.6, 0.12),  # vibration_rms_g: 0.05 + 0.004 · 6 + 3e-7 · 86 400 + E|N(0, 0.02)|
+    (0.0, 20.0, 0.5),  # dtc_count_30d: Poisson(0.2 + 3 · p_fault)
+    (0.0, 1.0, 1 / 13),  # towing_share: a share; Beta(1, 12) has mean 1/13
+    (-40.0, 50.0, 12.0),  # ambient_temp_c: climate extremes; Normal(12, 9)
 )
 
 # Weibull wear-out baseline of the fault hazard: shape k > 1 (faults become likelier with age),
@@ -111,6 +130,14 @@ def make_vehicle_faults(n_examples: int = 4000, *, seed: int = 0) -> Dataset:
         feature_names=VEHICLE_FEATURES,
         class_names=("ok", "fault"),
         synthetic=True,
+        feature_bounds=FeatureBounds.from_values(
+            [lo for lo, _, _ in VEHICLE_BOUNDS],
+            [hi for _, hi, _ in VEHICLE_BOUNDS],
+            len(VEHICLE_BOUNDS),
+            source="physically plausible ranges, centred on the generator's model "
+            "(veil.data.synthetic_industry.VEHICLE_BOUNDS)",
+            centre=[c for _, _, c in VEHICLE_BOUNDS],
+        ),
     )
 
 
@@ -125,6 +152,21 @@ MACHINE_FEATURES: Final[tuple[str, ...]] = (
     "tool_wear_min",
 )
 
+#: Declared (lower, upper, centre) of each machine feature: one-hot columns in [0, 1];
+#: temperatures around the generator's 300 K air (σ 2 K) and 310 K process temperature (σ 1 K
+#: on top); a spindle below 3000 rpm (model: 1538 rpm); torque below 100 Nm (model: 40 Nm);
+#: tool wear below 260 min (a tool is changed after at most 253 min, and a process adds at most
+#: 5; about half a tool life on average).
+MACHINE_BOUNDS: Final[tuple[tuple[float, float, float], ...]] = (
+    (0.0, 1.0, 0.5),
+    (0.0, 1.0, 0.5),
+    (0.0, 1.0, 0.5),
+    (290.0, 310.0, 300.0),  # air_temp_k
+    (295.0, 325.0, 310.0),  # process_temp_k
+    (0.0, 3000.0, 1538.0),  # rotational_speed_rpm
+    (0.0, 100.0, 40.0),  # torque_nm
+    (0.0, 260.0, 113.0),  # tool_wear_min
+)
 _QUALITY_SHARE: Final[tuple[float, float, float]] = (0.5, 0.3, 0.2)  # L, M, H
 _QUALITY_WEAR_MIN: Final[tuple[int, int, int]] = (2, 3, 5)  # tool wear added per process
 _OVERSTRAIN_MIN_NM: Final[tuple[float, float, float]] = (11_000.0, 12_000.0, 13_000.0)
@@ -186,4 +228,12 @@ def make_machine_failures(n_examples: int = 5000, *, seed: int = 0) -> Dataset:
         feature_names=MACHINE_FEATURES,
         class_names=("ok", "failure"),
         synthetic=True,
+        feature_bounds=FeatureBounds.from_values(
+            [lo for lo, _, _ in MACHINE_BOUNDS],
+            [hi for _, hi, _ in MACHINE_BOUNDS],
+            len(MACHINE_BOUNDS),
+            source="the AI4I 2020 model's ranges and typical values "
+            "(veil.data.synthetic_industry.MACHINE_BOUNDS)",
+            centre=[c for _, _, c in MACHINE_BOUNDS],
+        ),
     )

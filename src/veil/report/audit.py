@@ -12,6 +12,14 @@ def _num(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, int | float) else "-"
 
 
+def _ci(metrics: dict[str, Any], key: str) -> str:
+    """`value [low, high]` when the audit recorded an interval for `key`, else `value`."""
+    interval = metrics.get(f"{key}_interval")
+    if isinstance(interval, list | tuple) and len(interval) == 2:
+        return f"{_num(metrics.get(key))} [{_num(interval[0])}, {_num(interval[1])}]"
+    return _num(metrics.get(key))
+
+
 def audit_table(audit: dict[str, Any]) -> Table:
     """One table of what `veil audit` measured (the `audit` section of result.json)."""
     table = Table(title="Privacy audit", show_header=False, title_justify="left", box=box.SIMPLE)
@@ -41,6 +49,10 @@ def audit_table(audit: dict[str, Any]) -> Table:
         table.add_row("verdict", "consistent: the lower bound stays below the accountant's ε")
     elif lower is not None:
         table.add_row("verdict", f"no differential privacy: the run leaks at least ε = {lower:.3f}")
+    if canaries.get("trainer"):
+        table.add_row("canaries: trained by", str(canaries["trainer"]))
+    if canaries.get("preprocessing"):
+        table.add_row("canaries: input canaries", str(canaries["preprocessing"]))
     membership = audit.get("membership")
     if membership:
         for name in ("loss_threshold", "lira"):
@@ -49,8 +61,18 @@ def audit_table(audit: dict[str, Any]) -> Table:
             extra = f", {m['shadows']} shadows" if "shadows" in m else ""
             table.add_row(
                 f"membership: {label}",
-                f"AUC {_num(m['auc'])}, TPR {_num(m['tpr_at_1_percent_fpr'])} at 1% FPR, "
-                f"{_num(m['tpr_at_0_1_percent_fpr'])} at 0.1% FPR{extra}",
+                f"AUC {_ci(m, 'auc')}, TPR {_ci(m, 'tpr_at_1_percent_fpr')} at 1% FPR, "
+                f"{_ci(m, 'tpr_at_0_1_percent_fpr')} at 0.1% FPR{extra}",
+            )
+        m = membership["loss_threshold"]
+        if "auc_interval" in m:
+            fpr_high = (m.get("fpr_at_0_1_percent_interval") or [None, None])[1]
+            table.add_row(
+                "membership: intervals",
+                f"in brackets, two-sided {m.get('confidence', 0):.0%} confidence intervals: AUC "
+                f"by DeLong, TPR by Clopper-Pearson over {m.get('members')} members; with "
+                f"{m.get('non_members')} non-members the FPR reached at the 0.1% point may be "
+                f"up to {_num(fpr_high)}",
             )
     inversion = audit.get("inversion")
     if inversion:

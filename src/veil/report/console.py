@@ -59,6 +59,18 @@ class ProgressDisplay:
         self._progress.update(self._rounds, advance=1, info=info)
 
 
+#: Said of a pooled baseline under [privacy] (`centralized_baseline.outside_guarantee`).
+BASELINE_NOTE = "trained on the pooled data without DP: outside the privacy guarantee"
+
+#: What each neighbouring relation a privacy record may state means.
+NEIGHBOURING = {
+    "zero_out": "zero-out: one unit's data replaced by a null one that contributes nothing "
+    "(sizes are published; same figures as add-or-remove)",
+    "replace": "replace: one unit's data swapped for another's",
+    "add_or_remove": "add or remove one unit",
+}
+
+
 def rounds_table(result: Result) -> Table:
     """One row per round: clients, dropouts, metrics, ε and traffic. Skipped rounds are dim."""
     table = Table(
@@ -96,8 +108,11 @@ def summary_table(result: Result) -> Table:
     for key, value in result.final.items():
         table.add_row(f"final {key}", f"{value:.4f}")
     if result.centralized_baseline is not None:
+        outside = getattr(result.centralized_baseline, "outside_guarantee", False)
         table.add_row(
-            "centralized baseline accuracy", f"{result.centralized_baseline.accuracy:.4f}"
+            "centralized baseline accuracy",
+            f"{result.centralized_baseline.accuracy:.4f}"
+            + (f" ({BASELINE_NOTE})" if outside else ""),
         )
         probe = getattr(result.centralized_baseline, "linear_probe_accuracy", None)
         if probe is not None:
@@ -143,12 +158,17 @@ def privacy_table(result: Result) -> Table:
         return table
     unit = "one record of one organisation" if p.unit == "record" else "one whole organisation"
     table.add_row("guarantee", f"(ε = {p.epsilon:.3f}, δ = {p.delta:g})-DP for {unit}")
+    relation = extra.get("neighbouring")
+    if isinstance(relation, str):
+        table.add_row("neighbours", NEIGHBOURING.get(relation, relation))
     target = extra.get("target")
     if isinstance(target, dict):
         table.add_row("target", f"ε ≤ {target.get('epsilon')}, δ = {target.get('delta')}")
     rdp = extra.get("epsilon_rdp")
     cross_check = f"; RDP cross-check ε = {rdp:.3f}" if isinstance(rdp, float) else ""
     table.add_row("accountant", f"{p.accountant}{cross_check}")
+    if "accounting" in extra or "per_organisation" in extra:
+        table.add_row("recompute", "veil privacy verify RESULT_JSON (an independent accountant)")
     if p.mechanism is not None:
         m = p.mechanism
         table.add_row(
@@ -159,6 +179,17 @@ def privacy_table(result: Result) -> Table:
         noise = (m.model_extra or {}).get("noise")
         if noise:
             table.add_row("noise", str(noise))
+    distributed = extra.get("distributed_dp")
+    if isinstance(distributed, dict):
+        rows = [r for r in distributed.get("rounds", []) if "client_stddev" in r]
+        if rows:
+            table.add_row(
+                "  distributed DP",
+                f"d = {distributed.get('dimension')}, t = {rows[-1].get('threshold')}, "
+                f"γ = {rows[-1].get('step'):.4g}, σ_c = {rows[-1].get('client_stddev'):.4g}, "
+                f"τ = {max(r.get('tau', 0.0) for r in rows):.3g} (last round; every round in "
+                "result.json)",
+            )
     for org in extra.get("per_organisation", []):
         mech = org["mechanism"]
         table.add_row(

@@ -19,6 +19,7 @@ from typing import Any
 
 from veil.atomic import atomic_write_text
 from veil.errors import StoreError, UserError
+from veil.report.console import BASELINE_NOTE, NEIGHBOURING
 from veil.report.svg import Line, bar_chart, finite, line_chart
 from veil.store import DB_NAME, RunStore
 
@@ -244,7 +245,8 @@ def _answers(
     how = ", ".join(f"{escape(k)} {_num(v)}" for k, v in final.items()) or "no final metrics"
     baseline = _dict(result.get("centralized_baseline"))
     if baseline:
-        how += f" (pooled-data baseline: accuracy {_num(baseline.get('accuracy'))})"
+        note = f"; {BASELINE_NOTE}" if baseline.get("outside_guarantee") else ""
+        how += f" (pooled-data baseline: accuracy {_num(baseline.get('accuracy'))}{note})"
     eps, delta = privacy.get("epsilon"), privacy.get("delta")
     if finite(eps) is not None:
         unit = "record of an organisation" if privacy.get("unit") == "record" else "organisation"
@@ -298,14 +300,16 @@ def _performance(result: Mapping[str, Any], rounds: Sequence[dict[str, Any]]) ->
     final = _dict(result.get("final"))
     rows = [(f"final {k}", _num(v)) for k, v in final.items()]
     baseline = _dict(result.get("centralized_baseline"))
+    outside = f" ({BASELINE_NOTE})" if baseline.get("outside_guarantee") else ""
     rows += [
         (
             f"linear probe of the frozen encoder, {k.removeprefix('linear_probe_')}"
             if k.startswith("linear_probe_")
             else f"pooled-data baseline {k}",
-            _num(v),
+            _num(v) + outside,
         )
         for k, v in baseline.items()
+        if k != "outside_guarantee"
     ]
     body = f'<div class="charts">{"".join(charts)}</div>{_table(rows)}'
     return _section("performance", "Accuracy and loss", body)
@@ -458,7 +462,8 @@ def _privacy_record(privacy: Mapping[str, Any], rounds: Sequence[dict[str, Any]]
         ("accountant", _text(privacy.get("accountant") or "n/a")),
     ]
     if "neighbouring" in privacy:
-        rows.append(("neighbouring relation", _text(privacy["neighbouring"])))
+        relation = privacy["neighbouring"]
+        rows.append(("neighbouring relation", _text(NEIGHBOURING.get(str(relation), relation))))
     if finite(privacy.get("epsilon_rdp")) is not None:
         rows.append(("RDP cross-check ε", _num(privacy["epsilon_rdp"], 4)))
     target = _dict(privacy.get("target"))

@@ -26,7 +26,7 @@ def config(**overrides: Any) -> RunConfig:
     raw: dict[str, Any] = {
         "name": "audit-test",
         "seed": 3,
-        "data": {"dataset": "breast_cancer", "scaling": "local", "validation_fraction": 0.0},
+        "data": {"dataset": "breast_cancer", "scaling": "bounds", "validation_fraction": 0.0},
         "model": {"name": "logistic"},
         "federation": {
             "clients": 3,

@@ -39,7 +39,7 @@ def config(**overrides: Any) -> RunConfig:
     raw: dict[str, Any] = {
         "seed": 3,
         "secure_aggregation": "secagg",
-        "data": {"dataset": "breast_cancer", "scaling": "local"},
+        "data": {"dataset": "breast_cancer", "scaling": "bounds"},
         "model": {"name": "logistic"},
         "federation": {"clients": 6, "rounds": 2, "learning_rate": 0.1},
         "secagg": {"clip_range": 4.0, "max_weight": 1000},

@@ -33,7 +33,12 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.stats import beta, binom
 
-__all__ = ["clopper_pearson_lower", "epsilon_lower_bound", "p_value"]
+__all__ = [
+    "clopper_pearson_interval",
+    "clopper_pearson_lower",
+    "epsilon_lower_bound",
+    "p_value",
+]
 
 
 def _check_counts(m: int, r: int, v: int) -> None:
@@ -54,6 +59,30 @@ def clopper_pearson_lower(successes: int, trials: int, confidence: float) -> flo
     if successes == 0:
         return 0.0
     return float(beta.ppf(1.0 - confidence, successes, trials - successes + 1))
+
+
+def clopper_pearson_interval(successes: int, trials: int, confidence: float) -> tuple[float, float]:
+    """The two-sided Clopper–Pearson ("exact") confidence interval of a binomial proportion.
+
+    Each side has error (1 − confidence)/2: the lower limit is the (1 − confidence)/2 quantile of
+    Beta(successes, trials − successes + 1) (0 for no successes), the upper limit the
+    (1 + confidence)/2 quantile of Beta(successes + 1, trials − successes) (1 when all succeed).
+    Its coverage is at least `confidence` for every true proportion. No trials give (0, 1).
+    """
+    if not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials, got {successes} of {trials}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    if trials == 0:
+        return 0.0, 1.0
+    tail = (1.0 - confidence) / 2.0
+    lower = 0.0 if successes == 0 else float(beta.ppf(tail, successes, trials - successes + 1))
+    upper = (
+        1.0
+        if successes == trials
+        else float(beta.ppf(1.0 - tail, successes + 1, trials - successes))
+    )
+    return lower, upper
 
 
 def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:

@@ -11,9 +11,13 @@ run on the audited mechanism itself:
      on its own column of the head. DP's guarantee does not depend on the model, so auditing
      the mechanism on this widened model audits the mechanism.
    - **Input-space** canaries (black-box): real records the training never saw, with a wrong
-     label, passed through the audited model unchanged.
-2. Train once with the audited recipe (Veil's `DPSGDTrainer` with its clipping, Poisson sampling
-   and CSPRNG noise; or plain SGD for a run without DP).
+     label. Given the audited run's `preprocess` (its raw-record-to-input transform: clamping
+     into the declared feature bounds, then the fixed scaling), they are drawn as raw records
+     and pass through it, exactly as the run's own records did, so an extreme value in a canary
+     is clamped as it would be in training.
+2. Train once with the audited recipe (Veil's `DPSGDTrainer` with the run's per-example
+   clipping norm, Poisson sampling and CSPRNG noise; or plain SGD for a run without DP): the
+   canaries take the run's clipping path, not a re-implementation of it.
 3. Score every canary: gradient canaries by how far the final head column moved towards the
    canary's label, input canaries by their negated loss.
 4. Guess "in" for the k highest and "out" for the k lowest scores, for k in a grid fixed in
@@ -116,6 +120,11 @@ class CanaryAudit:
     mechanism: dict[str, float] | None
     hazard: str | None = None
     scores: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    #: How the input canaries reached the model ("raw ... through the run's preprocessing").
+    preprocessing: str | None = None
+    #: The input canaries' features as the model received them (``{"input": (m, d)}``): what
+    #: the trainer saw, for checking the path.
+    inputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def exceeds(self) -> bool:
@@ -136,6 +145,7 @@ class CanaryAudit:
             "examples": self.examples,
             "mechanism": self.mechanism,
             "hazard": self.hazard,
+            "preprocessing": self.preprocessing,
         }
 
 
@@ -207,6 +217,8 @@ def audit_with_canaries(
     seed: int = 0,
     source: RandomSource | None = None,
     on_round: Callable[[], None] | None = None,
+    preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+    preprocessing: str | None = None,
 ) -> CanaryAudit:
     """Train once with canaries inserted and bound ε from below (see the module docstring).
 
@@ -217,6 +229,10 @@ def audit_with_canaries(
         rng: Draws the canaries and their inclusion; must not be known to the trainer.
         gradient_canaries, input_canaries: How many of each (input canaries come from
             `input_pool`, records that are not in `x_train`).
+        preprocess: The run's transform from raw records to model inputs (e.g. a client's
+            `veil.data.Preprocessing`); `input_pool` then holds raw records, and each input
+            canary passes through it as the run's records did. None: the pool is already in
+            model-input space. `preprocessing` describes it for the record.
         delta: δ of the tested hypothesis; default the recipe's δ, or 1e-5 without DP.
         seed, source: Shuffling seed and DP noise source of the training run.
         on_round: Called after every training round (progress).
@@ -241,8 +257,9 @@ def audit_with_canaries(
                 f"{input_canaries} input canaries need as many pool records, got {available}"
             )
         pick = rng.choice(input_pool[0].shape[0], input_canaries, replace=False)
+        raw = input_pool[0][pick].reshape(input_canaries, n_features)
         x_i = np.zeros((input_canaries, width), dtype=np.float32)
-        x_i[:, :n_features] = input_pool[0][pick].reshape(input_canaries, n_features)
+        x_i[:, :n_features] = raw if preprocess is None else preprocess(raw)
         true = input_pool[1][pick].astype(np.int64)
         wrong = (true + rng.integers(1, n_classes, input_canaries)) % n_classes
         kinds["input"] = (x_i, wrong)
@@ -307,4 +324,6 @@ def audit_with_canaries(
         mechanism=recipe.mechanism(n_all),
         hazard=hazard,
         scores={k: v.tolist() for k, v in scores.items()},
+        preprocessing=preprocessing,
+        inputs={"input": kinds["input"][0][:, :n_features].copy()} if "input" in kinds else {},
     )

@@ -4,17 +4,21 @@ For a run folder (see `veil.privacy.audit.target`) the audit runs, as `AuditSett
 
 - **membership**: the loss-threshold attack and LiRA against the final global model; members are
   the clients' training records, non-members the held-out test records and the clients'
-  validation records. LiRA's shadow models are trained on random halves of that population with
-  the run's model, plan, rounds and DP-SGD mechanism, on pooled data (the centralized baseline's
-  recipe): cheaper than re-running the federation, and a mismatch that can only weaken the
-  attack.
+  validation records. Every figure (AUC, TPR at 1 % and 0.1 % FPR, the FPR reached) comes with
+  a two-sided confidence interval at the audit's `confidence`. LiRA's shadow models are
+  trained on random halves of that population with the run's model, plan, rounds and DP-SGD
+  mechanism, on pooled data (the centralized baseline's recipe): cheaper than re-running the
+  federation, and a mismatch that can only weaken the attack.
 - **inversion**: Inverting Gradients (Geiping et al. 2020) on what the server held after round 1
   (`AuditedRun.server_view`): one client's update with plain aggregation, only the sum with
   SecAgg. Quality: relative error per record (tabular) or SSIM (images).
 - **canaries**: the one-run canary audit (`veil.privacy.audit.canaries`) of the organisation
   with the largest ε, retrained with its DP-SGD mechanism, giving `epsilon_lower` at
-  `confidence` next to the accountant's ε. Runs with client-level DP are not canary-audited in
-  this version (the canaries would have to be whole clients).
+  `confidence` next to the accountant's ε. The input canaries are raw held-out records that go
+  through that organisation's own preprocessing (clamping into the declared feature bounds,
+  then its scaling), and all canaries through the run's `DPSGDTrainer` and clipping norm. Runs
+  with client-level DP are not canary-audited in this version (the canaries would have to be
+  whole clients).
 
 The findings go into `result.json` as its `audit` section (written atomically); everything else
 in the file is kept.
@@ -202,12 +206,16 @@ def _membership(
         shadows=shadows,
         rng=np.random.default_rng(derive_seed(seed, Purpose.SELECT_FIT)),
         on_shadow=lambda: progress.advance("membership: shadow models"),
+        confidence=settings.confidence,
     )
     return {
         "target": "final global model",
         "members": int(is_member.sum()),
         "non_members": int((~is_member).sum()),
-        "loss_threshold": loss_threshold(target, x, y, is_member).to_dict(),
+        "confidence": settings.confidence,
+        "loss_threshold": loss_threshold(
+            target, x, y, is_member, confidence=settings.confidence
+        ).to_dict(),
         "lira": {**lira_metrics.to_dict(), "shadows": shadows},
         "shadow_training": "pooled data, the run's model, plan and rounds"
         + (", DP-SGD with the run's σ and C" if recipe.dp else ""),
@@ -273,7 +281,24 @@ def _canaries(
     index, organisation = run.organisation()
     client = run.fed.clients[index]
     recipe = run.recipe(organisation)
-    pool_x, pool_y = run.fed.x_test, run.fed.y_test
+    # Input canaries: raw held-out records through the organisation's own preprocessing (the
+    # declared bounds clamp them as they clamped its records); without the raw records (data
+    # built elsewhere), the test set as the run scaled it.
+    raw = run.fed.x_test_raw
+    pool_x, pool_y = (run.fed.x_test if raw is None else raw), run.fed.y_test
+    preprocess = None if raw is None else client.preprocessing
+    path = (
+        f"raw held-out records through {client.name}'s preprocessing: "
+        f"{client.preprocessing.describe()}"
+        if preprocess is not None
+        else "held-out records as the run scaled its test set"
+    )
+    trainer = (
+        f"DPSGDTrainer: per-example clipping to C = {recipe.dp.clip_norm:g}, Poisson sampling, "
+        f"noise multiplier {recipe.dp.noise_multiplier:.4g}"
+        if recipe.dp is not None
+        else "SGDTrainer (no DP)"
+    )
     inputs = min(settings.pick(settings.input_canaries, _INPUT_CANARIES), int(pool_y.size))
     progress.start("canaries: training rounds", recipe.rounds)
     audit = audit_with_canaries(
@@ -290,9 +315,12 @@ def _canaries(
         seed=derive_seed(seed, Purpose.LOCAL_TRAINING),
         source=run.noise_source(30_011) if recipe.dp else None,
         on_round=lambda: progress.advance("canaries: training rounds"),
+        preprocess=preprocess,
+        preprocessing=path,
     )
     return {
         "organisation": client.name,
         "run_epsilon": organisation["epsilon"] if organisation else None,
         **audit.to_dict(),
+        "trainer": trainer,
     }

@@ -41,12 +41,21 @@ step, and loose); `calibrate_noise_multiplier` searches σ on the accountant its
 An accountant's state is data: `Accountant.state()` lists the composed mechanism events
 (dp-accounting `DpEvent`s, written as JSON with their parameters) in the order they were composed,
 and `Accountant.from_state` composes them again, giving bit for bit the same ε. A resumed run
-continues its account from the state its checkpoint holds.
+continues its account from the state its checkpoint holds, and `result.json`'s privacy record
+carries the same state, so that anyone can compose the events again.
+
+`independent_epsilon` recomputes ε for such compositions with an accountant that shares no code
+with the run's: Microsoft's `prv-accountant` (privacy random variables, Gopi, Lee & Wutschitz
+2021, "Numerical Composition of Differential Privacy"), falling back to dp-accounting's RDP
+accountant where `prv-accountant` cannot be used. `veil privacy verify` checks a run's record
+with it.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.metadata
 import logging
 import math
 import numbers
@@ -59,6 +68,7 @@ import numpy as np
 import numpy.typing as npt
 from dp_accounting.pld import privacy_loss_distribution as _pld
 from dp_accounting.rdp import rdp_privacy_accountant as _rdp
+from scipy.special import ndtr
 
 from veil.errors import ConfigError
 
@@ -70,15 +80,21 @@ __all__ = [
     "MAX_NOISE_MULTIPLIER",
     "MIN_NOISE_MULTIPLIER",
     "PLD_VALUE_DISCRETIZATION",
+    "PRV_MAX_POINTS",
     "STATE_VERSION",
+    "VERIFY_TOLERANCE",
     "Accountant",
     "AccountantKind",
+    "Composition",
     "EpsilonReport",
     "Neighbouring",
     "calibrate_noise_multiplier",
+    "distributed_noise_multiplier",
     "dpsgd_epsilon",
     "epsilon_per_round",
+    "independent_epsilon",
     "report",
+    "state_compositions",
 ]
 
 Neighbouring = Literal["add_or_remove", "replace"]
@@ -335,24 +351,15 @@ class Accountant:
         so ε is the same to the last bit. `ValueError` for a state this version cannot read."""
         if not isinstance(state, Mapping):
             raise ValueError("accountant state: not an object")
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(
-                f"accountant state: version {state.get('version')!r}, expected {STATE_VERSION}"
-            )
+        compositions = state_compositions(state)
         try:
             accountant = cls(
                 state["kind"],
                 neighbouring=state["neighbouring"],
                 value_discretization_interval=float(state["value_discretization_interval"]),
             )
-            events = state["events"]
-            if not isinstance(events, list):
-                raise ValueError("events must be a list")
-            for entry in events:
-                times = _check_count(entry["times"], "times")
-                event = _event_from_json(entry["event"])
-                for _ in range(times):
-                    accountant._compose_event(event)
+            for c in compositions:  # q = 1 is composed as the plain Gaussian it was
+                accountant.compose_subsampled_gaussian(c.noise_multiplier, c.sampling_rate, c.count)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"accountant state: {exc}") from None
         if accountant.steps != state.get("steps"):
@@ -361,23 +368,6 @@ class Accountant:
                 f"but it says {state.get('steps')!r}"
             )
         return accountant
-
-    def _compose_event(self, event: dp_accounting.DpEvent) -> None:
-        """Compose one event as `state()` writes them (a self-composed, possibly Poisson-sampled,
-        Gaussian)."""
-        if not isinstance(event, dp_accounting.SelfComposedDpEvent):
-            raise ValueError(f"unsupported event {event!r}")
-        inner = event.event
-        if isinstance(inner, dp_accounting.PoissonSampledDpEvent) and isinstance(
-            inner.event, dp_accounting.GaussianDpEvent
-        ):
-            self.compose_subsampled_gaussian(
-                inner.event.noise_multiplier, inner.sampling_probability, event.count
-            )
-        elif isinstance(inner, dp_accounting.GaussianDpEvent):
-            self.compose_gaussian(inner.noise_multiplier, event.count)
-        else:
-            raise ValueError(f"unsupported event {event!r}")
 
     def _rdp_step(self, sigma: float, q: float) -> npt.NDArray[np.float64]:
         """Add-or-remove RDP of one step; for a subsampled step under "replace", at 2α, 2α − 1."""
@@ -733,3 +723,280 @@ def report(
         accountant=Accountant("pld", neighbouring=neighbouring).describe(),
         neighbouring=neighbouring,
     )
+
+
+# --------------------------------------------------------------------------- independent check
+
+#: The error `independent_epsilon` allows its PRV accountant (`eps_error` of Gopi et al.: the
+#: estimate is within this much of the true ε), and so the tolerance `veil privacy verify`
+#: grants a recorded ε below the recomputed one.
+VERIFY_TOLERANCE = 0.01
+
+#: The most grid points `independent_epsilon` lets the PRV accountant use (its FFT grows with
+#: them: about 10⁵ for a typical run, 10⁸ for a run whose ε is in the thousands). Beyond it, it
+#: falls back to RDP rather than run for minutes.
+PRV_MAX_POINTS = 10_000_000
+
+
+@dataclass(frozen=True)
+class Composition:
+    """`count` Poisson-subsampled Gaussian steps with noise multiplier σ and rate q (q = 1: plain
+    Gaussians)."""
+
+    noise_multiplier: float
+    sampling_rate: float
+    count: int
+
+
+def state_compositions(state: Mapping[str, Any]) -> list[Composition]:
+    """What an `Accountant.state()` composed: one `Composition` per `compose_*` call (a round),
+    in order, every `times` repetition listed. `ValueError` for a state this version cannot
+    read."""
+    if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+        raise ValueError(
+            f"accountant state: version {_version_of(state)!r}, expected {STATE_VERSION}"
+        )
+    events = state.get("events")
+    if not isinstance(events, list):
+        raise ValueError("accountant state: events must be a list")
+    out: list[Composition] = []
+    try:
+        for entry in events:
+            times = _check_count(entry["times"], "times")
+            event = _event_from_json(entry["event"])
+            if not isinstance(event, dp_accounting.SelfComposedDpEvent):
+                raise ValueError(f"unsupported event {event!r}")
+            inner = event.event
+            if isinstance(inner, dp_accounting.PoissonSampledDpEvent) and isinstance(
+                inner.event, dp_accounting.GaussianDpEvent
+            ):
+                step = Composition(
+                    float(inner.event.noise_multiplier),
+                    float(inner.sampling_probability),
+                    int(event.count),
+                )
+            elif isinstance(inner, dp_accounting.GaussianDpEvent):
+                step = Composition(float(inner.noise_multiplier), 1.0, int(event.count))
+            else:
+                raise ValueError(f"unsupported event {event!r}")
+            out.extend([step] * times)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"accountant state: {exc}") from None
+    return out
+
+
+def _version_of(state: object) -> object:
+    return state.get("version") if isinstance(state, Mapping) else None
+
+
+def distributed_noise_multiplier(
+    *, sensitivity: float, client_stddev: float, shares: int, tau: float, dimension: int
+) -> float:
+    """The noise multiplier that Kairouz, Liu & Steinke 2021 (Theorem 1) certify for a sum of
+    `shares` clients' discrete Gaussian noise N_Z(0, σ_c²) per coordinate, added to an integer
+    vector of L2 sensitivity Δ in `dimension` (d) coordinates: the sum is ½ε²-concentrated DP
+    with
+
+        ε = min(√(Δ²/(nσ_c²) + ½τd), Δ/(√n·σ_c) + τ√d),
+
+    which at every Rényi order is the divergence of a Gaussian mechanism with multiplier 1/ε;
+    1/ε is returned. τ must be their τ for (at least) these n shares. Theorem 1 needs σ_c ≥ ½.
+    """
+    if not (client_stddev >= 0.5 and sensitivity > 0 and shares >= 1 and dimension >= 1):
+        raise ValueError(
+            "Kairouz et al.'s Theorem 1 needs σ_c >= 1/2, Δ > 0, n >= 1 and d >= 1; got "
+            f"σ_c = {client_stddev!r}, Δ = {sensitivity!r}, n = {shares!r}, d = {dimension!r}"
+        )
+    if not (math.isfinite(tau) and tau >= 0):
+        raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
+    scale = sensitivity / (math.sqrt(shares) * client_stddev)
+    eps = min(math.sqrt(scale**2 + 0.5 * tau * dimension), scale + tau * math.sqrt(dimension))
+    return 1.0 / eps
+
+
+def independent_epsilon(
+    compositions: Sequence[Composition],
+    delta: float,
+    *,
+    neighbouring: Neighbouring = "add_or_remove",
+    tolerance: float = VERIFY_TOLERANCE,
+) -> tuple[float, str]:
+    """ε(δ) of `compositions`, by an accountant other than the run's dp-accounting PLD, and
+    which accountant it was.
+
+    Primary: `prv-accountant`'s privacy random variables (Gopi, Lee & Wutschitz 2021), its
+    estimate within `tolerance` of the true ε. Add-or-remove takes the worse of the two
+    directions (removal: its own `PoissonSubsampledGaussianMechanism`; addition, and replacement
+    of one unit by another, from the closed-form privacy-loss distributions below), each
+    composed over all steps. When `prv-accountant` is not installed, fails numerically, or would
+    need more than `PRV_MAX_POINTS` grid points (an ε in the hundreds), it falls back to
+    dp-accounting's RDP accountant (Mironov 2017; valid, but looser than PLD).
+    """
+    delta = _check_delta(delta)
+    neighbouring = _check_neighbouring(neighbouring)
+    steps = [
+        Composition(
+            _check_noise_multiplier(c.noise_multiplier),
+            _check_sampling_rate(c.sampling_rate),
+            _check_count(c.count, "count"),
+        )
+        for c in compositions
+    ]
+    grouped: dict[tuple[float, float], int] = {}
+    for c in steps:
+        if c.count:
+            key = (c.noise_multiplier, c.sampling_rate)
+            grouped[key] = grouped.get(key, 0) + c.count
+    if not grouped:
+        return 0.0, "none (nothing composed)"
+    try:
+        prv = importlib.import_module("prv_accountant")
+    except ImportError:
+        reason = "prv-accountant is not installed"
+    else:
+        try:
+            eps = _prv_epsilon(prv, grouped, delta, neighbouring, tolerance)
+        except (ValueError, RuntimeError, FloatingPointError) as exc:
+            reason = f"prv-accountant not used: {exc}"
+        else:
+            version = importlib.metadata.version("prv-accountant")
+            return eps, f"prv-accountant {version} (Gopi, Lee, Wutschitz 2021; {neighbouring})"
+    rdp = Accountant("rdp", neighbouring=neighbouring)
+    for (sigma, q), count in grouped.items():
+        rdp.compose_subsampled_gaussian(sigma, q, count)
+    return rdp.epsilon(delta), f"dp-accounting RDP ({neighbouring}; fallback: {reason})"
+
+
+def _prv_epsilon(
+    prv: Any,
+    grouped: Mapping[tuple[float, float], int],
+    delta: float,
+    neighbouring: Neighbouring,
+    tolerance: float,
+) -> float:
+    """The PRV accountant's estimate of ε(δ), the worse direction for add-or-remove."""
+    directions: list[list[Any]] = []
+    if neighbouring == "add_or_remove":
+        directions.append(
+            [
+                prv.PoissonSubsampledGaussianMechanism(q, sigma)
+                if q < 1
+                else prv.GaussianMechanism(sigma)
+                for sigma, q in grouped
+            ]
+        )
+        if any(q < 1 for _, q in grouped):
+            directions.append(
+                [
+                    _AddedUnit(prv, q, sigma) if q < 1 else prv.GaussianMechanism(sigma)
+                    for sigma, q in grouped
+                ]
+            )
+    else:
+        directions.append(
+            [
+                _ReplacedUnit(prv, q, sigma)
+                if q < 1
+                else prv.GaussianMechanism(sigma, l2_sensitivity=2.0)
+                for sigma, q in grouped
+            ]
+        )
+    counts = list(grouped.values())
+    tolerance = max(tolerance, 1e-3)  # the grid's mesh shrinks with it
+    domain = importlib.import_module("prv_accountant.accountant").compute_safe_domain_size
+    # The accountant's own grid (Gopi et al., Theorem 5.5 and Remark 5.6).
+    mesh = tolerance / math.sqrt(sum(counts) / 2 * math.log(12 / (delta / 1000)))
+    worst = 0.0
+    for prvs in directions:
+        points = 2 * domain(prvs, counts, eps_error=tolerance, delta_error=delta / 1000) / mesh
+        if points > PRV_MAX_POINTS:
+            raise ValueError(
+                f"this composition needs {points:.3g} grid points, more than the "
+                f"{PRV_MAX_POINTS:.0e} allowed"
+            )
+        accountant = prv.PRVAccountant(
+            prvs=prvs,
+            eps_error=tolerance,
+            delta_error=delta / 1000,
+            max_self_compositions=counts,
+        )
+        _lower, estimate, _upper = accountant.compute_epsilon(delta, counts)
+        if math.isnan(estimate):
+            raise FloatingPointError(f"ε estimate {estimate!r}")
+        worst = max(worst, float(estimate))
+    return worst
+
+
+class _AddedUnit:
+    """The privacy loss of a Poisson-subsampled Gaussian when the neighbour *adds* the unit:
+    X ~ N(0, σ²) (without it), L = −log((1 − q) + q·exp((2X − 1)/(2σ²))) (in units of C).
+    L ≤ ℓ iff X ≥ σ²·log((e^−ℓ − (1 − q))/q) + ½, so its CDF is closed-form; L < −log(1 − q).
+    A `prv_accountant.PrivacyRandomVariable` by its interface (cdf, probability, rdp, pm_inf)."""
+
+    pm_inf = 0.0
+
+    def __init__(self, prv: Any, q: float, sigma: float) -> None:
+        self.q, self.sigma = q, sigma
+        self._removal = prv.PoissonSubsampledGaussianMechanism(q, sigma)
+
+    def cdf(self, loss: Any) -> Any:
+        t = np.asarray(loss, dtype=np.float64)
+        q, s = self.q, self.sigma
+        with np.errstate(all="ignore"):
+            inner = np.log1p(-(1.0 - q) * np.exp(t))  # log(1 − (1 − q)e^ℓ), −inf/NaN at the top
+            threshold = s * s * (inner - t - math.log(q)) + 0.5
+            below = _normal_cdf(-threshold / s)
+        return np.where(t >= -math.log1p(-q), 1.0, np.nan_to_num(below, nan=1.0))
+
+    def probability(self, a: Any, b: Any) -> Any:
+        return self.cdf(b) - self.cdf(a)
+
+    def rdp(self, alpha: float) -> float:
+        # Mironov, Talwar & Zhang 2019: their bound covers both directions.
+        return float(self._removal.rdp(alpha))
+
+
+class _ReplacedUnit:
+    """The privacy loss of a Poisson-subsampled Gaussian when the neighbour *replaces* the unit
+    by another (the sum moves by up to 2C): P = (1 − q)N(0, σ²) + qN(1, σ²) against
+    Q = (1 − q)N(0, σ²) + qN(−1, σ²), X ~ P. L(X) = log P(X)/Q(X) increases with X; with
+    a = e^(X/σ²) and c = e^(−1/(2σ²)), L = ℓ solves q·c·a² + (1 − q)(1 − e^ℓ)·a − e^ℓ·q·c = 0.
+    Symmetric, so one direction is enough."""
+
+    pm_inf = 0.0
+
+    def __init__(self, prv: Any, q: float, sigma: float) -> None:
+        self.q, self.sigma = q, sigma
+        self._removal = prv.PoissonSubsampledGaussianMechanism(q, sigma)
+
+    def cdf(self, loss: Any) -> Any:
+        ell = np.asarray(loss, dtype=np.float64)
+        q, s = self.q, self.sigma
+        c = math.exp(-0.5 / (s * s))
+        with np.errstate(all="ignore"):
+            e = np.exp(ell)
+            b = (1.0 - q) * (1.0 - e)
+            root = np.sqrt(b * b + 4.0 * q * q * c * c * e)
+            # The positive root, in the form without cancellation for either sign of b.
+            a = np.where(b >= 0, 2.0 * q * c * e / (b + root), (root - b) / (2.0 * q * c))
+            x = s * s * np.log(a)
+            value = (1.0 - q) * _normal_cdf(x / s) + q * _normal_cdf((x - 1.0) / s)
+        return np.nan_to_num(value, nan=0.0, posinf=1.0, neginf=0.0)
+
+    def probability(self, a: Any, b: Any) -> Any:
+        return self.cdf(b) - self.cdf(a)
+
+    def rdp(self, alpha: float) -> float:
+        # At most the unsampled Gaussian of sensitivity 2 (joint convexity), and at most
+        # Mironov 2017's weak triangle bound through the data set without the unit.
+        plain = 2.0 * alpha / self.sigma**2
+        if alpha <= 1.0:
+            return plain
+        triangle = (alpha - 0.5) / (alpha - 1.0) * float(self._removal.rdp(2.0 * alpha)) + float(
+            self._removal.rdp(2.0 * alpha - 1.0)
+        )
+        return min(plain, triangle)
+
+
+def _normal_cdf(x: Any) -> Any:
+    return ndtr(x)

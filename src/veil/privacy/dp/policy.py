@@ -7,6 +7,15 @@ through the accountant before the run, refuse to start when the target cannot be
 what actually ran after every round, and report ε per round (never decreasing) and the privacy
 record of `result.json`.
 
+The privacy record is recomputable: it carries each accountant's `state()` (the composed
+dp-accounting `DpEvent`s, one per round, as JSON), and with distributed DP (client level under
+SecAgg) every round's encoding step γ, dimension d, threshold t, clients n, per-client noise σ_c
+and Kairouz et al.'s τ. It states the neighbouring relation the figures hold for: the record
+publishes each organisation's size (record level) or the federation's (client level), which
+tells a data set with one unit more or fewer apart, so the add-or-remove figures are stated for
+*zero-out* neighbours (one unit replaced by a null one that contributes nothing; Kairouz,
+McMahan, Song, Thakkar, Thakurta, Xu 2021), for which they are exact, or for replacement.
+
 Both survive a crash: `state()` is the account after the last round as JSON data (the settings
 it was kept for and each accountant's composed events), which the run writes into its
 checkpoint; `restore()` checks it against the policy the configuration gives now, refuses a
@@ -34,6 +43,8 @@ from veil.privacy.dp.accountant import (
 from veil.privacy.dp.client_level import ClipUpdate, GaussianSumNoise
 from veil.privacy.dp.dpsgd import DPSGDTrainer, poisson_schedule
 from veil.privacy.dp.randomness import RandomSource, SecureRandom, SeededRandom, require_secure
+from veil.privacy.secagg.distributed_dp import DistributedGaussian, tau
+from veil.privacy.secagg.quantize import FixedPoint
 from veil.seeding import Purpose, derive_seed
 from veil.tensors import NamedArrays
 
@@ -103,6 +114,18 @@ def _noise_multiplier(
             "or a larger target"
         )
     return sigma
+
+
+def stated_neighbouring(config: PrivacyConfig) -> str:
+    """The neighbouring relation a run's figures are stated for in its record.
+
+    The record publishes sizes (each organisation's records, the number of organisations, how
+    many took part in each round), and those tell a data set with one unit more or fewer apart;
+    so "add_or_remove" accounting is stated for zero-out neighbours (the unit is replaced by a
+    null one that contributes nothing, sizes unchanged), whose ε it is exactly. Replacement
+    keeps the sizes too and is stated as it is.
+    """
+    return "zero_out" if config.neighbouring == "add_or_remove" else config.neighbouring
 
 
 def _report(config: PrivacyConfig, sigma: float, q: float, steps: int) -> EpsilonReport:
@@ -363,8 +386,9 @@ class RecordLevelPrivacy(_Observer):
             "steps": steps,
         }
 
-    def privacy_record(self, aggregation: str) -> dict[str, Any]:
-        """The `privacy` object of result.json: ε is the largest organisation's."""
+    def privacy_record(self, aggregation: str, *, dimension: int | None = None) -> dict[str, Any]:
+        """The `privacy` object of result.json: ε is the largest organisation's; each
+        organisation's `accounting` is its accountant's `state()` (one DpEvent per round)."""
         per_org = []
         for org in self.organisations.values():
             rep = _report(self.config, org.noise_multiplier, org.sampling_rate, org.steps)
@@ -375,6 +399,7 @@ class RecordLevelPrivacy(_Observer):
                     "epsilon_rdp": rep.epsilon_rdp,
                     "examples": org.n_examples,
                     "mechanism": self._mechanism(org, org.steps),
+                    "accounting": org.accountant.state(),
                 }
             )
         worst = max(per_org, key=lambda o: (o["epsilon"], o["name"]))
@@ -383,7 +408,7 @@ class RecordLevelPrivacy(_Observer):
             "epsilon": self.epsilon,
             "delta": self.config.delta,
             "accountant": Accountant("pld", neighbouring=self.config.neighbouring).describe(),
-            "neighbouring": self.config.neighbouring,
+            "neighbouring": stated_neighbouring(self.config),
             "aggregation": aggregation,
             "attestation": None,
             "mechanism": worst["mechanism"],
@@ -408,6 +433,8 @@ class ClientLevelPrivacy(_Observer):
     epsilon: float = 0.0
     #: The last round composed.
     last_round: int = 0
+    #: Distributed DP: what each round's secure aggregation reported (`_distributed_round`).
+    distributed_rounds: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def plan(
@@ -469,6 +496,8 @@ class ClientLevelPrivacy(_Observer):
         self.epsilon = max(self.epsilon, self.accountant.epsilon(self.config.delta))
         record.epsilon = self.epsilon
         record.metrics["clip_norm"] = self.server_stage.last_clip_norm
+        if self.distributed:
+            self.distributed_rounds.append(_distributed_round(record))
         self.last_round = record.round
 
     def _mechanism_settings(self) -> dict[str, Any]:
@@ -501,6 +530,7 @@ class ClientLevelPrivacy(_Observer):
                 "last_clip_norm": stage.last_clip_norm,
                 "history": list(stage.clip_history),
             },
+            "distributed_rounds": [dict(r) for r in self.distributed_rounds],
         }
 
     def restore(self, state: Mapping[str, Any], *, round_: int) -> None:
@@ -524,7 +554,13 @@ class ClientLevelPrivacy(_Observer):
             history = [float(c) for c in clipping["history"]]
         except (KeyError, TypeError, ValueError):
             raise _unreadable(f"clipping = {clipping!r}") from None
+        distributed = state.get("distributed_rounds", [])  # absent from older checkpoints
+        if not isinstance(distributed, list) or not all(
+            isinstance(r, Mapping) for r in distributed
+        ):
+            raise _unreadable(f"distributed_rounds = {distributed!r}")
         self.accountant, self.steps = accountant, round_
+        self.distributed_rounds = [dict(r) for r in distributed]
         self.epsilon = max(
             _number(state, "epsilon", "the federation"), accountant.epsilon(self.config.delta)
         )
@@ -555,17 +591,72 @@ class ClientLevelPrivacy(_Observer):
             else "Gaussian, added by the server",
         }
 
-    def privacy_record(self, aggregation: str) -> dict[str, Any]:
+    def privacy_record(self, aggregation: str, *, dimension: int | None = None) -> dict[str, Any]:
+        """The `privacy` object of result.json; `accounting` is the accountant's `state()` (one
+        DpEvent per round). With distributed DP, `dimension` is the number of update
+        coordinates d each client encodes, and `distributed_dp` lists every round's
+        parameters (Kairouz, Liu, Steinke 2021)."""
         rep = _report(self.config, self.noise_multiplier, self.sampling_rate, self.steps)
-        return {
+        record: dict[str, Any] = {
             "unit": "client",
             "epsilon": self.epsilon,
             "delta": self.config.delta,
             "accountant": self.accountant.describe(),
-            "neighbouring": self.config.neighbouring,
+            "neighbouring": stated_neighbouring(self.config),
             "aggregation": aggregation,
             "attestation": None,
             "mechanism": self._mechanism(self.steps),
             "epsilon_rdp": rep.epsilon_rdp,
             "target": {"epsilon": self.config.epsilon, "delta": self.config.delta},
+            "accounting": self.accountant.state(),
         }
+        if self.distributed and dimension is not None:
+            record["distributed_dp"] = self._distributed_record(dimension)
+        return record
+
+    def _distributed_record(self, dimension: int) -> dict[str, Any]:
+        """Everything Kairouz et al.'s bound needs, per round: γ (`step`), d, t, n, σ_c, τ and
+        the modulus. `clients` is n, the clients selected (the most noise shares a sum can
+        hold, for τ); `survivors` those whose masked update was summed (t or more, or none
+        when the round's sum was not unmasked: then nothing was released)."""
+        z, clip = self.noise_multiplier, self.config.clip_norm
+        rounds = []
+        for entry in self.distributed_rounds:
+            row = dict(entry)
+            step, threshold = entry.get("step"), entry.get("threshold")
+            bits, clients = entry.get("modulus_bits"), entry.get("clients")
+            if (
+                isinstance(step, int | float)
+                and isinstance(threshold, int)
+                and isinstance(bits, int)
+                and isinstance(clients, int)
+            ):
+                noise = DistributedGaussian(z, clip, dimension, FixedPoint(bits, float(step)))
+                sigma_c = noise.client_stddev(threshold)
+                row |= {
+                    "sensitivity": noise.sensitivity,
+                    "client_stddev": sigma_c,
+                    "tau": tau(clients, sigma_c),
+                }
+            rounds.append(row)
+        return {
+            "mechanism": "distributed discrete Gaussian (Kairouz, Liu, Steinke 2021)",
+            "noise_multiplier": z,
+            "clip_norm": clip,
+            "dimension": dimension,
+            "rounds": rounds,
+        }
+
+
+def _distributed_round(record: RoundRecord) -> dict[str, Any]:
+    """What a distributed-DP round's secure aggregation reported: the clients selected, the
+    threshold, the modulus and the encoding step the round used, and the survivors whose noisy
+    updates were summed (none when the sum was not unmasked)."""
+    report = record.aggregation
+    row: dict[str, Any] = {"round": record.round, "clients": record.selected}
+    for key in ("threshold", "modulus_bits", "step"):
+        if isinstance(report.get(key), int | float):
+            row[key] = report[key]
+    survivors = report.get("survivors")
+    row["survivors"] = int(survivors) if isinstance(survivors, int) and "error" not in report else 0
+    return row
