@@ -512,11 +512,20 @@ def _wait_for(predicate: Any, timeout: float) -> None:
 
 
 @pytest.mark.slow
-def test_deployed_server_killed_after_round_4_resumes_the_same_account(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", ["client", "record"])
+def test_deployed_server_killed_after_round_4_resumes_the_same_account(
+    tmp_path: Path, unit: str
+) -> None:
     from veil.deployment import prepare_deployment
 
-    config_path = write_config(tmp_path, DEPLOYED)
-    set_budgets(tmp_path / "ledger.db", "resume-deployed")
+    text = DEPLOYED if unit == "client" else DEPLOYED.replace('unit = "client"', 'unit = "record"')
+    config_path = write_config(tmp_path, text)
+    ids = (
+        ["resume-deployed"]
+        if unit == "client"
+        else [f"resume-deployed/client-{i}" for i in range(3)]
+    )
+    set_budgets(tmp_path / "ledger.db", *ids)
     config = load_config(config_path)
     files = prepare_deployment(config, tmp_path / "out", config_path=config_path)
     out, logs = files.run_dir, files.logs
@@ -560,7 +569,12 @@ def test_deployed_server_killed_after_round_4_resumes_the_same_account(tmp_path:
     assert_same_account(resumed, reference)
     with PrivacyLedger(tmp_path / "ledger.db") as book:
         charges = book.charges()
-    assert len(charges) == 1 and charges[0].released_at is not None  # charged once
+    # Charged once (per organisation at record level), and released.
+    assert len(charges) == len(ids) and all(c.released_at is not None for c in charges)
+    if unit == "record":
+        per_org = {o["name"]: o for o in resumed["privacy"]["per_organisation"]}
+        for org in reference.privacy.model_extra["per_organisation"]:  # type: ignore[index]
+            assert per_org[org["name"]]["epsilon"] == pytest.approx(org["epsilon"], abs=1e-6)
     # Killed after round 4's checkpoint, before its row reached the run store: the resumed
     # server wrote that row from the checkpoint (result.json has every round, checked above).
     assert stored == list(range(1, KILL_AFTER))
