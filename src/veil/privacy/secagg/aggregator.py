@@ -9,7 +9,8 @@ individual unmasked update, only masked vectors and the final sum.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from veil.federation.messages import FitResult
 from veil.federation.pipeline import (
@@ -100,31 +101,21 @@ class _SecAggAccumulator:
         clients = self.params.clients
         announcement = params_to_bytes(self.params)
         replies = self.channel.exchange(SETUP, {c: announcement for c in clients})
-        credentials: dict[str, Advertised] = {}
-        for client, body in replies.items():
-            try:
-                advertised = Advertised.from_bytes(body)
-                if advertised.advertisement.client != client:
-                    raise SecAggError(f"{client!r} advertised keys for another client")
-                self.session.collect(advertised.advertisement)
-            except SecAggError:
-                continue  # a malformed answer drops that client from the round
-            credentials[client] = advertised
+        credentials = _accepted(
+            replies,
+            Advertised.from_bytes,
+            lambda a: a.advertisement.client,
+            lambda a: self.session.collect(a.advertisement),
+        )
         self.session.advertisements()  # closes key collection
         # Every client gets every advertisement: each checks all views, and derives the graph.
         bundle = KeyBundle(credentials).to_bytes()
-        shared = []
-        for client, body in self.channel.exchange(
-            SHARE, dict.fromkeys(credentials, bundle)
-        ).items():
-            try:
-                shares = EncryptedShares.from_bytes(body)
-                if shares.sender != client:
-                    raise SecAggError(f"{client!r} sent shares in another client's name")
-                self.session.route(shares)
-            except SecAggError:
-                continue
-            shared.append(client)
+        shared = _accepted(
+            self.channel.exchange(SHARE, dict.fromkeys(credentials, bundle)),
+            EncryptedShares.from_bytes,
+            lambda s: s.sender,
+            self.session.route,
+        )
         # Only clients whose own shares went out may mask: their peers mask with them.
         routed = {client: self.session.shares_for(client) for client in shared}
         deliveries = {c: shares_to_bytes(s) for c, s in routed.items()}
@@ -150,25 +141,18 @@ class _SecAggAccumulator:
             request = self.session.unmask_request()
             body = request.to_bytes()
             signed = self.channel.exchange(SIGN, dict.fromkeys(sorted(request.survivors), body))
-            for client, reply in signed.items():
-                try:
-                    signature = ConsistencySignature.from_bytes(reply)
-                    if signature.client != client:
-                        raise SecAggError(f"{client!r} signed in another client's name")
-                    self.session.add_signature(signature)
-                except SecAggError:
-                    continue
+            _accepted(
+                signed,
+                ConsistencySignature.from_bytes,
+                lambda m: m.client,
+                self.session.add_signature,
+            )
             check = self.session.consistency_check()
             body = check.to_bytes()
             replies = self.channel.exchange(UNMASK, dict.fromkeys(sorted(check.signatures), body))
-            for client, reply in replies.items():
-                try:
-                    unmask = UnmaskReply.from_bytes(reply)
-                    if unmask.client != client:
-                        raise SecAggError(f"{client!r} answered in another client's name")
-                    self.session.add_unmask_reply(unmask)
-                except SecAggError:
-                    continue
+            _accepted(
+                replies, UnmaskReply.from_bytes, lambda m: m.client, self.session.add_unmask_reply
+            )
             total = self.session.finish()
         except SecAggError as exc:
             raise AggregationFailed(f"secure aggregation: {exc}") from None
@@ -192,3 +176,27 @@ class _SecAggAccumulator:
             sums=sums,
             report=self._report,
         )
+
+
+_M = TypeVar("_M")
+
+
+def _accepted(
+    replies: Mapping[str, bytes],
+    parse: Callable[[bytes], _M],
+    author: Callable[[_M], str],
+    accept: Callable[[_M], object],
+) -> dict[str, _M]:
+    """The replies the session accepted, by client. A malformed reply, one in another client's
+    name, or one the session refuses drops that client from the step (and so from the round)."""
+    accepted = {}
+    for client, body in replies.items():
+        try:
+            message = parse(body)
+            if author(message) != client:
+                raise SecAggError(f"{client!r} answered in another client's name")
+            accept(message)
+        except SecAggError:
+            continue
+        accepted[client] = message
+    return accepted
