@@ -144,6 +144,7 @@ class GrpcGateway(pb_grpc.FederationServicer):
         self._on_event = on_event or (lambda event: None)
         #: Reads the CA's newest revocation list (PEM), handed to every member with every task.
         self._revocations = revocations
+        self._checked_revocations = b""
         self._ca: x509.Certificate | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -421,12 +422,16 @@ class GrpcGateway(pb_grpc.FederationServicer):
 
     def _current_revocations(self) -> str | None:
         """The newest revocation list as text for a task, after checking the CA signed it; the
-        server also refuses the certificates on it from now on."""
+        server also refuses the certificates on it from now on. Read on every task and every
+        authentication, so a list published mid-run takes effect at the next call; checked
+        only when its bytes change."""
         if self._revocations is None or self._ca is None:
             return None
         pem = self._revocations()
         if pem is None:
             return None
+        if pem == self._checked_revocations:
+            return pem.decode("ascii")
         try:
             listed = load_revocations(pem, self._ca)
         except VeilError as exc:
@@ -434,12 +439,14 @@ class GrpcGateway(pb_grpc.FederationServicer):
             return None
         with self._lock:
             self._revoked = self._revoked | listed.serials
+            self._checked_revocations = pem
         return pem.decode("ascii")
 
     def _authenticate(
         self, claimed: str | None, context: grpc.ServicerContext, *, allow_any: bool = False
     ) -> str:
         if self._secure:
+            self._current_revocations()
             auth = context.auth_context()
             pem = (auth.get("x509_pem_cert") or [b""])[0]
             try:
