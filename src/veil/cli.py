@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=["simulation", "deployment", "ray"],
         help="override the config's mode (same config, run another way)",
     )
+    p_run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run that stopped (crash, kill) from --out's checkpoint, privacy "
+        "account included",
+    )
     p_run.set_defaults(handler=_cmd_run)
 
     p_runs = sub.add_parser("runs", help="list and show runs recorded in a run store")
@@ -111,15 +117,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if config.mode == "deployment":
         from veil.deployment import run_deployment
 
-        result = run_deployment(config, out, config_path=args.config)
+        result = run_deployment(config, out, config_path=args.config, resume=args.resume)
         if not args.quiet:
             print_result(result, _stdout_console())
     elif args.quiet:
-        result = run(config, out)
+        result = run(config, out, resume=args.resume)
     else:
         console = Console(stderr=True)
         with ProgressDisplay(config.federation.rounds, console=console) as display:
-            result = run(config, out, observers=[display])
+            result = run(config, out, observers=[display], resume=args.resume)
         print_result(result, _stdout_console())
     path = out / RESULT_FILE
     if not args.quiet:

@@ -78,6 +78,7 @@ from veil.run import (
     upload_reference,
 )
 from veil.seeding import Purpose, derive_seed
+from veil.store.lock import run_directory
 from veil.tensors import NamedArrays
 from veil.transport.grpc.client import ClientCredentials, PinnedChannel, open_channel, run_client
 from veil.transport.grpc.server import GrpcGateway, ServerCredentials
@@ -598,9 +599,17 @@ def _copy_public(source: Path, target: Path, *, mode: int = 0o644) -> None:
     atomic_write_bytes(target, source.read_bytes(), mode=mode)
 
 
-def run_deployment(config: RunConfig, out: Path, *, config_path: Path) -> Result:
+def run_deployment(
+    config: RunConfig, out: Path, *, config_path: Path, resume: bool = False
+) -> Result:
     """Issue certificates, start a server and one process per organisation on 127.0.0.1, wait
-    for them, collect their logs, and return the server's result."""
+    for them, collect their logs, and return the server's result. With `resume`, the server
+    continues the run from `out`'s checkpoint. One run per folder (`run_directory`)."""
+    with run_directory(out):
+        return _run_processes(config, out, config_path=config_path, resume=resume)
+
+
+def _run_processes(config: RunConfig, out: Path, *, config_path: Path, resume: bool) -> Result:
     files = prepare_deployment(config, out, config_path=config_path)
     logs = files.logs
     veil = [sys.executable, "-m", "veil.cli"]
@@ -608,7 +617,8 @@ def run_deployment(config: RunConfig, out: Path, *, config_path: Path) -> Result
     procs: list[subprocess.Popen[bytes]] = []
     deadline = time.monotonic() + config.deployment.timeout_s
     try:
-        server = _spawn([*veil, *files.server_args()], logs / "server.log", env)
+        server_args = [*files.server_args(), *(["--resume"] if resume else [])]
+        server = _spawn([*veil, *server_args], logs / "server.log", env)
         procs.append(server)
         port = _wait_for_port(files.port_file, server, deadline)
         for name in files.clients:

@@ -94,6 +94,7 @@ from veil.store import (
     load_checkpoint,
     save_checkpoint,
 )
+from veil.store.lock import run_directory
 from veil.tensors import NamedArrays, total_bytes
 from veil.transport import LocalTransport
 from veil.transport.ray import RayTransport
@@ -121,7 +122,10 @@ def run(
         config = load_config(config)
     key = load_key_file(config.checkpoint.key_file) if config.checkpoint.key_file else None
     with _torch_threads(config.federation.torch_threads):
-        return _run(config, out_dir, observers, resume=resume, checkpoint_key=key)
+        if out_dir is None:
+            return _run(config, None, observers, resume=resume, checkpoint_key=key)
+        with run_directory(out_dir):  # one run per folder
+            return _run(config, out_dir, observers, resume=resume, checkpoint_key=key)
 
 
 #: Builds the gateway to real clients: (run id, initial parameters) -> gateway.

@@ -30,7 +30,7 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 FORMAT = "veil-manifest-v1"
 _SKIP_DIRS = {"pki", "keys", "logs", "data", "ca", "orgs"}
-_SKIP_FILES = {MANIFEST, SIGNATURE, "server.port"}
+_SKIP_FILES = {MANIFEST, SIGNATURE, "server.port", ".veil.lock"}
 _SKIP_SUFFIXES = ("-wal", "-shm", "-journal")
 
 
