@@ -85,6 +85,7 @@ __all__ = [
     "revoke",
     "revoked_serials",
     "sign_request",
+    "spki",
     "verify_certificate",
 ]
 
@@ -272,7 +273,7 @@ def request(
     encryption = EncryptionKey.generate()
     possession = identity.sign(
         request_payload(
-            name, role, _spki(key.public_key()), identity.public_bytes(), encryption.public_bytes()
+            name, role, spki(key.public_key()), identity.public_bytes(), encryption.public_bytes()
         )
     )
     csr = (
@@ -369,7 +370,7 @@ def sign_request(
                 _san_entry(entry.value)
     try:
         IdentityPublicKey.from_bytes(identity).verify(
-            possession, request_payload(name, role, _spki(public_key), identity, encryption)
+            possession, request_payload(name, role, spki(public_key), identity, encryption)
         )
     except SignatureRejected:
         raise UserError(
@@ -426,8 +427,11 @@ def _request_key(
     return bytes(raw[2:])
 
 
-def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
-    return key.public_bytes(
+def spki(key: ec.EllipticCurvePublicKey | x509.Certificate) -> bytes:
+    """The DER SubjectPublicKeyInfo of a key, or of a certificate's key (what a TLS binding,
+    a certificate request's proof of possession and attestation evidence name)."""
+    public = key.public_key() if isinstance(key, x509.Certificate) else key
+    return public.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 

@@ -64,6 +64,7 @@ from veil.crypto.identity import (
     SignatureRejected,
     signing_payload,
 )
+from veil.crypto.pki import spki
 from veil.errors import UserError
 from veil.privacy.tee.attestation import (
     NONCE_BYTES,
@@ -123,14 +124,6 @@ _IN_PROCESS: set[bytes] = set()
 _IN_PROCESS_LOCK = threading.Lock()
 
 _log = logging.getLogger("veil.tee")
-
-
-def spki(key: ec.EllipticCurvePublicKey | x509.Certificate) -> bytes:
-    """The DER SubjectPublicKeyInfo of a key or of a certificate's key (what evidence binds)."""
-    public = key.public_key() if isinstance(key, x509.Certificate) else key
-    return public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def fingerprint(spki_der: bytes) -> str:

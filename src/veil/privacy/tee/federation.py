@@ -8,21 +8,14 @@ the server's CA-certified identity key, start-up evidence in its certificate), a
 pins the certificate of the very connection it talks on (`channel.server_pin` with
 `veil.transport.grpc.client.PinnedChannel`): evidence relayed from another process names
 another key and is refused.
-
-`deployment_tls_key` is the older, weaker binding (the key of the CA-issued certificate in the
-PKI folder, which a CA holder could serve from an unattested process); it is kept until the
-deployment switches to the in-process key.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from veil.config import RunConfig, TeeConfig
@@ -34,35 +27,11 @@ from veil.privacy.tee.measurement import measure
 from veil.privacy.tee.protocol import TeeAggregator, TeeParticipant
 from veil.privacy.tee.software_dev import SoftwareDevAttester
 
-__all__ = ["TeeFederation", "deployment_tls_key", "policy_from_config", "spki", "tee_federation"]
+__all__ = ["TeeFederation", "policy_from_config", "tee_federation"]
 
 SERVER_NAME = "server"
 
 _log = logging.getLogger("veil.tee")
-
-
-def spki(cert: x509.Certificate) -> bytes:
-    """The DER SubjectPublicKeyInfo of a certificate's key (what evidence binds)."""
-    return cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def deployment_tls_key(pki_dir: Path) -> bytes:
-    """The server certificate's public key, after checking the certificate against the CA.
-
-    The older binding, to a key that lives in a file outside any enclave: prefer
-    `veil.privacy.tee.channel.attested_server_key` (server) and `channel.server_pin` (client).
-    """
-    files = pki.node_files(pki_dir, SERVER_NAME)
-    cert = pki.load_certificate(files.cert)
-    pki.verify_certificate(
-        cert,
-        pki.load_certificate(files.ca_cert),
-        role="server",
-        revoked=pki.revoked_serials(pki_dir),
-    )
-    return spki(cert)
 
 
 def policy_from_config(config: RunConfig) -> Policy:
@@ -121,10 +90,7 @@ class TeeFederation:
 def tee_federation(config: RunConfig, *, tls_public_key: bytes | None = None) -> TeeFederation:
     """The run's attested aggregation; a simulation passes no TLS key and gets a fresh one."""
     if tls_public_key is None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        tls_public_key = key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        tls_public_key = pki.spki(ec.generate_private_key(ec.SECP256R1()).public_key())
     attester = SoftwareDevAttester(measure(config))
     _log.warning(
         "attested aggregation with %s: development evidence only, it proves nothing about "
