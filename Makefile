@@ -1,6 +1,7 @@
 # The two commands of the README. Both create .venv on first use.
 #   make demo   install Veil and run the main job on the embedded default
 #   make test   install the test extras, then lint, type-check and run the test suite
+#   make test-slow  the tests marked slow (each over ~10 s), the second stage of CI
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +11,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 PYTEST_ARGS ?= -m "not slow" -n 2
 
-.PHONY: demo test test-all lint bench clean
+.PHONY: demo test test-slow test-all lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +43,10 @@ lint: $(VENV)/.installed-test
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The slow set alone (CI's second stage, after `make test`): two workers, like `make test`.
+test-slow: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m slow -n 2
 
 test-all:
 	$(MAKE) test PYTEST_ARGS=""

@@ -23,6 +23,18 @@ target: at most about two copies of the model per concurrent upload (here 5 conc
 
     python benchmarks/transport.py [--quick]
 
+Impaired network (`--impaired`, root and iproute2 needed): the same deployment rounds (no
+simulation) on loopback and over a misbehaving network, in the same run. The process re-runs
+itself in the coordinator's network namespace of a lab from `tests/netns/netns_lab.py`; each of
+the 5 client processes runs in its own member namespace, behind a token bucket of `--rate` on
+both ends of its link (tc tbf), and reaches the server through `tests/netns/netns_proxy.py`,
+which delays every chunk by `--latency-ms` each way. The loopback clients run in the
+coordinator's namespace against 127.0.0.1. Sizes 100k and 1M parameters, one warm-up and
+`--rounds` timed rounds each; reported: median round seconds on each network, their ratio, and
+the bandwidth bound (each member's download and upload of the model at `--rate`).
+
+    sudo python benchmarks/transport.py --impaired [--rate 20mbit] [--latency-ms 25]
+
 The last stdout line is one JSON object.
 """
 
@@ -30,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import platform
@@ -39,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,9 +195,9 @@ class Clients:
                 proc.wait()
 
 
-def make_pki(directory: Path) -> None:
+def make_pki(directory: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> None:
     pki.init_ca(directory)
-    pki.issue(directory, SERVER, role="server", hosts=("localhost", "127.0.0.1"))
+    pki.issue(directory, SERVER, role="server", hosts=hosts)
     for name in client_names():
         pki.issue(directory, name, role="client")
 
@@ -193,18 +207,28 @@ def port_file(work: Path, n_params: int) -> Path:
     return work / f"port-{n_params}"
 
 
-def start_clients(pki_dir: Path, work: Path, sizes: list[int]) -> Clients:
-    """Start the client processes; each serves the sizes in order, as their gateways open."""
+def start_clients(
+    pki_dir: Path,
+    work: Path,
+    sizes: list[int],
+    *,
+    host: str = "127.0.0.1",
+    namespaces: list[str] | None = None,
+) -> Clients:
+    """Start the client processes; each serves the sizes in order, as their gateways open, at
+    `host` and the port announced in `work`. With `namespaces`, client i runs in the i-th
+    network namespace."""
     procs, logs = [], []
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    for name in client_names():
+    for i, name in enumerate(client_names()):
         log = work / f"{name}.log"
-        args = ["--client", name, "--pki", str(pki_dir), "--work", str(work)]
+        args = ["--client", name, "--pki", str(pki_dir), "--work", str(work), "--host", host]
         args += ["--sizes", ",".join(map(str, sizes))]
+        inside = ["ip", "netns", "exec", namespaces[i]] if namespaces else []
         with open(log, "wb") as handle:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, str(Path(__file__).resolve()), *args],
+                    [*inside, sys.executable, str(Path(__file__).resolve()), *args],
                     stdout=handle,
                     stderr=subprocess.STDOUT,
                     env=env,
@@ -214,7 +238,9 @@ def start_clients(pki_dir: Path, work: Path, sizes: list[int]) -> Clients:
     return Clients(procs, logs)
 
 
-def start_gateway(pki_dir: Path, n_params: int) -> tuple[GrpcGateway, int]:
+def start_gateway(
+    pki_dir: Path, n_params: int, address: str = "127.0.0.1:0"
+) -> tuple[GrpcGateway, int]:
     files = pki.node_files(pki_dir, SERVER)
     credentials = ServerCredentials(
         certificate=files.cert.read_bytes(),
@@ -232,10 +258,12 @@ def start_gateway(pki_dir: Path, n_params: int) -> tuple[GrpcGateway, int]:
         reference=get_parameters(Blob(n_params)),
         deadline_s=DEADLINE_S,
     )
-    return gateway, gateway.start("127.0.0.1:0", credentials)
+    return gateway, gateway.start(address, credentials)
 
 
-def client_main(name: str, pki_dir: Path, work: Path, sizes: list[int]) -> int:
+def client_main(
+    name: str, pki_dir: Path, work: Path, sizes: list[int], host: str = "127.0.0.1"
+) -> int:
     """One client process: for each size, serve fit tasks until that gateway says done."""
     torch.set_num_threads(1)
     files = pki.node_files(pki_dir, name)
@@ -255,7 +283,7 @@ def client_main(name: str, pki_dir: Path, work: Path, sizes: list[int]) -> int:
         port = int(path.read_text())
         if port == 0:
             continue
-        channel: grpc.Channel = open_channel(f"127.0.0.1:{port}", credentials)
+        channel: grpc.Channel = open_channel(f"{host}:{port}", credentials)
         try:
             run_client(
                 channel,
@@ -341,11 +369,190 @@ def measure(n_params: int, rounds: int, pki_dir: Path, work: Path, clients: Clie
     }
 
 
+# -- impaired network (--impaired) ---------------------------------------------------------
+
+IMPAIRED_SIZES = [(100_000, "100k"), (1_000_000, "1M")]
+
+
+def _netns_module(name: str) -> Any:
+    """A helper module of the network-namespace tests (`tests/netns/`), imported by path."""
+    folder = str(Path(__file__).resolve().parents[1] / "tests" / "netns")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
+def impaired(rate: str, latency_ms: float, rounds: int) -> int:
+    """Build a lab of N_CLIENTS members, limit its links to `rate`, and measure inside its
+    coordinator's namespace (`impaired_inside`); the lab is removed whatever happens."""
+    lab_module = _netns_module("netns_lab")
+    reason = lab_module.unavailable()
+    if reason is not None:
+        print(f"--impaired needs network namespaces: {reason}", file=sys.stderr)
+        return 2
+    lab_module.remove_stale()
+    lab = lab_module.create(f"{lab_module.NAME_ROOT}{os.getpid()}", N_CLIENTS)
+    try:
+        lab_module.limit_bandwidth(lab, rate)
+        args = ["--impaired-inside", lab.prefix, "--rate", rate]
+        args += ["--latency-ms", str(latency_ms), "--rounds", str(rounds)]
+        command = [*lab.exec_args(lab.hub), sys.executable, str(Path(__file__).resolve()), *args]
+        return subprocess.run(command, check=False).returncode
+    finally:
+        lab_module.destroy(lab)
+
+
+def _rate_bytes_per_s(rate: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)bit", rate.lower())
+    if match is None:
+        raise ValueError(f"--rate must look like 20mbit, got {rate!r}")
+    return float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[match.group(2)] / 8
+
+
+def _deployment_rounds(
+    n_params: int, rounds: int, pki_dir: Path, work: Path, clients: Clients, address: str,
+    proxy: Callable[[int], tuple[subprocess.Popen[bytes], int]] | None,
+) -> list[float]:  # fmt: skip
+    """One warm-up and `rounds` timed deployment rounds of one size; the clients reach the
+    gateway directly, or through the proxy `proxy(gateway_port)` starts."""
+    gateway, port = start_gateway(pki_dir, n_params, address)
+    server = make_server(gateway, n_params)
+    proxy_proc = None
+    try:
+        if proxy is not None:
+            proxy_proc, port = proxy(port)
+        announce(work, n_params, port)
+        _timed(server, 0)
+        times = []
+        for rnd in range(1, rounds + 1):
+            clients.check()
+            times.append(_timed(server, rnd))
+        return times
+    finally:
+        gateway.finish(linger_s=10.0)
+        gateway.stop(grace_s=1.0)
+        if proxy_proc is not None:
+            proxy_proc.terminate()
+            proxy_proc.wait(timeout=10)
+
+
+def impaired_inside(prefix: str, rate: str, latency_ms: float, rounds: int) -> int:
+    """Run in the lab's coordinator namespace: every size on loopback, then every size over
+    the impaired network; prints the summary."""
+    lab_module = _netns_module("netns_lab")
+    lab = lab_module.Lab(prefix, N_CLIENTS)
+    coordinator = lab_module.COORDINATOR
+    proxy_script = Path(__file__).resolve().parents[1] / "tests" / "netns" / "netns_proxy.py"
+    torch.set_num_threads(1)
+    sizes = [n for n, _ in IMPAIRED_SIZES]
+    times: dict[str, dict[int, list[float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="veil-bench-impaired-") as tmp:
+        work = Path(tmp)
+        make_pki(work / "pki", hosts=("localhost", "127.0.0.1", coordinator))
+
+        def start_proxy(target_port: int) -> tuple[subprocess.Popen[bytes], int]:
+            port_file = work / f"proxy-{target_port}.port"
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(proxy_script),
+                    "--listen",
+                    f"{coordinator}:0",
+                    "--target",
+                    f"{coordinator}:{target_port}",
+                    "--latency-ms",
+                    str(latency_ms),
+                    "--port-file",
+                    str(port_file),
+                ]
+            )
+            end = time.monotonic() + 30
+            while not port_file.is_file():
+                if proc.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError("the proxy did not start")
+                time.sleep(0.02)
+            return proc, int(port_file.read_text())
+
+        for network in ("loopback", "impaired"):
+            folder = work / network
+            folder.mkdir()
+            remote = network == "impaired"
+            clients = start_clients(
+                work / "pki",
+                folder,
+                sizes,
+                host=coordinator if remote else "127.0.0.1",
+                namespaces=[lab.member(i) for i in range(N_CLIENTS)] if remote else None,
+            )
+            try:
+                times[network] = {
+                    n: _deployment_rounds(
+                        n,
+                        rounds,
+                        work / "pki",
+                        folder,
+                        clients,
+                        f"{coordinator}:0" if remote else "127.0.0.1:0",
+                        start_proxy if remote else None,
+                    )
+                    for n in sizes
+                }
+            finally:
+                clients.stop(timeout_s=30.0)
+    bytes_per_s = _rate_bytes_per_s(rate)
+    rows = []
+    for n_params, label in IMPAIRED_SIZES:
+        loop = statistics.median(times["loopback"][n_params])
+        imp = statistics.median(times["impaired"][n_params])
+        rows.append(
+            {
+                "parameters": n_params,
+                "label": label,
+                "model_mb": round(4 * n_params / 1e6, 2),
+                "rounds": rounds,
+                "loopback_round_s_median": round(loop, 4),
+                "impaired_round_s_median": round(imp, 4),
+                "impaired_over_loopback": round(imp / loop, 1),
+                "bandwidth_bound_s": round(2 * 4 * n_params / bytes_per_s, 3),
+                "loopback_round_s": [round(t, 4) for t in times["loopback"][n_params]],
+                "impaired_round_s": [round(t, 4) for t in times["impaired"][n_params]],
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    summary = {
+        "benchmark": "transport-impaired",
+        "clients": N_CLIENTS,
+        "network": {
+            "rate_per_member_link": rate,
+            "latency_ms_each_way": latency_ms,
+            "how": "tc tbf on both ends of each member's veth; user-space proxy for latency",
+        },
+        "transport": "gRPC, mutual TLS; client processes in their own network namespaces",
+        "python": platform.python_version(),
+        "grpc": grpc.__version__,
+        "cores": os.cpu_count(),
+        "results": rows,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100k and 10M parameters only")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds below 100M")
     parser.add_argument("--big-rounds", type=int, default=3, help="timed rounds at 100M")
+    parser.add_argument(
+        "--impaired",
+        action="store_true",
+        help="deployment rounds on loopback vs a bandwidth-limited, high-latency network (root)",
+    )
+    parser.add_argument("--rate", default="20mbit", help="--impaired: each member link's rate")
+    parser.add_argument(
+        "--latency-ms", type=float, default=25.0, help="--impaired: added latency each way"
+    )
+    parser.add_argument("--impaired-inside", help=argparse.SUPPRESS)
+    parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--pki", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -353,7 +560,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.client:
         sizes = [int(n) for n in args.sizes.split(",")]
-        return client_main(args.client, Path(args.pki), Path(args.work), sizes)
+        return client_main(args.client, Path(args.pki), Path(args.work), sizes, args.host)
+    if args.impaired_inside:
+        return impaired_inside(args.impaired_inside, args.rate, args.latency_ms, args.rounds)
+    if args.impaired:
+        return impaired(args.rate, args.latency_ms, args.rounds)
 
     torch.set_num_threads(1)
     plan = [(100_000, 3), (10_000_000, 3)]

@@ -1,4 +1,6 @@
-"""Fixtures shared across test folders."""
+"""Fixtures shared across test folders; the plain helpers they share (the examples' path, the
+`veil` command in process, a federation's PKI, port files, processes that die on cue) are in
+`tests/support.py`."""
 
 from __future__ import annotations
 

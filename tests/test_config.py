@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from support import EXAMPLES
 from veil.config import FedOptConfig, FedProxConfig, RunConfig, load_config
 from veil.errors import ConfigError
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 MINIMAL = """
 [data]

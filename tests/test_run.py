@@ -9,11 +9,10 @@ from typing import Any
 import pytest
 
 import veil
+from support import EXAMPLES
 from veil.config import RunConfig
 from veil.result import Result
 from veil.store import RunStore, load_checkpoint
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def small_config(**federation: Any) -> RunConfig:

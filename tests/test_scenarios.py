@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 import veil
+from support import EXAMPLES
 from veil.config import RunConfig, load_config
 from veil.report.html import REPORT_FILE
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "scenarios"
 
 #: example -> (data set, synthetic?, its docs page)
@@ -35,7 +35,9 @@ def test_scenario_runs_for_two_rounds_and_reports(example: str, tmp_path: Path) 
     raw["federation"] = {**raw["federation"], "rounds": 2, "centralized_baseline": False}
     result = veil.run(RunConfig.from_dict(raw), tmp_path)
     assert len(result.rounds) == 2
-    assert 0.0 <= result.final["accuracy"] <= 1.0
+    # Two rounds already rank the test set better than chance (AUC 0.5); accuracy alone would
+    # not show it where one class dominates (credit: 70 % good, maintenance: 95 % healthy).
+    assert result.final["auc"] > 0.6
     assert result.dataset == {"name": dataset, "synthetic": synthetic}
     assert ("synthetic" in config.name) == synthetic
     html = (tmp_path / REPORT_FILE).read_text()

@@ -1,13 +1,16 @@
 """`veil`: the command line, a thin layer over the Python API.
 
 Exit status: 0 on success, 2 on invalid input (one line on stderr saying what is wrong and what to
-do; no traceback), 1 on an unexpected failure.
+do; no traceback), 1 on an unexpected failure, 128 + the signal's number (130 SIGINT, 143
+SIGTERM) when a signal stopped a run: `veil run` and `veil server` then print one line saying how
+to continue it (`--resume`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,10 +29,12 @@ from veil.commands import report as report_commands
 from veil.commands import tee as tee_commands
 from veil.commands import vertical as vertical_commands
 from veil.config import RunConfig, load_config
-from veil.errors import StoreError, UserError
+from veil.errors import Aborted, DiskFullError, StoreError, UserError
+from veil.lifecycle import exit_status, stop_on_signals
 from veil.report import ProgressDisplay, print_result
 from veil.report.html import REPORT_FILE
-from veil.run import RESULT_FILE, run
+from veil.result import Result
+from veil.run import CHECKPOINT_FILE, RESULT_FILE, run
 from veil.store import RunStore, RunSummary, find_stores
 
 EXIT_USAGE = 2
@@ -48,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"veil: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Aborted as exc:
+        print(f"veil: {exc}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print("veil: interrupted", file=sys.stderr)
         return 130
@@ -74,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     p_run.add_argument(
         "--resume",
         action="store_true",
-        help="continue a run that stopped (crash, kill) from --out's checkpoint, privacy "
-        "account included",
+        help="continue a run that stopped (Ctrl-C, SIGTERM, crash, kill) from --out's "
+        "checkpoint, privacy account included",
     )
     p_run.set_defaults(handler=_cmd_run)
 
@@ -114,25 +122,59 @@ def _cmd_run(args: argparse.Namespace) -> int:
             {**config.to_dict(), "mode": args.mode}, source=str(args.config)
         )
     out = args.out if args.out is not None else Path("runs") / config.name
-    if config.mode == "deployment":
-        from veil.deployment import run_deployment
+    command = ["veil", "run", str(args.config), "--out", str(out)]
+    command += ["--mode", args.mode] if args.mode else []
+    resume = shlex.join([*command, "--resume"])
+    try:
+        # SIGINT/SIGTERM: stop at the next round boundary; a second one aborts (veil.lifecycle).
+        with stop_on_signals() as stop:
+            if config.mode == "deployment":
+                from veil.deployment import run_deployment
 
-        result = run_deployment(config, out, config_path=args.config, resume=args.resume)
-        if not args.quiet:
-            print_result(result, _stdout_console())
-    elif args.quiet:
-        result = run(config, out, resume=args.resume)
-    else:
-        console = Console(stderr=True)
-        with ProgressDisplay(config.federation.rounds, console=console) as display:
-            result = run(config, out, observers=[display], resume=args.resume)
-        print_result(result, _stdout_console())
+                result = run_deployment(
+                    config, out, config_path=args.config, resume=args.resume, stop=stop
+                )
+                if not args.quiet:
+                    print_result(result, _stdout_console())
+            elif args.quiet:
+                result = run(config, out, resume=args.resume, stop=stop)
+            else:
+                console = Console(stderr=True)
+                with ProgressDisplay(config.federation.rounds, console=console) as display:
+                    result = run(config, out, observers=[display], resume=args.resume, stop=stop)
+                print_result(result, _stdout_console())
+    except DiskFullError as exc:
+        raise DiskFullError(exc.path, resume=resume) from None
+    except Aborted as exc:
+        print(f"veil: {exc}; {_how_to_continue(out, resume, shlex.join(command))}", file=sys.stderr)
+        return exc.exit_status
     path = out / RESULT_FILE
     if not args.quiet:
         print(f"result: {path}")
         if (out / REPORT_FILE).is_file():
             print(f"report: {out / REPORT_FILE}")
+    if result.status == "interrupted":
+        print(
+            f"veil: {_interrupted(result)}; {_how_to_continue(out, resume, shlex.join(command))}",
+            file=sys.stderr,
+        )
+        return exit_status(result.interrupted_by)
     return 0
+
+
+def _interrupted(result: Result) -> str:
+    """What an interrupted result says: by which signal, after which round."""
+    last = max((r.round for r in result.rounds), default=0)
+    planned = f" of {result.rounds_planned}" if result.rounds_planned else ""
+    return f"interrupted by {result.interrupted_by or 'a signal'} after round {last}{planned}"
+
+
+def _how_to_continue(out: Path, resume: str, start: str) -> str:
+    """The command that continues a stopped run: `--resume` from its checkpoint, or, when it
+    stopped before its first round was checkpointed, the run started again."""
+    if (out / CHECKPOINT_FILE).is_file():
+        return f"the finished rounds are kept; continue with `{resume}`"
+    return f"no round was finished; start it again with `{start}`"
 
 
 def _stdout_console() -> Console:

@@ -344,6 +344,31 @@ class DeploymentConfig(_Section):
     reconnect_timeout_s: float = Field(120.0, gt=0)
     #: Seconds `veil run` waits for the whole deployment before killing it.
     timeout_s: float = Field(1800.0, gt=0)
+    #: Seconds between a member's heartbeats (sent from a background thread, also while it
+    #: trains).
+    heartbeat_s: float = Field(2.0, gt=0)
+    #: Seconds without any call from a member after which the coordinator drops it from the
+    #: current step at once and gives it no task until it calls again (> heartbeat_s).
+    liveness_s: float = Field(10.0, gt=0)
+    #: Seconds an upload stream may go without a chunk before the coordinator cancels it.
+    upload_idle_s: float = Field(10.0, gt=0)
+    #: Seconds one upload stream (or the stream of one task) may take in all.
+    upload_timeout_s: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _intervals(self) -> DeploymentConfig:
+        if self.liveness_s <= self.heartbeat_s:
+            raise ValueError(
+                f"liveness_s ({self.liveness_s:g}) must be greater than heartbeat_s "
+                f"({self.heartbeat_s:g}), or every member looks silent "
+                "between two heartbeats; e.g. liveness_s = 5 * heartbeat_s"
+            )
+        if self.upload_timeout_s < self.upload_idle_s:
+            raise ValueError(
+                f"upload_timeout_s ({self.upload_timeout_s:g}) must be at least upload_idle_s "
+                f"({self.upload_idle_s:g})"
+            )
+        return self
 
 
 class CheckpointConfig(_Section):

@@ -28,9 +28,12 @@ Data files are NumPy `.npz` archives read with `allow_pickle=False`.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -51,10 +54,12 @@ from veil.crypto.keyfile import read_private
 from veil.crypto.revocation import CRL_FILE
 from veil.crypto.trust import TRUST_FILE, TrustStore
 from veil.data import ClientData, FederatedData
-from veil.errors import UserError
+from veil.errors import Aborted, UserError
 from veil.federation.client import ClientRunner
 from veil.federation.compression import compression_stage
+from veil.federation.fingerprint import fingerprint
 from veil.federation.pipeline import UpdatePipeline
+from veil.lifecycle import StopRequest
 from veil.models import build_model, get_parameters
 from veil.privacy.dp.policy import ClientLevelPrivacy, RecordLevelPrivacy
 from veil.privacy.he import federation as ckks
@@ -81,6 +86,7 @@ from veil.seeding import Purpose, derive_seed
 from veil.store.lock import run_directory
 from veil.tensors import NamedArrays
 from veil.transport.grpc.client import ClientCredentials, PinnedChannel, open_channel, run_client
+from veil.transport.grpc.diagnose import Endpoint, MemberTls
 from veil.transport.grpc.server import GrpcGateway, ServerCredentials
 
 SERVER_NAME = "server"
@@ -179,11 +185,14 @@ def serve(
     port_file: Path | None = None,
     resume: bool = False,
     checkpoint_key: Path | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Result:
     """Run the federation as the server process; returns when the run is finished.
 
     Checkpoints are sealed under `checkpoint_key` (else `[checkpoint].key_file`); with `resume`
-    the run continues from `run_dir`'s checkpoint after a crash.
+    the run continues from `run_dir`'s checkpoint after a crash or an interruption. When
+    `stop` (`veil server`'s `StopRequest`) returns True, the run ends at the next round
+    boundary (status "interrupted", `_run`) and the clients are told that it is over.
     """
     key_path = checkpoint_key or config.checkpoint.key_file
     key = load_key_file(key_path) if key_path else None
@@ -228,6 +237,11 @@ def serve(
             deadline_s=config.deployment.round_deadline_s,
             max_update_norm=config.deployment.max_update_norm,
             revocations=None if insecure else _revocations_reader(pki_dir),
+            upload_idle_s=config.deployment.upload_idle_s,
+            upload_timeout_s=config.deployment.upload_timeout_s,
+            liveness_s=config.deployment.liveness_s,
+            # What every member must agree on to join: computed as each member computes it.
+            fingerprint=fingerprint(config, initial, arrays["x_test"], meta),
         )
         port = gateway.start(address or config.deployment.address, credentials)
         if port_file is not None:
@@ -260,6 +274,7 @@ def serve(
                 ckks_keys=ckks_keys,
                 # Under TEE the evidence binds the key made in this process.
                 tee_tls_key=attested.tls_public_key if attested is not None else None,
+                stop=stop,
             )
     finally:
         gateway = holder.get("gateway")
@@ -474,6 +489,13 @@ def serve_client(
                 IdentityKey.load(files.identity_key),
                 reconnect_timeout_s=config.deployment.reconnect_timeout_s,
                 on_revocations=None if trust is None else trust.accept_revocations,
+                fingerprint=fingerprint(config, get_parameters(model), client.x_train, meta),
+                heartbeat_s=config.deployment.heartbeat_s,
+                endpoint=Endpoint(
+                    server,
+                    None if insecure else MemberTls(files.cert, files.key, files.ca_cert),
+                    pinned=pin is not None,
+                ),
             )
     finally:
         channel.close()
@@ -600,59 +622,156 @@ def _copy_public(source: Path, target: Path, *, mode: int = 0o644) -> None:
 
 
 def run_deployment(
-    config: RunConfig, out: Path, *, config_path: Path, resume: bool = False
+    config: RunConfig,
+    out: Path,
+    *,
+    config_path: Path,
+    resume: bool = False,
+    stop: StopRequest | None = None,
 ) -> Result:
     """Issue certificates, start a server and one process per organisation on 127.0.0.1, wait
     for them, collect their logs, and return the server's result. With `resume`, the server
-    continues the run from `out`'s checkpoint. One run per folder (`run_directory`)."""
+    continues the run from `out`'s checkpoint. One run per folder (`run_directory`).
+
+    With `stop` (`veil run`'s `StopRequest`), every signal `veil run` gets is forwarded to the
+    server: at the first it stops at the next round boundary, tells the clients that the run
+    is over and writes an "interrupted" result, which is returned; at the second it aborts
+    and `Aborted` is raised. The children die with this process even after a kill -9
+    (`_spawn`).
+    """
     with run_directory(out):
-        return _run_processes(config, out, config_path=config_path, resume=resume)
+        return _run_processes(config, out, config_path=config_path, resume=resume, stop=stop)
 
 
-def _run_processes(config: RunConfig, out: Path, *, config_path: Path, resume: bool) -> Result:
+def _run_processes(
+    config: RunConfig, out: Path, *, config_path: Path, resume: bool, stop: StopRequest | None
+) -> Result:
     files = prepare_deployment(config, out, config_path=config_path)
+    if stop is not None and stop.signum is not None:
+        raise Aborted(f"stopped by {stop.signal_name} before the run started", signum=stop.signum)
     logs = files.logs
     veil = [sys.executable, "-m", "veil.cli"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs: list[subprocess.Popen[bytes]] = []
     deadline = time.monotonic() + config.deployment.timeout_s
+    started = time.time()
+    aborting = False
     try:
         server_args = [*files.server_args(), *(["--resume"] if resume else [])]
-        server = _spawn([*veil, *server_args], logs / "server.log", env)
+        # SIGHUP: with `veil run` gone nobody waits for a round boundary; it aborts at once.
+        server = _spawn([*veil, *server_args], logs / "server.log", env, signal.SIGHUP)
         procs.append(server)
+        if stop is not None:
+            stop.add_listener(server.send_signal)
         port = _wait_for_port(files.port_file, server, deadline)
         for name in files.clients:
             args = files.client_args(name, f"localhost:{port}")
             procs.append(_spawn([*veil, *args], logs / f"{name}.log", env))
         code = server.wait(timeout=max(1.0, deadline - time.monotonic()))
-        if code != 0:
-            raise DeploymentError(
-                f"the server exited with status {code}; see {logs / 'server.log'}"
-            )
+        interrupted = _interrupted_result(out, code, since=started)
+        if code != 0 and interrupted is None:
+            if stop is not None and stop.signum is not None:
+                # The forwarded signal ended the server before it could stop at a round (while
+                # it was starting, say): an interruption, not a failure.
+                raise Aborted(f"stopped by {stop.signal_name}", signum=stop.signum)
+            raise DeploymentError(_server_failure(code, logs / "server.log"))
         for proc in procs[1:]:
             try:
                 proc.wait(timeout=max(1.0, min(30.0, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if interrupted is not None:
+            return interrupted
     except subprocess.TimeoutExpired:
         raise DeploymentError(
             f"the deployment did not finish within {config.deployment.timeout_s:g} s; "
             f"see the logs in {logs}"
         ) from None
+    except KeyboardInterrupt:
+        aborting = True
+        raise
     finally:
         for proc in procs:
+            if aborting and proc.poll() is None:
+                # The server heard the signal too: a moment to mark its run interrupted.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=_ABORT_GRACE_S)
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
     return Result.model_validate_json((out / RESULT_FILE).read_text())
 
 
-def _spawn(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+#: How long an aborting `veil run` waits for its server to record the interruption.
+_ABORT_GRACE_S = 10.0
+_STOPPED = {128 + signal.SIGINT, 128 + signal.SIGTERM}
+
+
+def _interrupted_result(out: Path, code: int, *, since: float) -> Result | None:
+    """The "interrupted" result a server stopped by SIGINT/SIGTERM wrote (exit status 130 or
+    143), or None for any other exit. `Aborted` when it was stopped before it wrote one: the
+    result.json there (if any) is an older run's."""
+    if code not in _STOPPED:
+        return None
+    path = out / RESULT_FILE
+    if not path.is_file() or path.stat().st_mtime < since:
+        name = signal.Signals(code - 128).name
+        raise Aborted(
+            f"the server was stopped ({name}) before it wrote a result", signum=code - 128
+        )
+    result = Result.model_validate_json(path.read_text())
+    return result if result.status == "interrupted" else None
+
+
+def _server_failure(code: int, log: Path) -> str:
+    """Why the server failed: its own one-line error (e.g. a full disk), and where its log is."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    said = [line.removeprefix("veil: error: ") for line in lines if line.startswith("veil: error:")]
+    why = f": {said[-1]}" if said else ""
+    return f"the server exited with status {code}{why}; see {log}"
+
+
+def _spawn(
+    args: list[str], log_path: Path, env: dict[str, str], death_signal: int = signal.SIGTERM
+) -> subprocess.Popen[bytes]:
+    """Start a child of `veil run` in its own process group, so that a Ctrl-C at the terminal
+    reaches `veil run` alone (which forwards it to the server: `run_deployment`); on Linux the
+    child gets `death_signal` when `veil run` dies, even by kill -9, so none is left running."""
     handle = open(log_path, "ab")  # noqa: SIM115 - the child owns it
     try:
-        return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(
+            args,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+            process_group=0,
+            preexec_fn=_die_with_parent(death_signal),
+        )
     finally:
         handle.close()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(death_signal: int) -> Callable[[], None] | None:
+    """A `preexec_fn` that asks Linux to send the child `death_signal` when this process dies
+    (`prctl(PR_SET_PDEATHSIG)`); None elsewhere. Everything it needs is looked up before the
+    fork: the child only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the call: nobody will signal
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
 
 
 def _wait_for_port(port_file: Path, server: subprocess.Popen[bytes], deadline: float) -> int:

@@ -98,11 +98,22 @@ class Baseline(_Open):
 
 
 class Result(_Open):
-    """What `veil.run` returns and `veil run` writes to `OUT/result.json`."""
+    """What `veil.run` returns and `veil run` writes to `OUT/result.json`.
+
+    `status` is "interrupted" when a signal stopped the run before its last round: `rounds`
+    then holds the rounds it finished, `final` the metrics of the model after the last of
+    them, and `veil run --resume` continues it. A result.json written before `status`
+    existed reads as "finished".
+    """
 
     run_id: str
     name: str = ""
     mode: Literal["simulation", "deployment", "ray"]
+    status: Literal["finished", "interrupted"] = "finished"
+    #: The rounds the configuration asks for (None in a result.json written before it).
+    rounds_planned: int | None = None
+    #: The signal that interrupted the run ("SIGINT", "SIGTERM"); None when it finished.
+    interrupted_by: str | None = None
     final: dict[str, float]
     centralized_baseline: Baseline | None = None
     rounds: list[RoundResult]

@@ -6,9 +6,10 @@ This is the Python API behind `veil run`; the CLI is a thin layer over it.
 from __future__ import annotations
 
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from veil.atomic import writing
 from veil.config import (
     TEXT_DATASETS,
     FedAvgConfig,
@@ -31,7 +33,7 @@ from veil.crypto.envelope import load_key_file
 from veil.crypto.identity import IdentityKey
 from veil.data import FederatedData, build_federated_data, declared_bounds, load_dataset
 from veil.data.text import load_text_dataset
-from veil.errors import ConfigError, StoreError
+from veil.errors import ConfigError, StoreError, VeilError
 from veil.federation import (
     ClientRunner,
     FedAvg,
@@ -109,23 +111,29 @@ def run(
     *,
     observers: Sequence[ServerObserver] = (),
     resume: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> Result:
     """Run one federation to completion and return its `Result`.
 
     `config` is a `RunConfig` or the path of a TOML file. With `out_dir`, the run writes
     `out_dir/result.json`, records its rounds in `out_dir/veil.db` as they finish, and checkpoints
     the global model after every round. `observers` receive round events (e.g. a progress bar).
-    With `resume`, a run that crashed continues from `out_dir`'s checkpoint, privacy account
-    included (see `_run`).
+    With `resume`, a run that crashed or was interrupted continues from `out_dir`'s checkpoint,
+    privacy account included (see `_run`). When `stop` (e.g. a `veil.lifecycle.StopRequest`)
+    returns True before a round, the run ends there: the result has status "interrupted" and
+    the rounds finished so far, and the store marks the run interrupted.
+
+    A full disk or a refused write raises `DiskFullError` / `WritePermissionError` naming the
+    file; a `KeyboardInterrupt` marks the run interrupted, any other error failed.
     """
     if not isinstance(config, RunConfig):
         config = load_config(config)
     key = load_key_file(config.checkpoint.key_file) if config.checkpoint.key_file else None
     with _torch_threads(config.federation.torch_threads):
         if out_dir is None:
-            return _run(config, None, observers, resume=resume, checkpoint_key=key)
+            return _run(config, None, observers, resume=resume, checkpoint_key=key, stop=stop)
         with run_directory(out_dir):  # one run per folder
-            return _run(config, out_dir, observers, resume=resume, checkpoint_key=key)
+            return _run(config, out_dir, observers, resume=resume, checkpoint_key=key, stop=stop)
 
 
 #: Builds the gateway to real clients: (run id, initial parameters) -> gateway.
@@ -143,6 +151,7 @@ def _run(
     checkpoint_key: bytes | None = None,
     ckks_keys: PublicKeySet | None = None,
     tee_tls_key: bytes | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Result:
     """One run. Simulation builds the data and an in-process transport; a deployment server
     passes `fed` (test data and client names only) and a factory for its network gateway
@@ -154,6 +163,10 @@ def _run(
     twice. Under DP it continues the checkpoint's privacy account (refused if the configuration
     no longer matches it), draws fresh randomness, and reuses the ledger charges the run made
     when it started instead of charging again.
+
+    With `stop`, the run ends before the first round that starts after it returns True: status
+    "interrupted" in the result and the store, the finished rounds kept, no pooled baseline,
+    the ledger's charges left unreleased (a resume reuses them).
     """
     started = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else None
@@ -267,9 +280,10 @@ def _run(
         seed=config.seed,
     )
     # Everything that can refuse the run has run by now: only then touch the run folder.
-    charges = _charge_ledger(
-        config, privacy, run_id, earlier=_ledger_entries(checkpoint) if checkpoint else None
-    )
+    with _ledger_writes(config):
+        charges = _charge_ledger(
+            config, privacy, run_id, earlier=_ledger_entries(checkpoint) if checkpoint else None
+        )
     recorder.ledger = charges
     store = RunStore(out / DB_NAME) if out is not None else None
     recorder.store = store
@@ -293,18 +307,25 @@ def _run(
             out_dir=str(out.resolve()) if out else None,
         )
     try:
-        records = server.run(config.federation.rounds, start_round=start_round)
+        records = server.run(config.federation.rounds, start_round=start_round, stop=stop)
+        last = records[-1].round if records else start_round - 1
+        interrupted = last < config.federation.rounds
         rounds = [*earlier, *(_round_result(r) for r in records)]
         final = _test_evaluator(config, fed)(server.parameters)
         baseline = (
             _centralized_baseline(config, fed, initial)
-            if config.federation.centralized_baseline and gateway_factory is None
+            if config.federation.centralized_baseline
+            and gateway_factory is None
+            and not interrupted
             else None
         )
         result = Result(
             run_id=run_id,
             name=config.name,
             mode=config.mode,
+            status="interrupted" if interrupted else "finished",
+            rounds_planned=config.federation.rounds,
+            interrupted_by=getattr(stop, "signal_name", None) if interrupted else None,
             final=final,
             centralized_baseline=_baseline(config, baseline),
             rounds=rounds,
@@ -319,23 +340,36 @@ def _run(
             dataset={"name": fed.dataset_name, "synthetic": fed.synthetic},
             **({"attack": attack.describe()} if attack else {}),
         )
-    except BaseException:
+        if out is not None:
+            atomic_write_text(out / RESULT_FILE, result.to_json())
+        if not interrupted:
+            with _ledger_writes(config):
+                _mark_released(config, charges)
         if store is not None:
-            store.finish_run(run_id, status="failed", final=None)
-            store.close()
+            store.finish_run(run_id, status=result.status, final=final)
+    except BaseException as exc:
+        if store is not None:
+            # Interrupted (Ctrl-C, a second signal) or failed; the checkpoint and the rows of
+            # the finished rounds stay, for --resume. The store may be what failed (disk
+            # full): then the original error is what the user needs to see.
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            with suppress(VeilError, sqlite3.Error):
+                store.finish_run(run_id, status=status, final=None)
         raise
     finally:
         if isinstance(gateway, RayTransport):
             gateway.close()
-    if out is not None:
-        atomic_write_text(out / RESULT_FILE, result.to_json())
-    _mark_released(config, charges)
-    if store is not None:
-        store.finish_run(run_id, status="finished", final=final)
-        store.close()
+        if store is not None:
+            store.close()
     if out is not None:
         write_report(out)
     return result
+
+
+def _ledger_writes(config: RunConfig) -> AbstractContextManager[None]:
+    """Names a full disk or a refused write of the privacy ledger (`veil.atomic.writing`)."""
+    ledger = config.privacy.ledger if config.privacy is not None else None
+    return writing(ledger) if ledger is not None else nullcontext()
 
 
 @contextmanager

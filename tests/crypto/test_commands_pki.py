@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from veil.commands.pki import register
+from support import veil
 from veil.crypto import pki
 from veil.errors import UserError
-
-
-def veil(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="veil")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.handler(args))
 
 
 def test_init_issue_revoke_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from extras import require
+from support import issue_federation
 from veil.crypto import pki
 
 grpc: Any = require("grpc")
@@ -25,11 +26,7 @@ def _who_am_i(request: bytes, context: Any) -> bytes:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("pki-grpc")
-    pki.init_ca(directory)
-    pki.issue(directory, "coordinator", role="server")
-    pki.issue(directory, "bank-a", role="client")
-    return directory
+    return issue_federation(tmp_path_factory.mktemp("pki-grpc"), ["bank-a"], server="coordinator")
 
 
 @pytest.fixture(scope="module")

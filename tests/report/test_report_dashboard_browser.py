@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import veil
 from veil.config import RunConfig
 from veil.federation import RoundRecord, Strategy
@@ -74,6 +76,7 @@ def _wait_until(condition: Callable[[], bool], message: str, timeout_s: float = 
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_dashboard_follows_a_running_federation(
     chromium_launch: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
+from support import client_credentials, issue_federation
 from veil.crypto import pki
 from veil.crypto.identity import IdentityKey, IdentityPublicKey, signing_payload
 from veil.federation import ClientFailure, FitInstruction, FitResult, TrainingPlan
@@ -24,24 +25,20 @@ from veil.transport.grpc.server import GrpcGateway, ServerCredentials
 
 REFERENCE = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
 PLAN = TrainingPlan(epochs=1, batch_size=4, learning_rate=0.1)
+#: The gateway's round deadline: long, so that no test races it (a round's deadline starts
+#: when the round does, before the test's TLS handshakes). A test of the deadline itself sets
+#: a short one after its connections are up; "at once" means well inside this one.
+DEADLINE_S = 30.0
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("pki")
-    pki.init_ca(root)
-    pki.issue(root, "server", role="server")
-    for name in ("alice", "bob"):
-        pki.issue(root, name, role="client")
-    other = tmp_path_factory.mktemp("other-ca")
-    pki.init_ca(other)
-    pki.issue(other, "alice", role="client")
+    root = issue_federation(tmp_path_factory.mktemp("pki"), ["alice", "bob"])
+    other = issue_federation(tmp_path_factory.mktemp("other-ca"), ["alice"], server=None)
     return {"root": root, "other": other}
 
 
-def credentials(root: Path, name: str) -> ClientCredentials:
-    f = pki.node_files(root, name)
-    return ClientCredentials(f.cert.read_bytes(), f.key.read_bytes(), f.ca_cert.read_bytes())
+credentials = client_credentials
 
 
 @pytest.fixture
@@ -55,7 +52,7 @@ def gateway(federation: dict[str, Any]) -> Any:
         run_id="run-1",
         identities=identities,
         reference=REFERENCE,
-        deadline_s=3.0,
+        deadline_s=DEADLINE_S,
         max_update_norm=10.0,
     )
     port = gw.start(
@@ -68,12 +65,20 @@ def gateway(federation: dict[str, Any]) -> Any:
     gw.stop(0)
 
 
-def start_round(gw: GrpcGateway, clients: list[str]) -> tuple[threading.Thread, list[Any]]:
+def start_round(
+    gw: GrpcGateway, clients: list[str], round_: int = 1
+) -> tuple[threading.Thread, list[Any]]:
     replies: list[Any] = []
-    instruction = FitInstruction("run-1", 1, REFERENCE, PLAN)
+    instruction = FitInstruction("run-1", round_, REFERENCE, PLAN)
     thread = threading.Thread(target=lambda: replies.extend(gw.fit(clients, instruction)))
     thread.start()
     return thread, replies
+
+
+def ready(channel: grpc.Channel) -> None:
+    """Wait for the channel's TLS handshake, so that a round started next has its whole
+    deadline for the exchange itself."""
+    grpc.channel_ready_future(channel).result(timeout=30)
 
 
 def signed_upload(task_meta: dict[str, Any], key: IdentityKey, update: dict[str, Any]) -> list[Any]:
@@ -132,9 +137,11 @@ def test_bad_uploads_are_refused_with_the_reason(
     federation: dict[str, Any], gateway: Any, mutate: str, reason: str
 ) -> None:
     gw, address = gateway
-    thread, replies = start_round(gw, ["alice"])
     root = federation["root"]
     with open_channel(address, credentials(root, "alice")) as channel:
+        ready(channel)
+        gw.deadline_s = 3.0  # the refused client is dropped at the deadline
+        thread, replies = start_round(gw, ["alice"])
         stub = pb_grpc.FederationStub(channel)
         task = decode(stub.GetTask(pb.TaskRequest(client="alice", wait_s=5)))
         update = {k: np.full_like(v, 0.1) for k, v in REFERENCE.items()}
@@ -153,14 +160,17 @@ def test_bad_uploads_are_refused_with_the_reason(
         reply = stub.Upload(iter(signed_upload(meta, key, update)))
     assert not reply.accepted
     assert reason in reply.reason
-    thread.join()
-    assert all(isinstance(r, ClientFailure) for r in replies)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert replies and all(isinstance(r, ClientFailure) for r in replies)
 
 
 def test_a_client_that_never_answers_is_dropped_at_the_deadline(gateway: Any) -> None:
     gw, _ = gateway
+    gw.deadline_s = 1.0
     thread, replies = start_round(gw, ["alice", "bob"])
-    thread.join(timeout=10)
+    thread.join(timeout=20)
+    assert not thread.is_alive()
     assert {r.client for r in replies} == {"alice", "bob"}
     assert all(isinstance(r, ClientFailure) and "within" in r.reason for r in replies)
 
@@ -312,7 +322,9 @@ def test_protocol_steps_carry_per_client_bodies_and_a_refusal_fails_fast(
             assert task.kind == "protocol" and task.meta["stage"] == "secagg/setup"
             upload = _answer(task, Runner(name, refuse), None, identity(root, name))  # type: ignore[arg-type]
             assert stub.Upload(iter(upload)).accepted
-    thread.join(timeout=2.5)  # well inside the 3 s deadline: nobody waited for it
+    # Both answers are in: the step ends now, not at its deadline (bob's failure is its refusal,
+    # not "missed the deadline").
+    thread.join(timeout=DEADLINE_S / 2)
     assert not thread.is_alive()
     by_client = {r.client: r for r in replies}
     assert isinstance(by_client["alice"], ProtocolReply)
@@ -320,3 +332,83 @@ def test_protocol_steps_carry_per_client_bodies_and_a_refusal_fails_fast(
     assert isinstance(by_client["bob"], ClientFailure)
     assert "refused secagg/setup" in by_client["bob"].reason
     assert "not signed" in by_client["bob"].reason
+
+
+def _flip(chunks: list[Any], where: str) -> list[Any]:
+    """A signed upload with one byte changed after signing: a tensor byte, a metadata byte
+    (the weight 10.0 becomes 90.0) or a signature byte."""
+    out = list(chunks)
+    if where == "tensor":
+        data = bytearray(out[1].data)
+        data[0] ^= 0x01  # the lowest mantissa bit of w[0, 0]: still finite, still in bound
+        out[1] = pb.Chunk(data=bytes(data))
+        return out
+    header = pb.Header()
+    header.CopyFrom(out[0].header)
+    if where == "metadata":
+        assert header.json.count('"weight": 10.0') == 1
+        header.json = header.json.replace('"weight": 10.0', '"weight": 90.0')
+    else:
+        signature = bytearray(header.signature)
+        signature[7] ^= 0x80
+        header.signature = bytes(signature)
+    out[0] = pb.Chunk(header=header)
+    return out
+
+
+@pytest.mark.parametrize("where", ["tensor", "metadata", "signature"])
+def test_a_byte_flipped_after_signing_is_refused(
+    federation: dict[str, Any], gateway: Any, where: str
+) -> None:
+    """A man in the middle (or a buggy proxy) that changes one byte of a signed upload: the
+    gateway refuses it, and the client's untouched upload of the same task is still accepted."""
+    gw, address = gateway
+    root = federation["root"]
+    key = identity(root, "alice")
+    thread, replies = start_round(gw, ["alice"])
+    with open_channel(address, credentials(root, "alice")) as channel:
+        stub = pb_grpc.FederationStub(channel)
+        task = decode(stub.GetTask(pb.TaskRequest(client="alice", wait_s=5)))
+        update = {k: np.full_like(v, 0.1) for k, v in REFERENCE.items()}
+        honest = signed_upload(task.meta, key, update)
+        tampered = stub.Upload(iter(_flip(honest, where)))
+        assert not tampered.accepted
+        assert "signature does not verify" in tampered.reason, tampered.reason
+        retry = stub.Upload(iter(honest))
+        assert retry.accepted, retry.reason
+    thread.join(timeout=DEADLINE_S / 2)
+    assert not thread.is_alive()
+    [result] = replies
+    assert isinstance(result, FitResult) and result.weight == 10.0
+    np.testing.assert_array_equal(result.update["w"], update["w"])
+
+
+def test_a_round_one_upload_replayed_in_round_two_is_refused(
+    federation: dict[str, Any], gateway: Any
+) -> None:
+    """An eavesdropper (or the member itself) sends round 1's accepted, correctly signed upload
+    again as the answer to round 2: refused; the member's own round-2 answer is accepted."""
+    gw, address = gateway
+    root = federation["root"]
+    key = identity(root, "alice")
+    update = {k: np.full_like(v, 0.1) for k, v in REFERENCE.items()}
+    with open_channel(address, credentials(root, "alice")) as channel:
+        stub = pb_grpc.FederationStub(channel)
+        thread, replies = start_round(gw, ["alice"], round_=1)
+        first = decode(stub.GetTask(pb.TaskRequest(client="alice", wait_s=5)))
+        round_one = signed_upload(first.meta, key, update)
+        assert stub.Upload(iter(round_one)).accepted
+        thread.join(timeout=DEADLINE_S / 2)
+        assert not thread.is_alive() and isinstance(replies[0], FitResult)
+
+        thread, replies = start_round(gw, ["alice"], round_=2)
+        second = decode(stub.GetTask(pb.TaskRequest(client="alice", wait_s=5)))
+        assert second.meta["round"] == 2 and second.meta["nonce"] != first.meta["nonce"]
+        replay = stub.Upload(iter(round_one))
+        assert not replay.accepted and "replayed" in replay.reason, replay.reason
+        fresh = stub.Upload(iter(signed_upload(second.meta, key, update)))
+        assert fresh.accepted, fresh.reason
+    thread.join(timeout=DEADLINE_S / 2)
+    assert not thread.is_alive()
+    [result] = replies
+    assert isinstance(result, FitResult) and result.round == 2

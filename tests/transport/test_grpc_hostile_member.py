@@ -13,7 +13,15 @@ import grpc
 import numpy as np
 import pytest
 import test_grpc_gateway as base
-from test_grpc_gateway import REFERENCE, credentials, identity, signed_upload, start_round
+from test_grpc_gateway import (
+    DEADLINE_S,
+    REFERENCE,
+    credentials,
+    identity,
+    ready,
+    signed_upload,
+    start_round,
+)
 
 from veil.crypto.identity import IdentityKey, signing_payload
 from veil.federation import ClientFailure, FitResult
@@ -122,7 +130,7 @@ def test_a_hostile_upload_is_refused_at_once_and_an_honest_retry_is_accepted(
         elapsed = time.monotonic() - started
         assert not reply.accepted
         assert reason in reply.reason, reply.reason
-        assert elapsed < 2.0  # at once: well under the round's 3 s deadline
+        assert elapsed < DEADLINE_S / 3  # at once: the round's deadline is far off
         # The nonce was not consumed: the honest answer to the same task is accepted.
         retry = stub.Upload(iter(signed_upload(task.meta, key, HONEST)), timeout=10)
         assert retry.accepted, retry.reason
@@ -148,7 +156,7 @@ def test_a_member_refused_again_and_again_is_dropped_at_once_with_the_reason(
         thread.join(timeout=10)
         # The task is closed now: its nonce is spent.
         late = stub.Upload(iter(signed_upload(task.meta, key, HONEST)))
-    assert time.monotonic() - started < 2.5  # the round did not wait for its 3 s deadline
+    assert time.monotonic() - started < DEADLINE_S / 2  # the round did not wait for its deadline
     assert not late.accepted and "replayed" in late.reason
     [failure] = replies
     assert isinstance(failure, ClientFailure)
@@ -161,14 +169,17 @@ def test_a_member_that_gives_up_after_a_refusal_is_dropped_with_the_reason(
     federation: dict[str, Any], gateway: Any
 ) -> None:
     gw, address = gateway
-    thread, replies = start_round(gw, ["alice"])
     root = federation["root"]
     with open_channel(address, credentials(root, "alice")) as channel:
+        ready(channel)  # the short deadline starts with the round, after the handshake
+        gw.deadline_s = 3.0
+        thread, replies = start_round(gw, ["alice"])
         stub = pb_grpc.FederationStub(channel)
         task = decode(stub.GetTask(pb.TaskRequest(client="alice", wait_s=5)))
         reply = stub.Upload(iter(hostile_upload(task.meta, identity(root, "alice"), weight="x")))
         assert not reply.accepted
-    thread.join(timeout=10)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
     [failure] = replies
     assert isinstance(failure, ClientFailure)
     assert "within" in failure.reason and "'weight' must be a number" in failure.reason
@@ -183,14 +194,17 @@ def test_an_exception_inside_the_handler_is_a_refusal_not_unknown(
         raise RuntimeError("boom")
 
     monkeypatch.setattr(gw, "_check_update", broken)
-    thread, _ = start_round(gw, ["alice"])
     root = federation["root"]
     with open_channel(address, credentials(root, "alice")) as channel:
+        ready(channel)
+        gw.deadline_s = 3.0  # the round ends at its deadline: the upload was refused
+        thread, _ = start_round(gw, ["alice"])
         stub = pb_grpc.FederationStub(channel)
         task = decode(stub.GetTask(pb.TaskRequest(client="alice", wait_s=5)))
         try:
             reply = stub.Upload(iter(signed_upload(task.meta, identity(root, "alice"), HONEST)))
         except grpc.RpcError as exc:  # today's code: StatusCode.UNKNOWN
             pytest.fail(f"the handler raised {exc.code()}")
-    thread.join(timeout=10)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
     assert not reply.accepted and "RuntimeError: boom" in reply.reason

@@ -7,12 +7,12 @@ import time
 import tomllib
 from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from extras import require
+from support import EXAMPLES
 from veil.config import RunConfig
 from veil.federation import (
     ClientRunner,
@@ -31,7 +31,6 @@ from veil.transport.ray import RaySettings, RayTransport
 
 ray = require("ray")
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CLUSTER_CPUS = 4
 
 
@@ -49,9 +48,15 @@ def local_ray() -> Iterator[None]:
 
 
 class PoolWatch:
-    """Records the CPUs the Ray cluster has in use at the end of every round."""
+    """Records the CPUs the Ray cluster has in use at the end of every round.
 
-    def __init__(self) -> None:
+    `ray.available_resources()` is eventually consistent: it may still show an actor that is
+    gone, or not yet one that started. So each round's figure is polled (with a deadline) until
+    it shows the expected pool; a pool of another size never does, and its size is recorded.
+    """
+
+    def __init__(self, expected: float = 2.0) -> None:
+        self.expected = expected
         self.cpus_in_use: list[float] = []
 
     def on_round_start(self, round_: int, selected: int) -> None:
@@ -61,7 +66,7 @@ class PoolWatch:
         pass
 
     def on_round_end(self, record: RoundRecord, parameters: NamedArrays, s: Strategy) -> None:
-        free = float(ray.available_resources().get("CPU", 0.0))
+        free = wait_for_free_cpus(CLUSTER_CPUS - self.expected, timeout_s=5.0)
         self.cpus_in_use.append(CLUSTER_CPUS - free)
 
 

@@ -5,24 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from veil.crypto import pki
+from support import issue_federation, wait_for_port
 
 VEIL = [sys.executable, "-m", "veil.cli"]
 
 
 @pytest.fixture(scope="module")
 def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("pki")
-    pki.init_ca(directory)
-    pki.issue(directory, "payment", role="server")
-    pki.issue(directory, "bank", role="client")
-    pki.issue(directory, "intruder", role="client")
-    return directory
+    return issue_federation(tmp_path_factory.mktemp("pki"), ["bank", "intruder"], server="payment")
 
 
 def _ids(path: Path, ids: list[str]) -> Path:
@@ -40,13 +34,12 @@ def _serve(
          "--timeout", "60", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    end = time.monotonic() + 30
-    while not port_file.exists():
-        if server.poll() is not None or time.monotonic() > end:
-            server.kill()
-            pytest.fail(f"psi serve did not start: {server.communicate()[1]}")
-        time.sleep(0.05)
-    return server, f"127.0.0.1:{port_file.read_text()}"
+    try:
+        port = wait_for_port(port_file, server, 30)
+    except AssertionError as exc:
+        server.kill()
+        pytest.fail(f"psi serve did not start ({exc}): {server.communicate()[1]}")
+    return server, f"127.0.0.1:{port}"
 
 
 def _join(

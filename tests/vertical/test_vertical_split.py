@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from support import EXAMPLES
 from veil.cli import main
 from veil.privacy.dp.accountant import Accountant
 from veil.privacy.dp.randomness import SeededRandom
@@ -16,7 +17,7 @@ from veil.vertical.config import VerticalConfig, load_vertical_config
 from veil.vertical.runner import run_vertical
 from veil.vertical.split import SplitSettings, train_split
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "vertical"
+VERTICAL = EXAMPLES / "vertical"
 
 
 def test_split_learning_close_to_centralised(tmp_path: Path) -> None:
@@ -70,8 +71,8 @@ def test_dp_noise_is_applied_and_accounted() -> None:
 def test_example_configs_load_and_cli_reports_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert sorted(p.name for p in EXAMPLES.glob("*.toml")) == ["credit.toml", "credit_split.toml"]
-    for path in EXAMPLES.glob("*.toml"):
+    assert sorted(p.name for p in VERTICAL.glob("*.toml")) == ["credit.toml", "credit_split.toml"]
+    for path in VERTICAL.glob("*.toml"):
         load_vertical_config(path)
     bad = tmp_path / "bad.toml"
     bad.write_text('model = "tree"\n')

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
-
-import grpc
 
 from veil.crypto import pki
 from veil.crypto.keyfile import read_private
@@ -67,27 +66,44 @@ def _warn_insecure() -> None:
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
+    """Serve one run. SIGINT/SIGTERM stop it at the next round boundary (the clients are told
+    the run is over; status "interrupted", exit 130/143, one line on how to continue); a
+    second one, or SIGHUP (sent when a parent `veil run` dies), aborts at once."""
     from veil.deployment import configure_logging, load, serve
+    from veil.lifecycle import exit_status, stop_on_signals
 
     if args.insecure_dev:
         _warn_insecure()
     configure_logging()
-    serve(
-        load(args.config),
-        run_dir=args.run_dir,
-        pki_dir=args.pki,
-        test_data=args.test_data,
-        address=args.address,
-        insecure=args.insecure_dev,
-        port_file=args.port_file,
-        resume=args.resume,
-        checkpoint_key=args.checkpoint_key,
-    )
+    with stop_on_signals(abort_on=(signal.SIGHUP,)) as stop:
+        result = serve(
+            load(args.config),
+            run_dir=args.run_dir,
+            pki_dir=args.pki,
+            test_data=args.test_data,
+            address=args.address,
+            insecure=args.insecure_dev,
+            port_file=args.port_file,
+            resume=args.resume,
+            checkpoint_key=args.checkpoint_key,
+            stop=stop,
+        )
+    if result.status == "interrupted":
+        last = max((r.round for r in result.rounds), default=0)
+        print(
+            f"veil: interrupted by {result.interrupted_by} after round {last} of "
+            f"{result.rounds_planned}; continue with the same `veil server` command and --resume",
+            file=sys.stderr,
+        )
+        return exit_status(result.interrupted_by)
     return 0
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
     from veil.deployment import configure_logging, load, serve_client
+
+    # isort: split
+    import grpc  # after Veil's transport, which silences gRPC's C-core log before it loads
 
     if args.insecure_dev:
         _warn_insecure()
@@ -118,6 +134,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from veil.transport.grpc import veil_pb2 as pb
     from veil.transport.grpc import veil_pb2_grpc as pb_grpc
     from veil.transport.grpc.client import ClientCredentials, open_channel
+
+    # isort: split
+    import grpc  # after Veil's transport, which silences gRPC's C-core log before it loads
 
     files = pki.node_files(args.pki, args.name)
     creds = ClientCredentials(

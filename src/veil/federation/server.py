@@ -174,10 +174,15 @@ class FederatedServer:
         self.observers = list(observers)
         self.seed = seed
 
-    def run(self, rounds: int, *, start_round: int = 1) -> list[RoundRecord]:
-        """Run rounds `start_round` .. `rounds` and return their records."""
+    def run(
+        self, rounds: int, *, start_round: int = 1, stop: Callable[[], bool] | None = None
+    ) -> list[RoundRecord]:
+        """Run rounds `start_round` .. `rounds` and return their records; fewer when `stop`
+        returns True before a round starts (a signal asked the run to stop)."""
         records = []
         for rnd in range(start_round, rounds + 1):
+            if stop is not None and stop():
+                break
             records.append(
                 self.run_round(rnd, evaluate=rnd % self.evaluate_every == 0 or rnd == rounds)
             )

@@ -8,6 +8,10 @@ With differential privacy the checkpoint also carries the privacy account (the a
 composed events and the ledger charges the run made, as JSON in the header), so a resumed run
 continues the same account; and the checkpointed round's result row, so the run store can be
 completed if the process died between the two writes.
+
+Safetensors stores tensors by name, not in the order given; the header keeps the order of the
+parameters and of the strategy's state, so a resumed run gets them back in the model's order
+(a deployment's members check the parameter layout, order included, when they join).
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint, *, key: bytes | No
         "run_id": checkpoint.run_id,
         "round": str(checkpoint.round),
         "meta": json.dumps(checkpoint.meta, sort_keys=True),
+        "order": json.dumps(
+            {"parameters": list(checkpoint.parameters), "strategy": list(checkpoint.strategy_state)}
+        ),
     }
     if checkpoint.privacy is not None:
         header["privacy"] = json.dumps(checkpoint.privacy, sort_keys=True, allow_nan=False)
@@ -99,13 +106,18 @@ def load_checkpoint(path: str | Path, *, key: bytes | None = None) -> Checkpoint
         tensors = load(raw)
         size = int.from_bytes(raw[:8], "little")
         header = json.loads(raw[8 : 8 + size])["__metadata__"]
+        order = _object(header.get("order")) or {}
         return Checkpoint(
             run_id=header["run_id"],
             round=int(header["round"]),
-            parameters={k[len(_PARAM) :]: v for k, v in tensors.items() if k.startswith(_PARAM)},
-            strategy_state={
-                k[len(_STATE) :]: v for k, v in tensors.items() if k.startswith(_STATE)
-            },
+            parameters=_ordered(
+                {k[len(_PARAM) :]: v for k, v in tensors.items() if k.startswith(_PARAM)},
+                order.get("parameters"),
+            ),
+            strategy_state=_ordered(
+                {k[len(_STATE) :]: v for k, v in tensors.items() if k.startswith(_STATE)},
+                order.get("strategy"),
+            ),
             meta=json.loads(header["meta"]),
             privacy=_object(header.get("privacy")),
             round_result=_object(header.get("round_result")),
@@ -114,6 +126,15 @@ def load_checkpoint(path: str | Path, *, key: bytes | None = None) -> Checkpoint
         raise StoreError(
             f"checkpoint '{path}' is unreadable ({exc}); delete it to start over"
         ) from None
+
+
+def _ordered(arrays: NamedArrays, order: object) -> NamedArrays:
+    """`arrays` in the saved `order` (a checkpoint from an older Veil has none: as stored)."""
+    if order is None:
+        return arrays
+    if not isinstance(order, list) or sorted(map(str, order)) != sorted(arrays):
+        raise ValueError("the header's tensor order does not name the tensors it holds")
+    return {name: arrays[name] for name in order}
 
 
 def _object(text: str | None) -> dict[str, Any] | None:

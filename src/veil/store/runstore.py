@@ -2,6 +2,11 @@
 
 Each round is committed as it finishes, so a crashed run still shows what it did. The database is
 the embedded default of DESIGN.md §7; later the privacy ledger and attestation evidence live here.
+
+A run's status is `running`, `finished`, `failed` (an error stopped it) or `interrupted` (a
+signal stopped it; `veil run --resume` continues it). A store written before `interrupted`
+existed is migrated when it is opened. A full disk or a refused write is raised as
+`DiskFullError` / `WritePermissionError` naming the database, never as "not a run store".
 """
 
 from __future__ import annotations
@@ -15,22 +20,31 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from veil.atomic import disk_error, writing
 from veil.errors import StoreError
 
 DB_NAME = "veil.db"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
+#: Every status a run can have.
+STATUSES = ("running", "finished", "failed", "interrupted")
+
+_RUNS = """
+CREATE TABLE IF NOT EXISTS {name} (
     run_id      TEXT PRIMARY KEY,
     name        TEXT NOT NULL,
     mode        TEXT NOT NULL,
-    status      TEXT NOT NULL CHECK (status IN ('running', 'finished', 'failed')),
+    status      TEXT NOT NULL CHECK (status IN ('running', 'finished', 'failed', 'interrupted')),
     started_at  TEXT NOT NULL,
     finished_at TEXT,
     config      TEXT NOT NULL,
     final       TEXT,
     out_dir     TEXT
 );
+"""
+
+_SCHEMA = (
+    _RUNS.format(name="runs")
+    + """
 CREATE TABLE IF NOT EXISTS rounds (
     run_id     TEXT NOT NULL REFERENCES runs(run_id),
     round      INTEGER NOT NULL,
@@ -47,6 +61,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     PRIMARY KEY (run_id, round)
 );
 """
+)
 
 
 @dataclass(frozen=True)
@@ -71,15 +86,20 @@ class RunStore:
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise StoreError(f"no run store at '{self.path}'; pass a run folder or a veil.db file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30)
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=30)
         self._db.row_factory = sqlite3.Row
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            _migrate(self._db)
         except sqlite3.DatabaseError as exc:
             self._db.close()
+            named = disk_error(exc, self.path)
+            if named is not None:
+                raise named from None
             raise StoreError(f"'{self.path}' is not a Veil run store ({exc})") from None
 
     @classmethod
@@ -99,7 +119,7 @@ class RunStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._db:
+        with writing(self.path), self._db:
             yield self._db
 
     def start_run(
@@ -147,7 +167,9 @@ class RunStore:
             raise StoreError(f"no run '{run_id}' in '{self.path}' to resume")
 
     def finish_run(self, run_id: str, *, status: str, final: dict[str, Any] | None) -> None:
-        """Mark a run finished or failed, with its final metrics."""
+        """Mark a run finished, failed or interrupted, with its final metrics (None if none)."""
+        if status not in STATUSES[1:]:
+            raise ValueError(f"a run ends finished, failed or interrupted, not '{status}'")
         with self._tx() as db:
             db.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, final = ? WHERE run_id = ?",
@@ -212,6 +234,39 @@ def find_stores(where: str | Path) -> list[Path]:
         f"no run store at '{where}': pass a run folder (one holding {DB_NAME}), "
         "a folder of run folders, or a veil.db file"
     )
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Rebuild a `runs` table whose status CHECK predates `interrupted` (SQLite cannot alter a
+    constraint): a copy under the current schema replaces it in one transaction, rows kept."""
+
+    def outdated() -> bool:
+        row = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'runs'")
+        sql = row.fetchone()
+        return sql is not None and "'interrupted'" not in sql[0]
+
+    if not outdated():
+        return
+    # The rounds' references to runs stay as they are while the table is swapped.
+    db.execute("PRAGMA foreign_keys=OFF")
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if outdated():  # another process may have migrated it meanwhile
+                columns = ", ".join(r[1] for r in db.execute("PRAGMA table_info(runs)"))
+                db.execute(_RUNS.format(name="runs_migrated"))
+                db.execute(f"INSERT INTO runs_migrated ({columns}) SELECT {columns} FROM runs")
+                db.execute("DROP TABLE runs")
+                db.execute("ALTER TABLE runs_migrated RENAME TO runs")
+                broken = db.execute("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise sqlite3.IntegrityError(f"{len(broken)} rounds lost their run")
+        except BaseException:
+            db.rollback()
+            raise
+        db.commit()
+    finally:
+        db.execute("PRAGMA foreign_keys=ON")
 
 
 def _summary(row: sqlite3.Row) -> RunSummary:

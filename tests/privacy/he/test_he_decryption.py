@@ -7,6 +7,7 @@ travels beside the ciphertexts."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -361,3 +362,68 @@ def test_a_member_that_does_not_confirm_fails_the_round_before_any_decryption() 
     with pytest.raises(AggregationFailed, match=r"\['c1'\] did not confirm"):
         accumulator.finish()
     assert channel.stages == [CONFIRM]
+
+
+class LyingDecryptors(Channel):
+    """An honest transport, but the decryptors named in `liars` return `lie(values)` instead of
+    the sum they decrypted (a faulty decryptor, or one that wants to steer the model)."""
+
+    def __init__(self, fed: Federation, rnd: int, liars: frozenset[str], lie: Any) -> None:
+        super().__init__(fed, rnd)
+        self.liars, self.lie = liars, lie
+
+    def exchange(self, stage: str, bodies: Mapping[str, bytes]) -> dict[str, bytes]:
+        replies = super().exchange(stage, bodies)
+        if stage != DECRYPT:
+            return replies
+        for client in self.liars & set(replies):
+            honest = DecryptReply.from_bytes(replies[client])
+            lied = DecryptReply(honest.client, honest.key_id, self.lie(honest.values.copy()))
+            replies[client] = lied.to_bytes()
+        return replies
+
+
+def _round_through(channel: Channel, fed: Federation) -> Any:
+    context = RoundContext(RUN, 1, clients=tuple(fed.parts))
+    accumulator = fed.aggregator.start(LAYOUT.reference_view(), context, channel)  # type: ignore[arg-type]
+    for c in fed.parts:
+        update = {k: np.full(s, 0.25, np.float32) for k, s in SHAPES.items()}
+        accumulator.add(fed.parts[c].seal(FitResult(c, 1, update, 1.0, 1), context))
+    return accumulator.finish()
+
+
+def _shift(values: np.ndarray) -> np.ndarray:
+    values[0] += 1.0  # one coordinate of the model's sum, far outside the tolerance
+    return values
+
+
+def _recount(values: np.ndarray) -> np.ndarray:
+    values[:-1] *= 2.0  # a doubled sum, and a count slot that says so
+    values[-1] *= 2.0
+    return values
+
+
+def test_one_decryptor_returning_a_wrong_sum_fails_the_round() -> None:
+    """Two decryptors (the default) decrypt the same sum: when one returns another one, the
+    server refuses both instead of stepping with either."""
+    fed = Federation(3, CkksSettings(decryptors=2))
+    tolerance = fed.settings.tolerance(3)
+    assert 100 * tolerance < 1.0  # the lie is not within a correct decryption's error
+    honest = _round_through(Channel(fed, 1), fed)  # the same round, no liar: released
+    assert honest.count == 3
+    for name in SHAPES:
+        np.testing.assert_allclose(honest.total[name], 0.75, atol=tolerance)
+    for liar in ("c0", "c1", "c2"):
+        fed = Federation(3, CkksSettings(decryptors=3))
+        channel = LyingDecryptors(fed, 1, frozenset({liar}), _shift)
+        with pytest.raises(AggregationFailed, match="answers differ"):
+            _round_through(channel, fed)
+
+
+def test_decryptors_agreeing_on_a_wrong_count_fail_the_precision_check() -> None:
+    """Every decryptor returns the same wrong sum (a wrapped sum, or another key): the count
+    slot, which must decrypt to the number of members, gives it away."""
+    fed = Federation(3, CkksSettings(decryptors=2))
+    channel = LyingDecryptors(fed, 1, frozenset(fed.parts), _recount)
+    with pytest.raises(AggregationFailed, match="precision check failed"):
+        _round_through(channel, fed)

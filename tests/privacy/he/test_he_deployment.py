@@ -7,10 +7,15 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+import pytest
 import tenseal as ts
 
 import veil
 from veil.config import load_config
+from veil.crypto import pki
+from veil.crypto.sealed_box import BoxError, EncryptionKey, open_box
+from veil.privacy.he import keys as he_keys
+from veil.privacy.he.settings import settings_from_config
 
 if TYPE_CHECKING:
     from conftest import Deploy
@@ -42,6 +47,7 @@ timeout_s = 300
 """
 
 
+@pytest.mark.slow
 def test_ckks_deployment_matches_simulation(deploy: Deploy) -> None:
     run = deploy(CONFIG, timeout=400)
     deployed, out, config_path = run.result, run.out, run.config_path
@@ -60,10 +66,24 @@ def test_ckks_deployment_matches_simulation(deploy: Deploy) -> None:
     assert not (server_he / "sealed").exists()
     keyset = json.loads((server_he / "keyset.json").read_text())
     assert deployed["rounds"][0]["aggregation"]["key_id"] == keyset["key_id"]
-    for name in ("client-0", "client-1", "client-2"):
-        sealed = out / "orgs" / name / "he" / "sealed"
+    params = settings_from_config(load_config(config_path).ckks).params
+    members = ("client-0", "client-1", "client-2")
+    for name in members:
+        org = out / "orgs" / name
+        sealed = org / "he" / "sealed"
         assert sorted(p.name for p in sealed.iterdir()) == [f"{name}.box"]
-        box = (sealed / f"{name}.box").read_bytes()
-        assert box.find(b"context") == -1 and (sealed / f"{name}.box").stat().st_mode & 0o077 == 0
+        assert (sealed / f"{name}.box").stat().st_mode & 0o077 == 0
+        # The member's own encryption key opens its box: the run's secret key set.
+        secret = he_keys.load_secret(org, name, params)
+        assert secret.key_id == keyset["key_id"]
+        assert ts.context_from(secret.context).has_secret_key()
+        # Another member's key does not (nor would the coordinator's, which has no box at all).
+        other = members[(members.index(name) + 1) % len(members)]
+        stranger = EncryptionKey.load(pki.node_files(out / "orgs" / other, other).encryption_key)
+        box, info = (sealed / f"{name}.box").read_bytes(), he_keys._info(secret.key_id, name)
+        own = EncryptionKey.load(pki.node_files(org, name).encryption_key)
+        assert open_box(own, box, info=info)  # the same call, with the owner's key
+        with pytest.raises(BoxError):
+            open_box(stranger, box, info=info)
     simulated = veil.run(load_config(config_path).model_copy(update={"mode": "simulation"}))
     assert abs(simulated.final["accuracy"] - deployed["final"]["accuracy"]) <= 0.01

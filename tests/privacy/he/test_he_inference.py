@@ -6,21 +6,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import veil
+from support import EXAMPLES, issue_federation, wait_for_port
 from veil.config import load_config
-from veil.crypto import pki
 from veil.privacy.he import inference
 from veil.privacy.he.ckks import secret_context_bytes
 from veil.privacy.he.wire import pack_message
 from veil.run import _federated_data
-
-EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +29,7 @@ def credit(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.nda
     d["federation"] = {**d["federation"], "rounds": 3, "centralized_baseline": False}
     config = type(config).from_dict(d)
     veil.run(config, root / "run")
-    pki.init_ca(root / "pki")
-    pki.issue(root / "pki", "server", role="server")
-    pki.issue(root / "pki", "bank-a", role="client")
+    issue_federation(root / "pki", ["bank-a"])
     return root / "run", root / "pki", _federated_data(config).x_test.astype(np.float64)
 
 
@@ -64,12 +59,7 @@ def test_encrypted_inference_agrees_with_plaintext(
         env={**os.environ},
     )
     try:
-        deadline = time.monotonic() + 60
-        while not (port_file.is_file() and port_file.read_text()):
-            assert server.poll() is None, server.stdout.read().decode()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "the inference server did not start"
-            time.sleep(0.1)
-        url = f"https://localhost:{port_file.read_text()}"
+        url = f"https://localhost:{wait_for_port(port_file, server, 60)}"
         logits = inference.predict(url, x, pki_dir=pki_dir, name="bank-a")
         expected = model.logits(x)
         assert logits.shape == expected.shape == (x.shape[0], 2)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from support import issue_federation
 from veil.crypto import pki
 from veil.crypto.sealed_box import BoxError
 from veil.errors import UserError
@@ -19,12 +20,7 @@ PARAMS = CkksParams()
 
 @pytest.fixture(scope="module")
 def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("pki")
-    pki.init_ca(d)
-    pki.issue(d, "server", role="server")
-    for name in ("bank-a", "bank-b"):
-        pki.issue(d, name, role="client")
-    return d
+    return issue_federation(tmp_path_factory.mktemp("pki"), ["bank-a", "bank-b"])
 
 
 def test_each_client_opens_its_own_key_and_the_server_gets_none(pki_dir: Path) -> None:

@@ -3,12 +3,9 @@ reported in result.json."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import veil
+from support import EXAMPLES
 from veil.config import load_config
-
-EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 
 def test_medical_example_with_ckks_matches_plain_aggregation() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import socket
 import ssl
 import threading
@@ -25,6 +26,7 @@ from torch import nn
 from veil.crypto.identity import IdentityKey, signing_payload
 from veil.errors import UserError, VeilError
 from veil.federation.client import ClientRunner
+from veil.federation.fingerprint import Fingerprint
 from veil.federation.messages import (
     EvaluateInstruction,
     FitInstruction,
@@ -34,10 +36,28 @@ from veil.federation.messages import (
 from veil.transport.grpc import veil_pb2 as pb
 from veil.transport.grpc import veil_pb2_grpc as pb_grpc
 from veil.transport.grpc.codec import Message, decode, digest, encode
+from veil.transport.grpc.diagnose import Endpoint, diagnose
 
 log = logging.getLogger("veil.client")
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# `run_client`'s waits between attempts to reach the coordinator: doubling from the first, at
+# most the cap, each drawn in [half, all] of that (jitter, so that members cut off together do
+# not all come back at the same instant).
+_FIRST_RETRY_S, _MAX_RETRY_S = 1.0, 5.0
+# One connection attempt gives up after this (gRPC's own default is 20 s), so that an address
+# that does not answer at all is reported within seconds.
+_CONNECT_TIMEOUT_MS = 5_000
+
+
+class ConnectionFailed(UserError):
+    """`run_client` cannot work with the coordinator: the message says, in one line, which
+    certificate or address is wrong and what to do, or that it could not be reached for
+    `reconnect_timeout_s`. `code` is the gRPC status of the failed call, when there was one."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -64,6 +84,12 @@ def open_channel(
     options = [
         ("grpc.keepalive_time_ms", 20_000),
         ("grpc.max_receive_message_length", 8 << 20),
+        # C-core reads this one as the connect timeout of one attempt.
+        ("grpc.min_reconnect_backoff_ms", _CONNECT_TIMEOUT_MS),
+        # gRPC's own reconnection waits grow to 120 s by default: a coordinator that is back
+        # would stay unused that long after `run_client`'s next attempt.
+        ("grpc.initial_reconnect_backoff_ms", int(_FIRST_RETRY_S * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(_MAX_RETRY_S * 1000)),
     ]
     if credentials is None:
         return grpc.insecure_channel(address, options=options)
@@ -291,6 +317,162 @@ def _host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class Reconnection:
+    """What a member does when a call to the coordinator fails (`run_client`'s policy).
+
+    `failed(exc)` after a failed call: a refusal (any status but UNAVAILABLE and
+    DEADLINE_EXCEEDED) raises `ConnectionFailed` at once, in one line. Otherwise `diagnose`
+    looks at the `endpoint` (when given): a certificate problem (whose certificate, and why)
+    raises `ConnectionFailed` at once; a coordinator that does not answer gets one log line per
+    attempt (``cannot reach the coordinator at HOST:PORT (connection refused); retry 3 in
+    4.0 s, giving up in 110 s``) and a wait, doubling with jitter up to a cap, until
+    `timeout_s` have passed since the last contact (`reached`), and then `ConnectionFailed`.
+    """
+
+    def __init__(self, endpoint: Endpoint | None, timeout_s: float) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._where = f"the coordinator at {endpoint.address}" if endpoint else "the coordinator"
+        self.reached()
+
+    def reached(self) -> None:
+        """Note a call that reached the coordinator: the next failure starts afresh."""
+        self._last_contact = time.monotonic()
+        self._attempt = 0
+        self._wait_s = _FIRST_RETRY_S
+
+    def failed(self, exc: grpc.RpcError) -> None:
+        """Return when it is time to call again; raise `ConnectionFailed` when retrying cannot
+        help (PinFailed as it is, for a refused pinned certificate)."""
+        self.refused(exc)
+        found = diagnose(self.endpoint) if self.endpoint is not None else None
+        if found is not None and not found.retry:
+            raise ConnectionFailed(found.reason, exc.code()) from None
+        reason = found.reason if found else f"cannot reach {self._where} ({_last_error(exc)})"
+        left = self.timeout_s - (time.monotonic() - self._last_contact)
+        if left <= 0:
+            raise ConnectionFailed(
+                f"{reason}; gave up after {self.timeout_s:g} s without reaching it: check that "
+                "the coordinator runs at that address and this machine can reach it, or raise "
+                "[deployment] reconnect_timeout_s",
+                exc.code(),
+            ) from None
+        self._attempt += 1
+        wait_s = min(left, random.uniform(self._wait_s / 2, self._wait_s))
+        log.warning(f"{reason}; retry {self._attempt} in {wait_s:.1f} s, giving up in {left:.0f} s")
+        self._wait_s = min(self._wait_s * 2, _MAX_RETRY_S)
+        time.sleep(wait_s)
+
+    def refused(self, exc: grpc.RpcError) -> None:
+        """Raise `ConnectionFailed` if `exc` is a refusal that retrying cannot fix."""
+        code = exc.code()
+        if code in _RETRYABLE:
+            return
+        if isinstance(exc, PinFailed):
+            raise exc
+        details = exc.details() or ""
+        if "revoked" in details:
+            raise ConnectionFailed(
+                f"{self._where} refuses this member's certificate: it is revoked; ask the CA "
+                "operator for a new one (`veil pki request`, then `veil pki sign`)",
+                code,
+            ) from None
+        raise ConnectionFailed(
+            f"{self._where} refuses this member ({code.name}: {details})", code
+        ) from None
+
+
+def _last_error(exc: grpc.RpcError) -> str:
+    """The end of gRPC's details ("...; last error: ...: Socket closed" -> "socket closed")."""
+    details = str(exc.details() or exc.code().name).rsplit(": ", 1)[-1]
+    return details[:1].lower() + details[1:]
+
+
+class JoinRefused(UserError):
+    """The coordinator refused this member at `Join`: its model layout, data schema or config
+    differs from the coordinator's (the message names what, in one line). Not retried."""
+
+
+class _Member:
+    """A member's calls to the coordinator: `Join` before its first task (and again when the
+    coordinator answers a task poll with "join first", e.g. after a restart), and a heartbeat
+    every `heartbeat_s` from a background thread until `stop`, also while the member trains
+    (at least three per the coordinator's `liveness_s`, which it states at join)."""
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        name: str,
+        fingerprint: Fingerprint | None,
+        heartbeat_s: float | None,
+    ) -> None:
+        self._stub = pb_grpc.FederationStub(channel)  # type: ignore[no-untyped-call]
+        self.name = name
+        self._fingerprint = json.dumps(fingerprint.to_json() if fingerprint else None)
+        self._joined = False
+        self._interval = heartbeat_s
+        self._stopped = threading.Event()
+        if heartbeat_s is not None:
+            threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def GetTask(self, request: pb.TaskRequest) -> Iterator[pb.Chunk]:
+        """The task stream, after joining if the member has not joined yet."""
+        if not self._joined:
+            self.join()
+        stream = self._stub.GetTask(request)
+        try:
+            first = next(stream, None)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            self._joined = False  # the coordinator does not know this member (any more)
+            self.join()
+            stream = self._stub.GetTask(request)
+            first = next(stream, None)
+        if first is not None:
+            yield first
+            yield from stream
+
+    def Upload(self, chunks: Iterator[pb.Chunk]) -> pb.UploadReply:
+        return self._stub.Upload(chunks)  # type: ignore[no-any-return]
+
+    def join(self) -> None:
+        """Join with this member's fingerprint; `JoinRefused` with the coordinator's reason."""
+        request = pb.JoinRequest(client=self.name, json=self._fingerprint)
+        reply = self._stub.Join(request, timeout=30)
+        if not reply.accepted:
+            reason = " ".join(reply.reason.split())[:2000]  # one line, whatever it sent
+            raise JoinRefused(
+                f"the coordinator refused '{self.name}' at join: {reason}; make this "
+                "member's data, model and config match the federation's"
+            )
+        self._joined = True
+        if reply.liveness_s > 0 and self._interval is not None:
+            self._interval = min(self._interval, reply.liveness_s / 3)
+        log.info(json.dumps({"event": "joined", "client": self.name}))
+
+    def _beat(self) -> None:
+        while self._interval is not None and not self._stopped.wait(self._interval):
+            try:
+                reply = self._stub.Heartbeat(
+                    pb.HeartbeatRequest(client=self.name), timeout=max(1.0, self._interval)
+                )
+                if self._joined and not reply.joined:
+                    # The coordinator restarted: join again now, not after the task loop's
+                    # backoff, or a live member is dropped from every step as "not joined".
+                    self._joined = False
+                    self.join()
+            except JoinRefused:
+                return  # the task loop joins again and reports the refusal
+            except grpc.RpcError:
+                pass  # the task loop reports a coordinator it cannot reach
+            except ValueError:
+                return  # the channel was closed
+
+
 def run_client(
     channel: grpc.Channel,
     runner: ClientRunner,
@@ -300,31 +482,69 @@ def run_client(
     poll_s: float = 10.0,
     reconnect_timeout_s: float = 120.0,
     on_revocations: Callable[[bytes], object] | None = None,
+    endpoint: Endpoint | None = None,
+    fingerprint: Fingerprint | None = None,
+    heartbeat_s: float | None = 2.0,
 ) -> int:
     """Serve tasks until the server says the run is done; returns the number of tasks done.
+
+    The member first joins with its `fingerprint` (`veil.federation.fingerprint`; a coordinator
+    that checks them refuses a member without one): `JoinRefused` (a UserError, not retried)
+    when the coordinator's differs. It joins again when the coordinator no longer knows it (a
+    restarted coordinator), and sends a heartbeat every `heartbeat_s` (None: none) from a
+    background thread until it returns, also while it trains.
 
     `on_revocations` receives the revocation list (PEM) that comes with each task before the
     task is done (a member's `veil.crypto.trust.TrustStore.accept_revocations`); a VeilError
     from it (a list the CA did not sign, or older than one already seen) refuses the task.
 
-    Raises `grpc.RpcError` for a refusal that retrying cannot fix (e.g. a rejected certificate),
-    or after `reconnect_timeout_s` without reaching the server.
+    `endpoint` (the channel's address and the member's TLS files) lets a failed connection be
+    diagnosed (`Reconnection`); without it only "cannot reach" is reported, and a
+    `PinnedChannel`'s address is probed. Raises `ConnectionFailed` (a UserError, one line) for
+    a refusal or a certificate problem, at once, or after `reconnect_timeout_s` without
+    reaching the server; `PinFailed` when a pinned server certificate is refused.
     """
-    stub = pb_grpc.FederationStub(channel)  # type: ignore[no-untyped-call]
+    member = _Member(channel, runner.name, fingerprint, heartbeat_s)
+    try:
+        return _serve_tasks(
+            member,
+            channel,
+            runner,
+            model,
+            identity,
+            poll_s=poll_s,
+            reconnect_timeout_s=reconnect_timeout_s,
+            on_revocations=on_revocations,
+            endpoint=endpoint,
+        )
+    finally:
+        member.stop()
+
+
+def _serve_tasks(
+    stub: _Member,
+    channel: grpc.Channel,
+    runner: ClientRunner,
+    model: nn.Module,
+    identity: IdentityKey,
+    *,
+    poll_s: float,
+    reconnect_timeout_s: float,
+    on_revocations: Callable[[bytes], object] | None,
+    endpoint: Endpoint | None,
+) -> int:
+    """`run_client`'s task loop, its calls made through `stub`."""
     done = 0
-    last_contact = time.monotonic()
-    backoff = 0.2
+    if endpoint is None and isinstance(channel, PinnedChannel):
+        endpoint = Endpoint(channel.address, pinned=True)
+    connection = Reconnection(endpoint, reconnect_timeout_s)
     while True:
         try:
             task = decode(stub.GetTask(pb.TaskRequest(client=runner.name, wait_s=poll_s)))
         except grpc.RpcError as exc:
-            code = exc.code()
-            if code not in _RETRYABLE or time.monotonic() - last_contact > reconnect_timeout_s:
-                raise
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            connection.failed(exc)
             continue
-        last_contact, backoff = time.monotonic(), 0.2
+        connection.reached()
         if task.kind == "done":
             log.info(json.dumps({"event": "done", "client": runner.name, "tasks": done}))
             return done
@@ -334,8 +554,7 @@ def run_client(
         try:
             reply = stub.Upload(iter(upload))
         except grpc.RpcError as exc:
-            if exc.code() not in _RETRYABLE:
-                raise
+            connection.refused(exc)
             continue  # the server went away mid-round; the next task comes after it is back
         done += 1
         log.info(

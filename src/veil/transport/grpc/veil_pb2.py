@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eveil/transport/grpc/veil.proto\x12\x07veil.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"]\n\x06Header\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04json\x18\x02 \x01(\t\x12$\n\x07tensors\x18\x03 \x03(\x0b\x32\x13.veil.v1.TensorSpec\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"B\n\x05\x43hunk\x12!\n\x06header\x18\x01 \x01(\x0b\x32\x0f.veil.v1.HeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"-\n\x0bTaskRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"/\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\xa9\x01\n\nFederation\x12\x31\n\x07GetTask\x12\x14.veil.v1.TaskRequest\x1a\x0e.veil.v1.Chunk0\x01\x12\x30\n\x06Upload\x12\x0e.veil.v1.Chunk\x1a\x14.veil.v1.UploadReply(\x01\x12\x36\n\x06Status\x12\x16.veil.v1.StatusRequest\x1a\x14.veil.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eveil/transport/grpc/veil.proto\x12\x07veil.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"]\n\x06Header\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04json\x18\x02 \x01(\t\x12$\n\x07tensors\x18\x03 \x03(\x0b\x32\x13.veil.v1.TensorSpec\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"B\n\x05\x43hunk\x12!\n\x06header\x18\x01 \x01(\x0b\x32\x0f.veil.v1.HeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"-\n\x0bTaskRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"/\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"+\n\x0bJoinRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x0c\n\x04json\x18\x02 \x01(\t\"A\n\tJoinReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nliveness_s\x18\x03 \x01(\x01\"\"\n\x10HeartbeatRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\" \n\x0eHeartbeatReply\x12\x0e\n\x06joined\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\x9c\x02\n\nFederation\x12\x30\n\x04Join\x12\x14.veil.v1.JoinRequest\x1a\x12.veil.v1.JoinReply\x12?\n\tHeartbeat\x12\x19.veil.v1.HeartbeatRequest\x1a\x17.veil.v1.HeartbeatReply\x12\x31\n\x07GetTask\x12\x14.veil.v1.TaskRequest\x1a\x0e.veil.v1.Chunk0\x01\x12\x30\n\x06Upload\x12\x0e.veil.v1.Chunk\x1a\x14.veil.v1.UploadReply(\x01\x12\x36\n\x06Status\x12\x16.veil.v1.StatusRequest\x1a\x14.veil.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,10 +41,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKREQUEST']._serialized_end=309
   _globals['_UPLOADREPLY']._serialized_start=311
   _globals['_UPLOADREPLY']._serialized_end=358
-  _globals['_STATUSREQUEST']._serialized_start=360
-  _globals['_STATUSREQUEST']._serialized_end=375
-  _globals['_STATUSREPLY']._serialized_start=377
-  _globals['_STATUSREPLY']._serialized_end=404
-  _globals['_FEDERATION']._serialized_start=407
-  _globals['_FEDERATION']._serialized_end=576
+  _globals['_JOINREQUEST']._serialized_start=360
+  _globals['_JOINREQUEST']._serialized_end=403
+  _globals['_JOINREPLY']._serialized_start=405
+  _globals['_JOINREPLY']._serialized_end=470
+  _globals['_HEARTBEATREQUEST']._serialized_start=472
+  _globals['_HEARTBEATREQUEST']._serialized_end=506
+  _globals['_HEARTBEATREPLY']._serialized_start=508
+  _globals['_HEARTBEATREPLY']._serialized_end=540
+  _globals['_STATUSREQUEST']._serialized_start=542
+  _globals['_STATUSREQUEST']._serialized_end=557
+  _globals['_STATUSREPLY']._serialized_start=559
+  _globals['_STATUSREPLY']._serialized_end=586
+  _globals['_FEDERATION']._serialized_start=589
+  _globals['_FEDERATION']._serialized_end=873
 # @@protoc_insertion_point(module_scope)

@@ -34,6 +34,16 @@ class FederationStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Join = channel.unary_unary(
+                '/veil.v1.Federation/Join',
+                request_serializer=veil_dot_transport_dot_grpc_dot_veil__pb2.JoinRequest.SerializeToString,
+                response_deserializer=veil_dot_transport_dot_grpc_dot_veil__pb2.JoinReply.FromString,
+                _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/veil.v1.Federation/Heartbeat',
+                request_serializer=veil_dot_transport_dot_grpc_dot_veil__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=veil_dot_transport_dot_grpc_dot_veil__pb2.HeartbeatReply.FromString,
+                _registered_method=True)
         self.GetTask = channel.unary_stream(
                 '/veil.v1.Federation/GetTask',
                 request_serializer=veil_dot_transport_dot_grpc_dot_veil__pb2.TaskRequest.SerializeToString,
@@ -54,8 +64,22 @@ class FederationStub:
 class FederationServicer:
     """Missing associated documentation comment in .proto file."""
 
+    def Join(self, request, context):
+        """First call of a member: refused (with the reason) when its fingerprints differ.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetTask(self, request, context):
-        """The next task for this client (parameters streamed in chunks), or "wait" / "done".
+        """The next task for this client (parameters streamed in chunks), or "wait" / "done";
+        FAILED_PRECONDITION ("join first") for a member that has not joined.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,6 +101,16 @@ class FederationServicer:
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=veil_dot_transport_dot_grpc_dot_veil__pb2.JoinRequest.FromString,
+                    response_serializer=veil_dot_transport_dot_grpc_dot_veil__pb2.JoinReply.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=veil_dot_transport_dot_grpc_dot_veil__pb2.HeartbeatRequest.FromString,
+                    response_serializer=veil_dot_transport_dot_grpc_dot_veil__pb2.HeartbeatReply.SerializeToString,
+            ),
             'GetTask': grpc.unary_stream_rpc_method_handler(
                     servicer.GetTask,
                     request_deserializer=veil_dot_transport_dot_grpc_dot_veil__pb2.TaskRequest.FromString,
@@ -102,6 +136,60 @@ def add_FederationServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Federation:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veil.v1.Federation/Join',
+            veil_dot_transport_dot_grpc_dot_veil__pb2.JoinRequest.SerializeToString,
+            veil_dot_transport_dot_grpc_dot_veil__pb2.JoinReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veil.v1.Federation/Heartbeat',
+            veil_dot_transport_dot_grpc_dot_veil__pb2.HeartbeatRequest.SerializeToString,
+            veil_dot_transport_dot_grpc_dot_veil__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def GetTask(request,

@@ -16,7 +16,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 
 import veil
+from support import ReservedPort, spawn_veil, wait_for_port
 from veil.config import RunConfig, load_config
 from veil.errors import ConfigError, StoreError
 from veil.federation import RoundRecord, Strategy, TrainingPlan
@@ -124,27 +124,6 @@ KILLED_RUN = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
 
     veil.run(sys.argv[1], sys.argv[2], observers=[KillAfter()])
-    """
-)
-
-# `veil ...` that SIGKILLs itself right after writing round N's checkpoint (argv[1]): the
-# harshest point, before the round's row reaches the run store.
-KILLED_CLI = textwrap.dedent(
-    """
-    import importlib, os, signal, sys
-
-    run = importlib.import_module("veil.run")  # the module (`veil.run` is also the function)
-    kill_after = int(sys.argv.pop(1))
-    save = run.save_checkpoint
-
-    def save_then_die(path, checkpoint, **kwargs):
-        save(path, checkpoint, **kwargs)
-        if checkpoint.round == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    run.save_checkpoint = save_then_die
-    from veil.cli import main
-    sys.exit(main(sys.argv[1:]))
     """
 )
 
@@ -497,20 +476,6 @@ def test_checkpoint_carries_the_privacy_account_sealed(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- deployment
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as handle:
-        return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT)
-
-
-def _wait_for(predicate: Any, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("unit", ["client", "record"])
 def test_deployed_server_killed_after_round_4_resumes_the_same_account(
@@ -529,37 +494,27 @@ def test_deployed_server_killed_after_round_4_resumes_the_same_account(
     config = load_config(config_path)
     files = prepare_deployment(config, tmp_path / "out", config_path=config_path)
     out, logs = files.run_dir, files.logs
-    server = _spawn(
-        [sys.executable, "-c", KILLED_CLI, str(KILL_AFTER), *files.server_args()],
-        logs / "server.log",
-    )
+    # The server kills itself right after writing round KILL_AFTER's checkpoint, and comes back
+    # at the same address (reserved meanwhile), which the members keep retrying.
+    port = ReservedPort()
+    args = [port.address() if a == "127.0.0.1:0" else a for a in files.server_args()]
+    server = spawn_veil(args, logs / "server.log", die=("checkpoint", KILL_AFTER))
     clients: list[subprocess.Popen[bytes]] = []
     try:
-        _wait_for(
-            lambda: (
-                (files.port_file.exists() and files.port_file.read_text().strip())
-                or server.poll() is not None
-            ),
-            120,
-        )
-        assert server.poll() is None, (logs / "server.log").read_text()
-        port = files.port_file.read_text()
+        wait_for_port(files.port_file, server, 120)
         clients = [
-            _spawn(
-                [sys.executable, "-m", "veil.cli", *files.client_args(n, f"localhost:{port}")],
-                logs / f"{n}.log",
-            )
+            spawn_veil(files.client_args(n, f"localhost:{port.port}"), logs / f"{n}.log")
             for n in files.clients
         ]
         assert server.wait(timeout=300) == -signal.SIGKILL, (logs / "server.log").read_text()
         with closing(sqlite3.connect(out / "veil.db")) as db:
             stored = [r[0] for r in db.execute("SELECT round FROM rounds ORDER BY round")]
-        args = [a if a != "127.0.0.1:0" else f"127.0.0.1:{port}" for a in files.server_args()]
-        server = _spawn([sys.executable, "-m", "veil.cli", *args, "--resume"], logs / "server.log")
+        server = spawn_veil([*args, "--resume"], logs / "server.log")
         assert server.wait(timeout=300) == 0, (logs / "server.log").read_text()
         for proc in clients:
             assert proc.wait(timeout=60) == 0
     finally:
+        port.close()
         for proc in [server, *clients]:
             if proc.poll() is None:
                 proc.kill()

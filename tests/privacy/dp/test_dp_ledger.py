@@ -16,7 +16,7 @@ import pytest
 from veil.errors import UserError
 from veil.privacy.dp.ledger import BudgetExceeded, Charge, PrivacyLedger
 
-SRC = Path(__file__).resolve().parents[2] / "src"
+SRC = Path(__file__).resolve().parents[3] / "src"
 
 # Subprocesses load `veil` as a bare package so that they do not pay for `veil/__init__.py`
 # (which imports torch): the ledger needs only `veil.errors` and the standard library.

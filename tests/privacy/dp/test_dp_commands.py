@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -10,16 +9,9 @@ import numpy as np
 import pytest
 
 import veil.privacy.dp.queries as queries
-from veil.commands.privacy import register
+from support import veil
 from veil.errors import UserError
 from veil.privacy.dp.ledger import BudgetExceeded, PrivacyLedger
-
-
-def veil(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="veil")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.handler(args))
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import pytest
 from rich.console import Console
 
 import veil
+from support import EXAMPLES
 from veil.cli import main
 from veil.config import RunConfig, load_config
 from veil.privacy.dp.accountant import (
@@ -29,7 +30,6 @@ from veil.report.console import summary_table
 from veil.report.html import REPORT_FILE
 from veil.store import load_checkpoint
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DP_EXAMPLES = sorted(
     p.stem for p in EXAMPLES.glob("*.toml") if "privacy" in tomllib.loads(p.read_text())
 )
