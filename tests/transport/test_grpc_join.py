@@ -19,6 +19,7 @@ import pytest
 from deployment_processes import deployed
 from test_grpc_gateway import credentials, identity
 
+from support import EXAMPLES, issue_federation
 from veil.config import RunConfig
 from veil.crypto import pki
 from veil.crypto.identity import IdentityPublicKey
@@ -39,7 +40,6 @@ from veil.transport.grpc.client import JoinRefused, open_channel, run_client
 from veil.transport.grpc.codec import decode
 from veil.transport.grpc.server import GrpcGateway, ServerCredentials
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 BASE = {
     "mode": "deployment",
     "data": {"dataset": "breast_cancer"},
@@ -134,12 +134,7 @@ REFERENCE = {"w": np.zeros((3, 2), np.float32)}
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pki")
-    pki.init_ca(root)
-    pki.issue(root, "server", role="server")
-    for name in ("alice", "bob"):
-        pki.issue(root, name, role="client")
-    return root
+    return issue_federation(tmp_path_factory.mktemp("pki"), ("alice", "bob"))
 
 
 @pytest.fixture

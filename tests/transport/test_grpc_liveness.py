@@ -19,6 +19,7 @@ import pytest
 from deployment_processes import deployed
 from test_grpc_gateway import credentials, identity, signed_upload
 
+from support import EXAMPLES, issue_federation
 from veil.config import RunConfig
 from veil.crypto import pki
 from veil.crypto.identity import IdentityPublicKey
@@ -34,17 +35,11 @@ REFERENCE = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
 PLAN = TrainingPlan(epochs=1, batch_size=4, learning_rate=0.1)
 LIVENESS_S = 1.0
 DEADLINE_S = 30.0
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pki")
-    pki.init_ca(root)
-    pki.issue(root, "server", role="server")
-    for name in ("alice", "bob"):
-        pki.issue(root, name, role="client")
-    return root
+    return issue_federation(tmp_path_factory.mktemp("pki"), ("alice", "bob"))
 
 
 @pytest.fixture
