@@ -847,6 +847,7 @@ _STORED_ROW = (
     "bytes_down",
     "duration_s",
     "failures",
+    "aggregation",
 )
 
 

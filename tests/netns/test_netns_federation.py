@@ -73,18 +73,6 @@ def test_latency_and_connections_cut_mid_download(
     assert min(durations(result)) >= 7 * 2 * LATENCY_MS / 1000, durations(result)
 
 
-#: Seen in most runs, not all (it depends on which of a member's calls reaches the coordinator
-#: first), hence not strict.
-JOIN_RACE = pytest.mark.xfail(
-    strict=False,
-    reason="src bug: `GrpcGateway.wait_for_clients` counts a member as there after any call (a "
-    "Heartbeat, sent from the member's background thread, reaches a coordinator while its task "
-    "loop still waits out its retry backoff), and the round then drops the member at once as "
-    "'not joined: it has not called Join'; SecAgg (threshold 3 of 3) loses the round",
-)
-
-
-@JOIN_RACE
 def test_latency_and_dropped_connections(
     clean_lab: Lab, loopback: Reference, tmp_path: Path
 ) -> None:
@@ -107,12 +95,6 @@ def test_latency_and_dropped_connections(
     assert stats["dropped"] >= 2 * clean_lab.members, stats
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: a member whose upload is lost gets the same task again and computes it "
-    "again (`run_client`); SecAgg's session steps run once, so it refuses its own task "
-    "('cannot go to ...') and is dropped from the round",
-)
 def test_connection_cut_during_an_upload(
     clean_lab: Lab, loopback: Reference, tmp_path: Path
 ) -> None:
@@ -149,7 +131,6 @@ def test_member_unplugged_mid_round(clean_lab: Lab, loopback: Reference, tmp_pat
     assert durations(result)[1] >= outage_s, durations(result)
 
 
-@JOIN_RACE
 def test_coordinator_restarted_mid_run(clean_lab: Lab, loopback: Reference, tmp_path: Path) -> None:
     """The coordinator is killed (SIGKILL) once round 1 is recorded and started again with
     `--resume` on the same address; the members, which kept retrying, join it again and the

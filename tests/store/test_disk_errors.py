@@ -21,8 +21,10 @@ import veil
 from veil.atomic import atomic_write_text, disk_error
 from veil.errors import DiskFullError, WritePermissionError
 from veil.federation import RoundRecord, Strategy
+from veil.privacy.dp.ledger import PrivacyLedger
 from veil.result import Result
 from veil.store import Checkpoint, RunStore, save_checkpoint
+from veil.store.lock import run_directory
 from veil.tensors import NamedArrays
 
 CONFIG = """
@@ -149,6 +151,30 @@ def test_a_store_on_a_full_disk_is_not_called_corrupt(disk: Path) -> None:
     with pytest.raises(DiskFullError, match=r"result\.json"):
         atomic_write_text(disk / "result.json", "{}" * 10_000)
     assert sorted(p.name for p in disk.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_a_ledger_and_a_run_folder_on_a_full_disk_are_named(disk: Path) -> None:
+    fill(disk)
+    ledger = re.escape(str(disk / "ledger.db"))
+    with pytest.raises(DiskFullError, match=f"^disk full writing '{ledger}'"):
+        PrivacyLedger(disk / "ledger.db")
+    # The lock file's pid (a few bytes in a fresh file) does not fit either.
+    with pytest.raises(DiskFullError, match=r"\.veil\.lock"), run_directory(disk / "out"):
+        pass
+
+
+def test_a_ledger_that_fills_the_disk_mid_charge_is_named_and_keeps_its_charges(
+    disk: Path,
+) -> None:
+    with PrivacyLedger(disk / "ledger.db") as ledger:
+        ledger.set_budget("patients", epsilon=10.0, delta=1e-5)
+        filler = fill(disk)
+        with pytest.raises(DiskFullError, match=r"ledger\.db"):
+            # Big enough that SQLite must grow the WAL file beyond its free pages.
+            for _ in range(1000):
+                ledger.set_budget("patients" + "x" * 2000, epsilon=10.0, delta=1e-5)
+        filler.unlink()
+        assert ledger.budget("patients").epsilon_limit == 10.0
 
 
 def test_a_read_only_store_and_folder_are_named(disk: Path) -> None:

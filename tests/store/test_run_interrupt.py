@@ -190,6 +190,28 @@ def test_the_api_stops_when_asked_and_resume_gives_the_uninterrupted_metrics(
     assert resumed.final == veil.run(config).final
 
 
+def test_a_resumed_secure_run_keeps_each_restored_rounds_aggregation_summary(
+    tmp_path: Path,
+) -> None:
+    """The SecAgg summary of the rounds before the stop (dropouts, threshold, ...) is in the
+    resumed run's result as in the uninterrupted run's: the store and checkpoint keep it."""
+    config = tmp_path / "secagg.toml"
+    config.write_text(
+        CONFIG.format(rounds=4, epochs=1)
+        .replace("seed = 5", 'seed = 5\nsecure_aggregation = "secagg"')
+        .replace('dataset = "breast_cancer"', 'dataset = "breast_cancer"\nscaling = "local"')
+        + "[secagg]\nclip_range = 4.0\nmax_weight = 1000\n"
+    )
+    out = tmp_path / "out"
+    stop = StopAfter(2)
+    assert veil.run(config, out, observers=[stop], stop=stop).status == "interrupted"
+    resumed = veil.run(config, out, resume=True)
+    whole = veil.run(config)
+    assert [r.aggregation for r in resumed.rounds] == [r.aggregation for r in whole.rounds]
+    assert all(r.aggregation for r in whole.rounds), "SecAgg rounds carry a summary"
+    assert resumed.final == whole.final
+
+
 class InterruptAt(StopAfter):
     def on_round_end(
         self, record: RoundRecord, parameters: NamedArrays, strategy: Strategy
@@ -269,6 +291,7 @@ def test_a_store_from_before_the_interrupted_status_is_migrated_rows_kept(
         }
         assert runs["old-1"].final == {"accuracy": 0.9}
         assert store.get_run("old-1")[2][0]["metrics"] == {"accuracy": 0.9}
+        assert store.get_run("old-1")[2][0]["aggregation"] == {}  # the column added
         store.record_round("old-2", {"round": 2, "clients": 3, "dropped": 0, "metrics": {}})
         with pytest.raises(ValueError, match="not 'bogus'"):
             store.finish_run("old-1", status="bogus", final=None)
@@ -279,7 +302,9 @@ def test_a_store_from_before_the_interrupted_status_is_migrated_rows_kept(
             raw.execute("UPDATE runs SET status = 'bogus'")
         with pytest.raises(sqlite3.IntegrityError):
             raw.execute(
-                "INSERT INTO rounds VALUES ('nobody', 1, 1, 0, 1, 1, '{}', NULL, 0, 0, 0, '[]')"
+                "INSERT INTO rounds (run_id, round, clients, dropped, selected, applied, "
+                "metrics, epsilon, bytes_up, bytes_down, duration_s, failures) "
+                "VALUES ('nobody', 1, 1, 0, 1, 1, '{}', NULL, 0, 0, 0, '[]')"
             )
         assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
     RunStore(db).close()  # opening a migrated store again changes nothing

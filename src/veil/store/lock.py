@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from veil.atomic import disk_error, writing
 from veil.errors import UserError
 
 __all__ = ["LOCK_FILE", "run_directory"]
@@ -33,6 +34,9 @@ def run_directory(out: str | Path) -> Iterator[Path]:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
+        named = disk_error(exc, out / LOCK_FILE)
+        if named is not None:
+            raise named from None
         raise UserError(f"cannot use '{out}' for the run: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -44,10 +48,11 @@ def run_directory(out: str | Path) -> Iterator[Path]:
             "choose another --out"
         ) from None
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        for stale in out.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+        with writing(out / LOCK_FILE):  # a full disk is named, not a traceback
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            for stale in out.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
         yield out
     finally:
         os.close(fd)  # releases the lock

@@ -5,8 +5,9 @@ the embedded default of DESIGN.md §7; later the privacy ledger and attestation 
 
 A run's status is `running`, `finished`, `failed` (an error stopped it) or `interrupted` (a
 signal stopped it; `veil run --resume` continues it). A store written before `interrupted`
-existed is migrated when it is opened. A full disk or a refused write is raised as
-`DiskFullError` / `WritePermissionError` naming the database, never as "not a run store".
+existed, or before rounds kept their aggregation summary, is migrated when it is opened. A full
+disk or a refused write is raised as `DiskFullError` / `WritePermissionError` naming the
+database, never as "not a run store".
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     bytes_down INTEGER NOT NULL,
     duration_s REAL NOT NULL,
     failures   TEXT NOT NULL,
+    aggregation TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (run_id, round)
 );
 """
@@ -138,8 +140,8 @@ class RunStore:
         with self._tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO rounds (run_id, round, clients, dropped, selected, applied,"
-                " metrics, epsilon, bytes_up, bytes_down, duration_s, failures)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " metrics, epsilon, bytes_up, bytes_down, duration_s, failures, aggregation)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id,
                     record["round"],
@@ -153,6 +155,7 @@ class RunStore:
                     record.get("bytes_down", 0),
                     record.get("duration_s", 0.0),
                     json.dumps(record.get("failures", [])),
+                    json.dumps(record.get("aggregation", {}), sort_keys=True),
                 ),
             )
 
@@ -208,6 +211,7 @@ class RunStore:
                 "bytes_down": r["bytes_down"],
                 "duration_s": r["duration_s"],
                 "failures": json.loads(r["failures"]),
+                "aggregation": json.loads(r["aggregation"]),
             }
             for r in self._db.execute(
                 "SELECT * FROM rounds WHERE run_id = ? ORDER BY round", (run_id,)
@@ -237,8 +241,18 @@ def find_stores(where: str | Path) -> list[Path]:
 
 
 def _migrate(db: sqlite3.Connection) -> None:
-    """Rebuild a `runs` table whose status CHECK predates `interrupted` (SQLite cannot alter a
-    constraint): a copy under the current schema replaces it in one transaction, rows kept."""
+    """Bring a store written by an earlier Veil to the current schema, rows kept: add the
+    rounds' `aggregation` column, and rebuild a `runs` table whose status CHECK predates
+    `interrupted` (SQLite cannot alter a constraint) as a copy that replaces it in one
+    transaction."""
+    rounds_columns = {r[1] for r in db.execute("PRAGMA table_info(rounds)")}
+    if "aggregation" not in rounds_columns:
+        with db:
+            try:
+                db.execute("ALTER TABLE rounds ADD COLUMN aggregation TEXT NOT NULL DEFAULT '{}'")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):  # another process added it meanwhile
+                    raise
 
     def outdated() -> bool:
         row = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'runs'")

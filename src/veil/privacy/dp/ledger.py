@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from veil.atomic import disk_error, writing
 from veil.errors import StoreError, UserError
 
 #: Slack for floating-point sums: a request exceeding the limit by less than this is allowed.
@@ -138,9 +139,10 @@ class PrivacyLedger:
                 f"no privacy ledger at '{self.path}'; create one with "
                 f"`veil budget set DATASET --epsilon E --delta D --ledger {self.path}`"
             )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: no implicit transactions; every write below opens its own.
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: no implicit transactions; every write below opens its own.
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -150,6 +152,9 @@ class PrivacyLedger:
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             self._db.close()
+            named = disk_error(exc, self.path)
+            if named is not None:
+                raise named from None
             raise StoreError(f"'{self.path}' is not a Veil privacy ledger ({exc})") from None
 
     def close(self) -> None:
@@ -164,14 +169,15 @@ class PrivacyLedger:
     @contextmanager
     def _immediate(self) -> Iterator[sqlite3.Connection]:
         """One write transaction holding SQLite's write lock from its first statement."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
+        with writing(self.path):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     def set_budget(self, dataset_id: str, *, epsilon: float, delta: float) -> Budget:
         """Create or change a data set's budget. Lowering it below what is spent is refused."""

@@ -320,8 +320,9 @@ def _host_port(address: str) -> tuple[str, int]:
 class Reconnection:
     """What a member does when a call to the coordinator fails (`run_client`'s policy).
 
-    `failed(exc)` after a failed call: a refusal (any status but UNAVAILABLE and
-    DEADLINE_EXCEEDED) raises `ConnectionFailed` at once, in one line. Otherwise `diagnose`
+    `failed(exc)` after a failed call: a refusal (any status but UNAVAILABLE,
+    DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED, which waits a second) raises `ConnectionFailed`
+    at once, in one line. Otherwise `diagnose`
     looks at the `endpoint` (when given): a certificate problem (whose certificate, and why)
     raises `ConnectionFailed` at once; a coordinator that does not answer gets one log line per
     attempt (``cannot reach the coordinator at HOST:PORT (connection refused); retry 3 in
@@ -367,6 +368,12 @@ class Reconnection:
         """Raise `ConnectionFailed` if `exc` is a refusal that retrying cannot fix."""
         code = exc.code()
         if code in _RETRYABLE:
+            return
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # The coordinator still holds this member's earlier call (an upload cut mid-stream
+            # stays open on its side until its idle timeout): not a refusal, wait and retry.
+            log.warning(f"{self._where} is busy with this member's earlier call; retrying")
+            time.sleep(random.uniform(_FIRST_RETRY_S / 2, _FIRST_RETRY_S))
             return
         if isinstance(exc, PinFailed):
             raise exc
@@ -538,6 +545,10 @@ def _serve_tasks(
     if endpoint is None and isinstance(channel, PinnedChannel):
         endpoint = Endpoint(channel.address, pinned=True)
     connection = Reconnection(endpoint, reconnect_timeout_s)
+    # The signed answer whose upload has not been acknowledged, by its task's nonce: when the
+    # connection breaks mid-upload the coordinator hands out the same task again, and the member
+    # sends the same bytes rather than computing it again (a SecAgg step runs once per round).
+    unsent: tuple[str, list[pb.Chunk]] | None = None
     while True:
         try:
             task = decode(stub.GetTask(pb.TaskRequest(client=runner.name, wait_s=poll_s)))
@@ -550,12 +561,19 @@ def _serve_tasks(
             return done
         if task.kind == "wait":
             continue
-        upload = _answer(task, runner, model, identity, on_revocations)
+        nonce = str(task.meta.get("nonce"))
+        if unsent is not None and unsent[0] == nonce:
+            upload = unsent[1]
+            log.info(json.dumps({"event": "resending", "client": runner.name}))
+        else:
+            upload = _answer(task, runner, model, identity, on_revocations)
+        unsent = (nonce, upload)
         try:
             reply = stub.Upload(iter(upload))
         except grpc.RpcError as exc:
             connection.refused(exc)
             continue  # the server went away mid-round; the next task comes after it is back
+        unsent = None
         done += 1
         log.info(
             json.dumps(
