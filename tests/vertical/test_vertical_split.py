@@ -41,7 +41,7 @@ def _data(n: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_only_embeddings_and_their_gradients_cross() -> None:
     xa, y, xp = _data()
     s = SplitSettings(epochs=2, batch_size=50, embedding_dim=3)
-    result = train_split(xa, y, xp, s, random=SeededRandom(0))
+    result = train_split(xa, y, xp, s, random=SeededRandom(0), production=False)
     topics = {(m.sender, m.receiver, m.topic) for m in result.transcript}
     assert topics == {
         ("payment", "bank", "embeddings"),
@@ -55,7 +55,7 @@ def test_dp_noise_is_applied_and_accounted() -> None:
     s = SplitSettings(
         epochs=5, batch_size=200, embedding_noise=4.0, gradient_noise=3.0, embedding_dim=2
     )
-    result = train_split(xa, y, xp, s, random=SeededRandom(0))
+    result = train_split(xa, y, xp, s, random=SeededRandom(0), production=False)
     accountant = Accountant("pld")
     accountant.compose_gaussian(2.0, 5)  # sensitivity 2C under replace-one: multiplier σ/2
     assert result.epsilon_embeddings == pytest.approx(accountant.epsilon(1e-5))

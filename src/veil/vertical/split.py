@@ -17,7 +17,8 @@ Optional differential privacy, both per record and accounted with `veil.privacy.
 Batches are a shuffle of the rows, so each record is released once per epoch. Replacing one
 record moves its clipped row by at most 2C: a Gaussian mechanism with multiplier σ/2, composed
 once per epoch (PLD accountant). The noise comes from `SecureRandom` unless a test passes a
-seeded source. At prediction time embeddings travel without noise (only training is accounted).
+seeded source with ``production=False`` (in production a seeded source is refused). At
+prediction time embeddings travel without noise (only training is accounted).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch import nn
 
 from veil.errors import ConfigError
 from veil.privacy.dp.accountant import Accountant
-from veil.privacy.dp.randomness import RandomSource, SecureRandom
+from veil.privacy.dp.randomness import RandomSource, SecureRandom, require_secure
 from veil.vertical.logistic import BANK, PAYMENT, Message
 
 __all__ = ["SplitResult", "SplitSettings", "train_split"]
@@ -138,12 +139,18 @@ def train_split(
     settings: SplitSettings,
     *,
     random: RandomSource | None = None,
+    production: bool = True,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> SplitResult:
-    """Train on aligned rows; the payment company's half only ever sees embedding gradients."""
+    """Train on aligned rows; the payment company's half only ever sees embedding gradients.
+
+    `random` draws the DP noise (default: a fresh `SecureRandom`); in `production` (the
+    default) a seeded source is refused with a `ConfigError`, before any training.
+    """
+    random = random if random is not None else SecureRandom()
+    require_secure(random, production=production, what="split learning's DP noise")
     if len(bank_x) != len(payment_x) or len(bank_x) != len(labels) or len(labels) == 0:
         raise ConfigError("bank and payment rows must be aligned and non-empty (run PSI first)")
-    random = random if random is not None else SecureRandom()
     torch.manual_seed(settings.seed)
     e = settings.embedding_dim
     bank_bottom, payment_bottom = (

@@ -106,7 +106,9 @@ def test_dp_sgd_noise_defeats_the_inversion(breast_cancer: tuple[np.ndarray, np.
     x, y = breast_cancer
     model = logistic()
     sigma = calibrate_noise_multiplier(1.0, 1e-5, 1.0, 1)
-    trainer = DPSGDTrainer(noise_multiplier=sigma, clip_norm=1.0, source=SeededRandom(3))
+    trainer = DPSGDTrainer(
+        noise_multiplier=sigma, clip_norm=1.0, source=SeededRandom(3), production=False
+    )
     start, update = one_step_update(model, x[5:6], y[5:6], trainer)
     gradient = update_as_gradient(update, LR, 1)
     rec = dlg(model, start, gradient, n_examples=1, n_features=30, n_classes=2, iterations=1000)
@@ -156,7 +158,12 @@ def test_a_digit_is_recovered_from_its_update_and_not_under_dp() -> None:
     for trainer, check in (
         (SGDTrainer(), lambda s: s > 0.7),
         (
-            DPSGDTrainer(noise_multiplier=1.0, clip_norm=1.0, source=SeededRandom(0)),
+            DPSGDTrainer(
+                noise_multiplier=1.0,
+                clip_norm=1.0,
+                source=SeededRandom(0),
+                production=False,
+            ),
             lambda s: s < 0.3,
         ),
     ):

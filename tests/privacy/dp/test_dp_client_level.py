@@ -42,7 +42,11 @@ def test_clip_update_refuses_a_plan_without_a_norm() -> None:
 def test_gaussian_sum_noise_scale_and_fixed_denominator() -> None:
     # 2000 parameters of pure noise: the sample std is within 5% of z·C (std error ~1.6%).
     stage = GaussianSumNoise(
-        noise_multiplier=1.5, clip_norm=0.8, expected_clients=4.0, source=SeededRandom(0)
+        noise_multiplier=1.5,
+        clip_norm=0.8,
+        expected_clients=4.0,
+        source=SeededRandom(0),
+        production=False,
     )
     aggregate = Aggregate({"w": np.zeros(2000, np.float32)}, weight=3.0, count=3)
     out = stage.apply(aggregate, RoundContext("r", 1))
@@ -56,6 +60,7 @@ def test_adaptive_clipping_moves_towards_the_quantile_and_keeps_the_accounted_no
         clip_norm=1.0,
         expected_clients=100.0,
         source=SeededRandom(1),
+        production=False,
         target_quantile=0.5,
         clip_count_stddev=5.0,
     )

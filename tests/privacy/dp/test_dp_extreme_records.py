@@ -154,7 +154,9 @@ def test_dp_sgd_on_an_extreme_record_stays_finite_and_counts_only_locally(path: 
     x, y = synthetic(40, 5, 3, seed=2)
     x[3, 0] = 3e38  # overflows this model's float32 forward once its weights grow
     x[7, 1] = math.inf  # cannot come from the CSV loader; the clipper must cope all the same
-    trainer = dpsgd.DPSGDTrainer(noise_multiplier=1.0, clip_norm=CLIP, source=SeededRandom(0))
+    trainer = dpsgd.DPSGDTrainer(
+        noise_multiplier=1.0, clip_norm=CLIP, source=SeededRandom(0), production=False
+    )
     force(trainer._clipper(model), path)
     plan = TrainingPlan(epochs=3, batch_size=10, learning_rate=5.0)
     stats = trainer.train(model, x, y, plan, torch.Generator())

@@ -276,7 +276,9 @@ def test_hooks_of_another_clipper_do_not_block_fusing() -> None:
 
 
 def trained(model: nn.Module, fused: bool, plan: TrainingPlan, seed: int) -> dict[str, np.ndarray]:
-    trainer = DPSGDTrainer(noise_multiplier=0.7, clip_norm=0.5, source=SeededRandom(seed))
+    trainer = DPSGDTrainer(
+        noise_multiplier=0.7, clip_norm=0.5, source=SeededRandom(seed), production=False
+    )
     clipper = trainer._clipper(model)
     assert clipper.method == "fused-linear"
     if not fused:
@@ -405,7 +407,9 @@ def test_empty_batches_still_receive_noise_on_the_fused_path() -> None:
             return np.full(size, 1 - 1e-15)
 
     model = MLP(4, [6], 2)
-    trainer = DPSGDTrainer(noise_multiplier=1.0, clip_norm=1.0, source=NeverSample(3))
+    trainer = DPSGDTrainer(
+        noise_multiplier=1.0, clip_norm=1.0, source=NeverSample(3), production=False
+    )
     assert trainer._clipper(model).method == "fused-linear"
     before = get_parameters(model)
     x, y = data(50, 4, 2)

@@ -10,10 +10,17 @@ level (fresh and after a resume), the server's noise and the client sampler of c
 the production configuration with a seed and expects the refusal; the same seed with
 ``production = false`` (a test run) is accepted, so the refusal comes from the mode alone.
 
-The other noise-adding code takes no seed in a run: the SecAgg clients' distributed discrete
+The components themselves refuse too, whoever builds them: `DPSGDTrainer`, `GaussianSumNoise`,
+`train_split` and `SecAggParticipant` call `require_secure` when built (`train_split` on entry)
+with ``production`` true unless the caller says otherwise, so a seeded source handed to one
+built by hand is refused with a `ConfigError` naming the component; with
+``production=False`` or a `SecureRandom` it runs.
+
+The other noise-adding code takes no `RandomSource`: the SecAgg clients' distributed discrete
 Gaussian comes from OpenDP's sampler and the OS CSPRNG (`DistributedGaussian.noise`),
-`veil query` from OpenDP, and split learning's and SecAgg's stochastic rounding from a
-`SecureRandom` that the run builds itself.
+`veil query` from OpenDP, the CKKS release's flooding from a key only the clients hold.
+Compression's stochastic rounding is post-processing of an already noised update, and the
+audit's retraining is a measurement that is never released (`veil.privacy.audit.recipe`).
 """
 
 from __future__ import annotations
@@ -23,14 +30,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
 from veil.config import PrivacyConfig, RunConfig
+from veil.crypto.identity import IdentityKey
 from veil.errors import ConfigError
-from veil.federation import RoundRecord, TrainingPlan
+from veil.federation import Aggregate, RoundContext, RoundRecord, TrainingPlan
+from veil.models import LogisticRegression
 from veil.privacy.audit.target import AuditedRun
+from veil.privacy.dp.client_level import GaussianSumNoise
+from veil.privacy.dp.dpsgd import DPSGDTrainer
 from veil.privacy.dp.policy import ClientLevelPrivacy, RecordLevelPrivacy, random_source
-from veil.privacy.dp.randomness import SecureRandom, SeededRandom, require_secure
+from veil.privacy.dp.randomness import RandomSource, SecureRandom, SeededRandom, require_secure
+from veil.privacy.secagg.layout import UpdateLayout
+from veil.privacy.secagg.participant import SecAggParticipant
+from veil.privacy.secagg.roster import StaticRoster
+from veil.privacy.secagg.settings import SecAggSettings
+from veil.vertical.split import SplitSettings, train_split
 
 PLAN = TrainingPlan(epochs=1, batch_size=16, learning_rate=0.1)
 REFUSED = "seeded random source is refused in production mode"
@@ -160,3 +178,81 @@ def test_require_secure_itself() -> None:
     assert isinstance(
         random_source(PrivacyConfig(unit="record", epsilon=1, delta=1e-5)), SecureRandom
     )
+
+
+# --------------------------------------------------------------------------- built by hand
+
+
+def dpsgd_trainer(source: RandomSource, **production: bool) -> None:
+    """Build a `DPSGDTrainer` on `source` and train one epoch of a small model with it."""
+    trainer = DPSGDTrainer(noise_multiplier=1.0, clip_norm=1.0, source=source, **production)
+    x = torch.as_tensor(np.random.default_rng(0).normal(size=(32, 3)), dtype=torch.float32)
+    model = LogisticRegression(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.train(model, x, (x[:, 0] > 0).long(), PLAN, torch.Generator())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def client_level_noise(source: RandomSource, **production: bool) -> None:
+    """Build a `GaussianSumNoise` on `source` and noise one round's sum with it."""
+    stage = GaussianSumNoise(
+        noise_multiplier=1.0, clip_norm=1.0, expected_clients=2.0, source=source, **production
+    )
+    out = stage.apply(Aggregate({"w": np.zeros(64, np.float32)}, 2.0, 2), RoundContext("r", 1))
+    assert np.count_nonzero(out.total["w"]) == 64
+
+
+def split_learning(source: RandomSource, **production: bool) -> None:
+    """Train one epoch of split learning with embedding and label DP drawn from `source`."""
+    rng = np.random.default_rng(1)
+    bank, payment = rng.normal(size=(40, 3)), rng.normal(size=(40, 2))
+    labels = (bank[:, 0] > 0).astype(np.int64)
+    settings = SplitSettings(epochs=1, batch_size=20, embedding_noise=1.0, gradient_noise=1.0)
+    result = train_split(
+        bank.astype(np.float32),
+        labels,
+        payment.astype(np.float32),
+        settings,
+        random=source,
+        **production,
+    )
+    assert result.epsilon_embeddings is not None and result.epsilon_labels is not None
+
+
+def secagg_participant(source: RandomSource, **production: bool) -> None:
+    """Build a client's `SecAggParticipant` whose fixed-point rounding draws from `source`."""
+    settings = SecAggSettings()
+    names = ["org-0", "org-1"]
+    keys = {name: IdentityKey.generate() for name in names}
+    participant = SecAggParticipant(
+        names[0],
+        keys[names[0]],
+        StaticRoster({name: key.public_key() for name, key in keys.items()}),
+        settings,
+        UpdateLayout.of({"w": np.zeros(8, np.float32)}, settings.sum_bounds),
+        random=source,
+        **production,
+    )
+    assert participant.random is source
+
+
+BUILT_BY_HAND: dict[str, tuple[str, Callable[..., None]]] = {
+    "DPSGDTrainer": ("DP-SGD trainer", dpsgd_trainer),
+    "GaussianSumNoise": ("client-level Gaussian noise", client_level_noise),
+    "train_split": ("split learning's DP noise", split_learning),
+    "SecAggParticipant": ("secure aggregation's rounding", secagg_participant),
+}
+
+
+@pytest.mark.parametrize("component", list(BUILT_BY_HAND))
+def test_a_component_built_by_hand_refuses_a_seeded_source_unless_told_it_is_a_test(
+    component: str,
+) -> None:
+    what, use = BUILT_BY_HAND[component]
+    # Production is the default: nothing said, a seeded source is refused, naming the component.
+    with pytest.raises(ConfigError, match=f"^{what}: a {REFUSED}"):
+        use(SeededRandom(0))
+    with pytest.raises(ConfigError, match=f"^{what}: a {REFUSED}"):
+        use(SeededRandom(0), production=True)
+    use(SeededRandom(0), production=False)  # a test run
+    use(SecureRandom())  # the production source, in production

@@ -124,7 +124,9 @@ def test_dpsgd_learns_with_moderate_noise() -> None:
     x, y = data(400, 5)
     y = (x[:, 0] + x[:, 1] > 0).long()
     model = LogisticRegression(5, 2)
-    trainer = DPSGDTrainer(noise_multiplier=0.8, clip_norm=1.0, source=SeededRandom(2))
+    trainer = DPSGDTrainer(
+        noise_multiplier=0.8, clip_norm=1.0, source=SeededRandom(2), production=False
+    )
     trainer.train(
         model, x, y, TrainingPlan(epochs=5, batch_size=50, learning_rate=0.5), torch.Generator()
     )

@@ -10,6 +10,12 @@ calls the trainers that a run uses.
 `unclipped_dpsgd_trainer`) whose accountant still reports the ε of the declared clipping norm:
 the configuration that the canary audit must catch. Nothing outside audit tests and the audit
 documentation should set it.
+
+The trainers here accept a seeded source (``production=False``): an audit measures the
+mechanism and never releases the models it retrains, so reproducible noise there cannot be
+subtracted from anything published, and a seed makes an audit reproducible. A run's audit
+draws from `AuditedRun.noise_source`, which refuses a seed when the run's `[privacy]` is in
+production mode (`veil.privacy.dp.policy.random_source`).
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ def unclipped_dpsgd_trainer(
         noise_multiplier=noise_multiplier * clip_norm / UNCLIPPED_NORM,
         clip_norm=UNCLIPPED_NORM,
         source=source,
+        production=False,  # audit tests only, never released (module docstring)
     )
 
 
@@ -92,7 +99,10 @@ class TrainingRecipe:
         if self.dp.hazard_clipping_disabled:
             return unclipped_dpsgd_trainer(self.dp.noise_multiplier, self.dp.clip_norm, source)
         return DPSGDTrainer(
-            noise_multiplier=self.dp.noise_multiplier, clip_norm=self.dp.clip_norm, source=source
+            noise_multiplier=self.dp.noise_multiplier,
+            clip_norm=self.dp.clip_norm,
+            source=source,
+            production=False,  # an audit's models are never released (module docstring)
         )
 
     def train(

@@ -25,7 +25,7 @@ import numpy as np
 
 from veil.federation.messages import FitResult, TrainingPlan
 from veil.federation.pipeline import Aggregate, RoundContext
-from veil.privacy.dp.randomness import RandomSource
+from veil.privacy.dp.randomness import RandomSource, require_secure
 from veil.tensors import l2_norm
 
 UNCLIPPED = "dp/unclipped"
@@ -75,7 +75,8 @@ class GaussianSumNoise:
     With `target_quantile`, also release the noisy count of unclipped clients and adapt C.
     With `distributed`, the clients have already added the noise in the integer domain under
     secure aggregation (`veil.privacy.secagg.distributed_dp`): this stage only fixes the
-    denominator.
+    denominator. In `production` (the default) a seeded `source` is refused with a
+    `ConfigError` (`require_secure`); tests pass ``production=False``.
     """
 
     name = "gaussian-sum-noise"
@@ -91,7 +92,9 @@ class GaussianSumNoise:
         clip_learning_rate: float = 0.2,
         clip_count_stddev: float | None = None,
         distributed: bool = False,
+        production: bool = True,
     ) -> None:
+        require_secure(source, production=production, what="client-level Gaussian noise")
         if distributed and target_quantile is not None:
             raise ValueError(
                 "adaptive clipping (target_quantile) is not available with distributed noise"

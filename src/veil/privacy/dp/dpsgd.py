@@ -27,7 +27,7 @@ from torch import nn
 from veil.federation.messages import TrainingPlan
 from veil.federation.training import TrainStats
 from veil.privacy.dp.per_sample import PerSampleClipper
-from veil.privacy.dp.randomness import RandomSource
+from veil.privacy.dp.randomness import RandomSource, require_secure
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +100,23 @@ _BATCH_BLOCK_BYTES = 1 << 22
 
 
 class DPSGDTrainer:
-    """A `LocalTrainer` that runs DP-SGD with a fixed noise multiplier and clipping norm."""
+    """A `LocalTrainer` that runs DP-SGD with a fixed noise multiplier and clipping norm.
+
+    `source` draws the Poisson sampling and the noise. In `production` (the default) a seeded
+    source is refused with a `ConfigError` (`require_secure`); tests pass ``production=False``.
+    """
 
     name = "dp-sgd"
 
-    def __init__(self, *, noise_multiplier: float, clip_norm: float, source: RandomSource) -> None:
+    def __init__(
+        self,
+        *,
+        noise_multiplier: float,
+        clip_norm: float,
+        source: RandomSource,
+        production: bool = True,
+    ) -> None:
+        require_secure(source, production=production, what="DP-SGD trainer")
         if not noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
         if not clip_norm > 0:

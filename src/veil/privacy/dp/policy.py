@@ -282,6 +282,7 @@ class RecordLevelPrivacy(_Observer):
             noise_multiplier=org.noise_multiplier,
             clip_norm=self.config.clip_norm,
             source=random_source(self.config, index, resumed_at=self.resumed_at),
+            production=self.config.production,
         )
 
     def on_round_end(
@@ -462,6 +463,7 @@ class ClientLevelPrivacy(_Observer):
                 clip_learning_rate=config.clip_learning_rate,
                 clip_count_stddev=config.clip_count_stddev,
                 distributed=distributed,
+                production=config.production,
             )
         except ValueError as exc:
             raise ConfigError(f"privacy: {exc}") from None

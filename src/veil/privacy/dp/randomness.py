@@ -3,7 +3,20 @@
 Noise that protects people must not be predictable: an attacker who can reproduce the generator's
 state can subtract the noise. `SecureRandom` draws its bits from a CSPRNG keyed by `os.urandom`
 (getrandom(2) on Linux). `SeededRandom` is reproducible and exists for tests; `require_secure`
-refuses it wherever `production` is set, and every noise-adding component calls it.
+refuses it wherever `production` is set.
+
+Every component that draws DP noise or DP sampling from a `RandomSource` calls `require_secure`
+before it draws (when it is built; `train_split` on entry), with `production` defaulting to true,
+so that one built by hand with a seeded source and nothing else said is refused: `DPSGDTrainer`,
+`GaussianSumNoise` (client level), `train_split` (vertical split learning) and `SecAggParticipant`
+(the stochastic rounding under distributed DP). `veil.privacy.dp.policy.random_source`, which
+builds every source of a run (the client-level Poisson sampler included), checks the `[privacy]`
+configuration too, and the policy passes its `production` to the components. Not checked, on
+purpose: the audit's retraining (`veil.privacy.audit.recipe`: a measurement, never released; a
+run's audit draws through `random_source`), compression's stochastic rounding (post-processing of
+an update that is already clipped and noised), and draws that never take a `RandomSource`: the
+SecAgg clients' discrete Gaussian noise (OpenDP, OS CSPRNG), `veil query` (OpenDP) and the CKKS
+release's flooding noise (keyed by a secret only the clients hold).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import numpy as np
 from veil.crypto.identity import IdentityKey
 from veil.federation.messages import FitResult, ProtocolInstruction
 from veil.federation.pipeline import RoundContext
-from veil.privacy.dp.randomness import RandomSource, SecureRandom
+from veil.privacy.dp.randomness import RandomSource, SecureRandom, require_secure
 from veil.privacy.secagg.errors import ProtocolError
 from veil.privacy.secagg.layout import MASKED, UpdateLayout
 from veil.privacy.secagg.messages import ConsistencyCheck, UnmaskRequest
@@ -41,7 +41,13 @@ from veil.tensors import check_compatible
 
 
 class SecAggParticipant:
-    """One client's SecAgg: one `ClientSession` per round, driven by the server's steps."""
+    """One client's SecAgg: one `ClientSession` per round, driven by the server's steps.
+
+    `random` draws the stochastic rounding of the fixed-point encoding (default: a fresh
+    `SecureRandom`), which is part of the privacy argument when the clients add distributed DP
+    noise on the integers; in `production` (the default) a seeded source is refused with a
+    `ConfigError`. Tests pass ``production=False``.
+    """
 
     name = "secagg"
 
@@ -54,14 +60,17 @@ class SecAggParticipant:
         layout: UpdateLayout,
         *,
         random: RandomSource | None = None,
+        production: bool = True,
     ) -> None:
+        random = random if random is not None else SecureRandom()
+        require_secure(random, production=production, what="secure aggregation's rounding")
         settings.check_layout(layout)
         self.client = client
         self.identity = identity
         self.roster = roster
         self.settings = settings
         self.layout = layout
-        self.random = random or SecureRandom()
+        self.random = random
         self._session: ClientSession | None = None
 
     def handle(self, instruction: ProtocolInstruction) -> bytes:
