@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from veil.atomic import writing
+from veil.builders import attack as build_attack
+from veil.builders import ray_settings, robust_aggregator, stragglers
 from veil.config import (
     TEXT_DATASETS,
     FedAvgConfig,
@@ -84,8 +86,6 @@ from veil.result import (
     Timing,
     compact_failures,
 )
-from veil.robustness import attack as build_attack
-from veil.robustness import ray_settings, robust_aggregator, stragglers
 from veil.seeding import Purpose, derive_seed, torch_generator
 from veil.selection import sample_size
 from veil.store import (

@@ -37,7 +37,7 @@ from typing import Final, Literal, get_args
 
 import numpy as np
 
-from veil.data.datasets import Dataset
+from veil.data.dataset import Dataset
 from veil.data.partition import partition_dirichlet, partition_iid, partition_quantity_skew
 from veil.data.scaling import (
     FeatureBounds,

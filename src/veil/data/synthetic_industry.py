@@ -18,7 +18,7 @@ from typing import Final
 
 import numpy as np
 
-from veil.data.datasets import Dataset
+from veil.data.dataset import Dataset
 from veil.data.scaling import FeatureBounds
 from veil.errors import DataError
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from veil.data.datasets import Dataset
+from veil.data.corpus import TextCorpus, tokenized
+from veil.data.dataset import Dataset
 
 CLASS_NAMES = ("negative", "positive")
 
@@ -62,8 +63,6 @@ def make_synthetic_text_dataset(
     tokenizer: Any, n_examples: int = 400, *, max_length: int = 16, seed: int = 0
 ) -> Dataset:
     """The SYNTHETIC review corpus tokenised with `tokenizer`: features are token ids (n, L)."""
-    from veil.data.text import TextCorpus, tokenized
-
     texts, labels = synthetic_reviews(n_examples, seed=seed)
     corpus = TextCorpus("synthetic-reviews", tuple(texts), labels, CLASS_NAMES, synthetic=True)
     return tokenized(corpus, tokenizer, max_length)

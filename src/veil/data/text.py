@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import importlib.resources
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
 
 from veil.config import TEXT_DATASETS
-from veil.data.datasets import Dataset
+from veil.data.corpus import TextCorpus, tokenized
+from veil.data.dataset import Dataset
+from veil.data.synthetic_text import CLASS_NAMES, synthetic_reviews
 from veil.errors import DataError
 
 __all__ = ["TEXT_DATASET_NAMES", "TextCorpus", "load_text", "load_text_dataset"]
@@ -36,25 +37,12 @@ TEXT_DATASET_NAMES: Final[tuple[str, ...]] = TEXT_DATASETS
 _SYNTHETIC_REVIEWS: Final[int] = 4000
 
 
-@dataclass(frozen=True)
-class TextCorpus:
-    """Labelled texts: ``labels[i]`` (0..k-1) names ``class_names[labels[i]]`` for ``texts[i]``."""
-
-    name: str
-    texts: tuple[str, ...]
-    labels: np.ndarray
-    class_names: tuple[str, ...]
-    synthetic: bool
-
-
 def load_text(name: str) -> TextCorpus:
     """The built-in corpus `name` (one of `TEXT_DATASET_NAMES`); DataError otherwise, or when
     the package that ships it is not installed."""
     if name == "vader_lexicon":
         return _vader_lexicon()
     if name == "synthetic_reviews":
-        from veil.data.synthetic_text import CLASS_NAMES, synthetic_reviews
-
         texts, labels = synthetic_reviews(_SYNTHETIC_REVIEWS, seed=0)
         return TextCorpus("synthetic-reviews", tuple(texts), labels, CLASS_NAMES, synthetic=True)
     raise DataError(
@@ -65,24 +53,6 @@ def load_text(name: str) -> TextCorpus:
 def load_text_dataset(name: str, tokenizer: Any, max_length: int) -> Dataset:
     """The corpus `name` as token ids (n, `max_length`) from `tokenizer`, truncated and padded."""
     return tokenized(load_text(name), tokenizer, max_length)
-
-
-def tokenized(corpus: TextCorpus, tokenizer: Any, max_length: int) -> Dataset:
-    """`corpus` tokenised by `tokenizer` into a `Dataset` of token ids (n, `max_length`)."""
-    from veil.models.transformer import tokenize
-
-    if max_length < 2:
-        raise DataError(
-            f"max_length must be at least 2 (room for the special tokens), got {max_length}"
-        )
-    return Dataset(
-        name=corpus.name,
-        features=tokenize(tokenizer, corpus.texts, max_length),
-        labels=corpus.labels,
-        feature_names=tuple(f"token_{i}" for i in range(max_length)),
-        class_names=corpus.class_names,
-        synthetic=corpus.synthetic,
-    )
 
 
 def _vader_lexicon() -> TextCorpus:

@@ -79,7 +79,10 @@ class Int8Compressor:
         for name, values in arrays.items():
             peak = float(np.max(np.abs(values))) if values.size else 0.0
             if not math.isfinite(peak):
-                raise ValueError(f"cannot compress parameter '{name}': it holds NaN or Inf")
+                raise UpdateRejected(
+                    f"cannot compress parameter '{name}': it holds NaN or Inf (local training "
+                    "diverged: lower the learning rate, or check this member's data)"
+                )
             # The step travels as float32: encode with exactly that step, and clip at 127 steps
             # so that no value can round to 128 and wrap to -128 (a float32 step rounded down
             # clips the peak by at most one part in 10⁷). An all-zero or denormal tensor gets

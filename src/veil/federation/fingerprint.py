@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from veil.config import DeploymentConfig, RunConfig
+from veil.errors import VeilError
 
 #: Config keys left out of the comparison, by section (None: the whole section): each process
 #: of one federation may set them differently without disagreeing on the run.
@@ -56,7 +57,7 @@ MAX_NAMED = 4
 Layout = tuple[tuple[str, tuple[int, ...], str], ...]
 
 
-class MalformedFingerprint(ValueError):
+class MalformedFingerprint(VeilError, ValueError):
     """A fingerprint (from a member) that does not have the expected structure."""
 
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from veil.errors import VeilError
 from veil.federation.messages import FitResult, ProtocolInstruction, TrainingPlan
 from veil.tensors import NamedArrays, add_scaled_, check_compatible, zeros_like
 
@@ -80,13 +81,32 @@ def check_aggregate(aggregate: Aggregate) -> str | None:
     return None
 
 
-class UpdateRejected(ValueError):
-    """An update that the server refuses (wrong names, shapes or dtype, non-finite values)."""
+class UpdateRejected(VeilError, ValueError):
+    """An update that cannot be used (wrong names, shapes or dtype, non-finite values, a second
+    upload): the server drops it from the round, a member refuses to send it. The message is
+    the reason, then what happens and what to do (`NEXT`). Also a `ValueError`, as before."""
+
+    NEXT = (
+        "the round goes on without this update; if one member's updates keep being rejected, "
+        "check its data, its Veil version and its config against the coordinator's"
+    )
+
+    def __str__(self) -> str:
+        return f"{super().__str__()} ({self.NEXT})"
 
 
-class AggregationFailed(RuntimeError):
+class AggregationFailed(VeilError, RuntimeError):
     """A round's aggregate cannot be formed (e.g. too few SecAgg survivors to unmask); the
-    round leaves the global model unchanged and records the reason."""
+    round leaves the global model unchanged and records the reason. The message is the reason,
+    then what happens and what to do (`NEXT`). Also a `RuntimeError`, as before."""
+
+    NEXT = (
+        "the model stays as it was and the next round tries again; if rounds keep failing, "
+        "the round's failures name the members that did not answer"
+    )
+
+    def __str__(self) -> str:
+        return f"{super().__str__()} ({self.NEXT})"
 
 
 class ProtocolChannel(Protocol):

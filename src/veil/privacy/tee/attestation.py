@@ -21,17 +21,22 @@ Shortest example::
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import hmac
 import json
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from veil.crypto.identity import signing_payload
-from veil.errors import VeilError
+from veil.privacy.tee.policy import (
+    AttestationRefused,
+    Policy,
+    check_measurement,
+    check_report_data,
+    from_b64,
+    to_b64,
+)
+from veil.privacy.tee.software_dev import SoftwareDevVerifier
 
 __all__ = [
     "NONCE_BYTES",
@@ -57,25 +62,6 @@ __all__ = [
 NONCE_BYTES = 32
 #: Size of the report-data field of SEV-SNP and TDX reports; SHA-256 fills the first 32.
 REPORT_DATA_BYTES = 64
-
-
-class AttestationRefused(VeilError):
-    """Evidence that does not satisfy the verifier's policy: the client must not send updates."""
-
-
-@dataclass(frozen=True)
-class Policy:
-    """What a client accepts as an attested aggregator.
-
-    `allowed_measurements` are lowercase hex digests of the aggregator's code and configuration
-    (for `software_dev`, `veil.privacy.tee.measurement.measure`); `min_security_version` is the
-    lowest security version number (TCB/SVN) accepted; `allow_insecure_dev` accepts evidence with
-    no hardware root of trust (`software_dev`), for development only.
-    """
-
-    allowed_measurements: frozenset[str]
-    min_security_version: int = 0
-    allow_insecure_dev: bool = False
 
 
 @dataclass(frozen=True)
@@ -171,15 +157,6 @@ def report_data(tls_public_key: bytes, nonce: bytes, round_: int) -> bytes:
     return digest.digest().ljust(REPORT_DATA_BYTES, b"\0")
 
 
-def check_report_data(found: bytes, expected: bytes) -> None:
-    """AttestationRefused unless the report's data is the expected binding (constant time)."""
-    if not hmac.compare_digest(found, expected):
-        raise AttestationRefused(
-            "attestation evidence is not bound to this challenge: it was made for another "
-            "nonce, round or TLS key (a replay, or evidence from another server)"
-        )
-
-
 def attest(attester: Attester, tls_public_key: bytes, nonce: bytes, round_: int) -> Evidence:
     """The aggregator's evidence answering a client's `nonce` for round `round_`."""
     report = attester.evidence(nonce, report_data(tls_public_key, nonce, round_))
@@ -222,38 +199,6 @@ def verify(
     )
 
 
-def check_measurement(measurement: str, svn: int, policy: Policy) -> None:
-    """AttestationRefused unless the measurement is allowed and the SVN high enough."""
-    if measurement not in policy.allowed_measurements:
-        raise AttestationRefused(
-            f"measurement {measurement[:16]}… is not in the policy's allowed measurements "
-            f"({', '.join(sorted(m[:16] + '…' for m in policy.allowed_measurements))}): the "
-            "aggregator runs other code or another configuration than this client trusts"
-        )
-    if svn < policy.min_security_version:
-        raise AttestationRefused(
-            f"security version {svn} is below the policy's minimum "
-            f"{policy.min_security_version}: the aggregator's platform is not patched"
-        )
-
-
 def default_verifiers() -> list[Verifier]:
     """One verifier per built-in backend that takes evidence over the protocol."""
-    from veil.privacy.tee.software_dev import SoftwareDevVerifier
-
     return [SoftwareDevVerifier()]
-
-
-def to_b64(data: bytes) -> str:
-    """Base64 text of `data` (how bytes travel inside JSON evidence)."""
-    return base64.b64encode(data).decode("ascii")
-
-
-def from_b64(value: object, what: str = "attestation evidence") -> bytes:
-    """The bytes of base64 text; AttestationRefused naming `what` if it is not base64 text."""
-    if not isinstance(value, str):
-        raise AttestationRefused(f"malformed {what}: expected base64 text")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise AttestationRefused(f"malformed {what}: invalid base64") from None

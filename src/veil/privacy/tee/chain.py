@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from veil.privacy.tee.attestation import AttestationRefused
+from veil.privacy.tee.policy import AttestationRefused
 
 __all__ = ["load_pem_chain", "verify_chain"]
 

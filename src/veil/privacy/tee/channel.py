@@ -79,7 +79,7 @@ from veil.privacy.tee.attestation import (
     to_b64,
     verify,
 )
-from veil.privacy.tee.measurement import measure
+from veil.privacy.tee.measurement import measure, policy_from_config
 from veil.privacy.tee.software_dev import SoftwareDevAttester
 
 __all__ = [
@@ -453,8 +453,6 @@ def server_pin(config: RunConfig, pki_dir: Path, *, trust: ServerCheck | None = 
     """A deployment client's `ServerPin`: the config's policy, and the server's endorsement
     checked by `trust` (a member's `TrustStore`) or else against ``pki_dir/ca.crt`` and the
     folder's revocation list, read anew at each (re)connection."""
-    from veil.privacy.tee.federation import policy_from_config
-
     directory = Path(pki_dir)
     check = trust or CaCheck(
         pki.load_certificate(directory / "ca.crt"), lambda: pki.revoked_serials(directory)

@@ -18,12 +18,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from veil.config import RunConfig, TeeConfig
+from veil.config import RunConfig
 from veil.crypto import pki
 from veil.federation.pipeline import Aggregator
 from veil.privacy.tee.attestation import Policy, describe
 from veil.privacy.tee.channel import generated_in_process
-from veil.privacy.tee.measurement import measure
+from veil.privacy.tee.measurement import measure, policy_from_config
 from veil.privacy.tee.protocol import TeeAggregator, TeeParticipant
 from veil.privacy.tee.software_dev import SoftwareDevAttester
 
@@ -32,14 +32,6 @@ __all__ = ["TeeFederation", "policy_from_config", "tee_federation"]
 SERVER_NAME = "server"
 
 _log = logging.getLogger("veil.tee")
-
-
-def policy_from_config(config: RunConfig) -> Policy:
-    """The clients' policy: `[tee]`, or with no allow-list the measurement this Veil and this
-    config give (a client trusts the aggregator to run exactly the code it runs itself)."""
-    tee = config.tee or TeeConfig()
-    allowed = frozenset(tee.allowed_measurements) or frozenset({measure(config)})
-    return Policy(allowed, tee.min_security_version, tee.allow_insecure_dev)
 
 
 @dataclass

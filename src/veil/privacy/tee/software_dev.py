@@ -19,7 +19,7 @@ from typing import Any
 
 from veil.crypto.identity import IdentityKey, IdentityPublicKey, SignatureRejected, signing_payload
 from veil.errors import UserError
-from veil.privacy.tee.attestation import (
+from veil.privacy.tee.policy import (
     AttestationRefused,
     Policy,
     check_measurement,

@@ -38,13 +38,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from veil.privacy.tee.attestation import (
+from veil.privacy.tee.chain import load_pem_chain, verify_chain
+from veil.privacy.tee.policy import (
     AttestationRefused,
     Policy,
     check_measurement,
     check_report_data,
 )
-from veil.privacy.tee.chain import load_pem_chain, verify_chain
 
 __all__ = ["BACKEND", "BODY_BYTES", "HEADER_BYTES", "TdxQuote", "TdxVerifier", "parse"]
 

@@ -138,7 +138,7 @@ def fetch_server_certificate(
     return der
 
 
-class PinFailed(grpc.RpcError):  # type: ignore[misc]
+class PinFailed(grpc.RpcError, VeilError):  # type: ignore[misc]
     """A `PinnedChannel` could not pin: the server cannot be reached (UNAVAILABLE, which
     `run_client` retries), or its certificate was refused (UNAUTHENTICATED, not retried; the
     reason is in `details()`)."""

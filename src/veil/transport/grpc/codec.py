@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from veil.crypto.identity import signing_payload
+from veil.errors import VeilError
 from veil.transport.grpc import veil_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
@@ -41,7 +42,7 @@ def max_data_chunks(announced_bytes: int, tensors: int) -> int:
     return 64 + tensors + announced_bytes // (64 << 10)
 
 
-class MalformedMessage(ValueError):
+class MalformedMessage(VeilError, ValueError):
     """A stream that does not decode to a well-formed message."""
 
 

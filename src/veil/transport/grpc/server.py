@@ -21,6 +21,7 @@ heartbeat) for `liveness_s`, is dropped from a step at once instead of at the ro
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -100,7 +101,7 @@ MAX_MESSAGE_BYTES = 4 << 20
 LIVENESS_CHECK_S = 0.25
 
 
-class UploadRefused(ValueError):
+class UploadRefused(VeilError, ValueError):
     """An answer to an open task whose content the server refuses (the reason)."""
 
 
@@ -187,8 +188,47 @@ class _Watch:
             raise StreamCancelled(self.fired)
 
 
-class StreamCancelled(Exception):
+class StreamCancelled(VeilError):
     """The watchdog cancelled the stream being read (the reason)."""
+
+
+_Request = TypeVar("_Request")
+_Reply = TypeVar("_Reply")
+_Handler = Callable[["GrpcGateway", _Request, grpc.ServicerContext], _Reply]
+
+
+def _refusing(handler: _Handler[_Request, _Reply]) -> _Handler[_Request, _Reply]:
+    """`handler`, with a `VeilError` it raises turned into a refusal: FAILED_PRECONDITION with
+    the error's message, not gRPC's UNKNOWN and a traceback in the server's log."""
+
+    @functools.wraps(handler)
+    def refusing(self: GrpcGateway, request: _Request, context: grpc.ServicerContext) -> _Reply:
+        try:
+            return handler(self, request, context)
+        except VeilError as exc:
+            self._event("refused", reason=str(exc)[:1000])
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)[:1000])
+            raise  # unreachable: abort raises
+
+    return refusing
+
+
+def _refusing_stream(
+    handler: _Handler[_Request, Iterator[_Reply]],
+) -> _Handler[_Request, Iterator[_Reply]]:
+    """`_refusing` for a handler that streams its reply."""
+
+    @functools.wraps(handler)
+    def refusing(
+        self: GrpcGateway, request: _Request, context: grpc.ServicerContext
+    ) -> Iterator[_Reply]:
+        try:
+            yield from handler(self, request, context)
+        except VeilError as exc:
+            self._event("refused", reason=str(exc)[:1000])
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)[:1000])
+
+    return refusing
 
 
 @dataclass
@@ -452,6 +492,7 @@ class GrpcGateway(pb_grpc.FederationServicer):
 
     # -- RPCs ------------------------------------------------------------------------------
 
+    @_refusing
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         """Accept member `request.client` when its fingerprints equal the coordinator's; else
         refuse it with one line naming what differs (and log the coordinator's side of it)."""
@@ -477,6 +518,7 @@ class GrpcGateway(pb_grpc.FederationServicer):
             self._event("joined", client=name)
             return pb.JoinReply(accepted=True, liveness_s=self.liveness_s or 0.0)
 
+    @_refusing
     def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> pb.HeartbeatReply:
@@ -486,6 +528,7 @@ class GrpcGateway(pb_grpc.FederationServicer):
             joined = self.fingerprint is None or self._clients[name].joined
         return pb.HeartbeatReply(joined=joined)
 
+    @_refusing_stream
     def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
         name = self._authenticate(request.client, context)
         slot, poll = self._start_poll(name, context)
@@ -569,6 +612,8 @@ class GrpcGateway(pb_grpc.FederationServicer):
         except Exception as exc:  # never gRPC UNKNOWN: every failure is a refusal with a reason
             if watch.fired:  # the client already has this reason, in the cancelled call's status
                 return self._refuse(name, f"upload cancelled: {watch.fired}")
+            if isinstance(exc, VeilError):  # refused on purpose: the message is the reason
+                return self._refuse(name, str(exc))
             log.exception("upload from %s could not be checked", name)
             return self._refuse(name, f"upload could not be checked: {type(exc).__name__}: {exc}")
         finally:
@@ -605,7 +650,7 @@ class GrpcGateway(pb_grpc.FederationServicer):
         # The signed answer to the open task: check its content before it consumes the nonce.
         try:
             reply = self._reply(name, task, message)
-        except UploadRefused as exc:
+        except VeilError as exc:  # UploadRefused, or any deliberate refusal of the content
             return self._refuse_attempt(name, task, str(exc))
         with self._lock:
             if state.task is not task or task.nonce in state.used_nonces:
@@ -662,6 +707,7 @@ class GrpcGateway(pb_grpc.FederationServicer):
             metrics=_scalars(meta, "metrics"),
         )
 
+    @_refusing
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         """The round and every member's state: `connected` (not silent: seen within
         `liveness_s`, or 45 s without a liveness bound), `joined`, and `absent`: why the member

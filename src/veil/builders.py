@@ -1,6 +1,10 @@
-"""From a run config's `[robust]`, `[attack]`, `[stragglers]` and `[ray]` sections to the objects
-a run uses: the aggregator, the malicious clients' stage and trainers, the straggler model and the
-Ray settings. `veil.run` calls these; each returns None (or its input) when its section is absent.
+"""Builders of a run's optional parts from their config sections: the robust aggregator of
+`[robust]`, the simulated malicious clients of `[attack]`, the straggler model of `[stragglers]`
+and the Ray settings of `[ray]`. `veil.run` calls these; each returns None (or its input) when
+its section is absent.
+
+Run wiring, not a mechanism: the robust estimators themselves are `veil.federation.robust`, the
+attacks `veil.federation.attacks`.
 """
 
 from __future__ import annotations
