@@ -1,7 +1,8 @@
 """The run store: runs, rounds and their metrics in one SQLite database (`RUN_DIR/veil.db`).
 
 Each round is committed as it finishes, so a crashed run still shows what it did. The database is
-the embedded default of DESIGN.md §7; later the privacy ledger and attestation evidence live here.
+SQLite, embedded, so that a run needs no database server; the privacy ledger is its own SQLite
+file (`veil.privacy.dp.ledger`).
 
 A run's status is `running`, `finished`, `failed` (an error stopped it) or `interrupted` (a
 signal stopped it; `veil run --resume` continues it). A store written before `interrupted`

@@ -114,7 +114,7 @@ def run_vertical(
         "total_s": round(time.perf_counter() - started, 3),
         "psi_s": round(psi_s, 3),
     }
-    Result.model_validate(result)  # the result.json contract of DESIGN.md §4
+    Result.model_validate(result)  # the result.json contract (docs/results.md)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / RESULT_FILE, Result.model_validate(result).to_json())

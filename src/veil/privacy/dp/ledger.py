@@ -1,7 +1,7 @@
 """The privacy ledger: one SQLite database per data owner recording every (ε, δ) spent.
 
 A data owner sets a budget per data set (`veil budget set`); every differentially private
-release is charged against it *before* it is computed (DESIGN.md §5): `charge` commits the charge
+release is charged against it *before* it is computed (docs/privacy.md): `charge` commits the charge
 durably (WAL, `synchronous=FULL`) before it returns, so a crash after the charge can only
 over-count, never under-count. A request that would exceed the budget is refused with
 `BudgetExceeded`, and nothing is recorded.

@@ -15,8 +15,9 @@ Noise is added once, to the exact total, on the integers:
   conversion of Canonne, Kamath, Steinke 2020 ("The Discrete Gaussian for Differential Privacy").
 
 Both sample from OpenDP's Rust core, which draws its randomness from a cryptographically secure
-generator (DESIGN.md §5) and cannot be seeded. There is therefore no seeded mode here: every
-answer is a real release, in tests too, and tests check distributions, not values.
+generator (as every DP noise in Veil must, docs/privacy.md) and cannot be seeded. There is
+therefore no seeded mode here: every answer is a real release, in tests too, and tests check
+distributions, not values.
 
 Sensitivities (add/remove one record, values clamped to [lower, upper]):
 
