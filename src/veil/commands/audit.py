@@ -24,17 +24,21 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from veil.commands import help_of
+
 #: Exit status when the audit's lower bound exceeds the claimed ε.
 EXIT_VIOLATION = 3
+
+#: The attacks of `veil.privacy.audit.runner.ATTACKS` (a test keeps them equal), spelled out so
+#: that `veil audit --help` does not import the runner (torch, scikit-learn).
+ATTACKS: tuple[str, ...] = ("membership", "inversion", "canaries")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `audit` to the `veil` subcommands."""
-    from veil.privacy.audit.runner import ATTACKS
-
     p = sub.add_parser(
         "audit",
-        help="attack a finished run (membership, inversion, canaries) and record what leaks",
+        help=help_of("audit"),
         description="Run privacy attacks against a finished run and add an `audit` section to "
         "its result.json: an empirical ε lower bound (canaries) next to the accountant's ε, "
         "membership-inference and gradient-inversion metrics. Exit status 3 if the lower bound "

@@ -7,14 +7,19 @@ import ipaddress
 import sys
 from pathlib import Path
 
+from veil.commands import help_of
+
+#: `veil.report.dashboard.DEFAULT_HOST` and `DEFAULT_PORT` (a test keeps them equal), spelled
+#: out so that `veil dashboard --help` does not import the report package (torch).
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `dashboard` to the `veil` subcommands."""
-    from veil.report.dashboard import DEFAULT_HOST, DEFAULT_PORT
-
     p = sub.add_parser(
         "dashboard",
-        help="serve a read-only local web page of the runs in a run store, live",
+        help=help_of("dashboard"),
         description="Serve a read-only web page that lists the runs of a run store and follows "
         "a running federation round by round (round, organisations, metrics, ε). It shows no "
         "raw data, paths or keys. Bound to 127.0.0.1 unless --host says otherwise.",

@@ -8,13 +8,13 @@ import signal
 import sys
 from pathlib import Path
 
-from veil.crypto import pki
-from veil.crypto.keyfile import read_private
+from veil.commands import help_of
 from veil.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("server", help="run the federation server (mutual TLS)")
+    """Add `server`, `client`, `keygen` and `status` to the `veil` subcommands."""
+    p = sub.add_parser("server", help=help_of("server"))
     p.add_argument("config", type=Path)
     p.add_argument("--run-dir", type=Path, required=True, help="where result.json and veil.db go")
     p.add_argument(
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--checkpoint-key", type=Path, help="key file sealing checkpoints at rest")
     p.set_defaults(handler=_cmd_server)
 
-    p = sub.add_parser("client", help="run one organisation's client (mutual TLS)")
+    p = sub.add_parser("client", help=help_of("client"))
     p.add_argument("config", type=Path)
     p.add_argument("--name", required=True, help="this node's name, as in its certificate")
     p.add_argument("--data", type=Path, required=True, help="this organisation's data (.npz)")
@@ -46,11 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--insecure-dev", action="store_true", help="plaintext: development only")
     p.set_defaults(handler=_cmd_client)
 
-    p = sub.add_parser("keygen", help="create a key file for encrypting checkpoints at rest")
+    p = sub.add_parser("keygen", help=help_of("keygen"))
     p.add_argument("path", type=Path, help="where to write the key (mode 0600; never overwritten)")
     p.set_defaults(handler=_cmd_keygen)
 
-    p = sub.add_parser("status", help="show a running server's round and clients")
+    p = sub.add_parser("status", help=help_of("status"))
     p.add_argument("--server", required=True, help="host:port")
     p.add_argument("--pki", type=Path, required=True, help="PKI folder")
     p.add_argument("--name", required=True, help="a member whose certificate to present")
@@ -131,6 +131,8 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from veil.crypto import pki
+    from veil.crypto.keyfile import read_private
     from veil.transport.grpc import veil_pb2 as pb
     from veil.transport.grpc import veil_pb2_grpc as pb_grpc
     from veil.transport.grpc.client import ClientCredentials, open_channel

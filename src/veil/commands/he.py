@@ -14,17 +14,19 @@ import csv
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import numpy.typing as npt
-
-from veil.config import load_config
+from veil.commands import help_of
 from veil.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `he` (with `keygen`), `serve` and `predict` to the `veil` subcommands."""
-    p_he = sub.add_parser("he", help="homomorphic encryption: the CKKS key ceremony")
+    p_he = sub.add_parser("he", help=help_of("he"))
     he_sub = p_he.add_subparsers(dest="he_command", required=True, metavar="ACTION")
     p = he_sub.add_parser(
         "keygen",
@@ -43,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--rotate", action="store_true", help="replace existing keys with new ones")
     p.set_defaults(handler=_cmd_keygen)
 
-    p = sub.add_parser("serve", help="serve a linear model for encrypted inference (HTTPS)")
+    p = sub.add_parser("serve", help=help_of("serve"))
     p.add_argument("model", type=Path, help="a run folder or checkpoint of a logistic model")
     p.add_argument("--pki", type=Path, required=True, help="PKI folder with the server's node")
     p.add_argument("--name", default="server", help="the server's node name (default: server)")
@@ -53,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--checkpoint-key", type=Path, help="key file of a sealed checkpoint")
     p.set_defaults(handler=_cmd_serve)
 
-    p = sub.add_parser("predict", help="encrypt features, score them remotely, decrypt here")
+    p = sub.add_parser("predict", help=help_of("predict"))
     p.add_argument("url", help="the inference server, https://HOST:PORT")
     p.add_argument("features", type=Path, help=".npz (array 'x') or .csv of numeric features")
     p.add_argument("--pki", type=Path, required=True, help="PKI folder holding ca.crt")
@@ -63,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
+    from veil.config import load_config
     from veil.privacy.he.keys import HE_DIR, KEYSET, ceremony
     from veil.privacy.he.settings import settings_from_config
 
@@ -124,6 +127,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def read_features(path: Path) -> npt.NDArray[np.float64]:
     """A feature matrix from .npz (array 'x') or a numeric .csv with a header row; features
     must be preprocessed (scaled, one-hot) as the model was trained on them."""
+    import numpy as np
+
     if not path.is_file():
         raise UserError(f"no features file at '{path}'")
     if path.suffix == ".npz":

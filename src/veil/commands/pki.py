@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from veil.commands import help_of
 from veil.crypto import pki
 from veil.errors import UserError
 
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `pki` (with `init`, `issue`, `revoke` and `show`) to the `veil` subcommands."""
     p_pki = sub.add_parser(
         "pki",
-        help="the federation's certificate authority: init, issue, revoke, show",
+        help=help_of("pki"),
         description="Create the federation CA and issue each node a TLS certificate "
         "(mutual TLS) and an Ed25519 identity key.",
     )

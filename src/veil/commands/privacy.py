@@ -26,31 +26,36 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
+from veil.commands import help_of
 from veil.errors import UserError
-from veil.privacy.dp.accountant import (
-    VERIFY_TOLERANCE,
-    Accountant,
-    Composition,
-    Neighbouring,
-    distributed_noise_multiplier,
-    independent_epsilon,
-    state_compositions,
-)
 from veil.privacy.dp.ledger import Budget, PrivacyLedger
+
+if TYPE_CHECKING:
+    from veil.privacy.dp.accountant import Composition, Neighbouring
+
+# The constants below are those of `veil.privacy.dp.queries` and `veil.privacy.dp.accountant`
+# (a test keeps them equal), spelled out so that `veil query --help` and `veil privacy verify
+# --help` import neither OpenDP nor dp-accounting.
+
+#: `veil.privacy.dp.queries.QUERY_KINDS`: the statistics `veil query` answers.
+QUERY_KINDS: tuple[str, ...] = ("count", "sum", "mean", "histogram", "quantile")
+#: `veil.privacy.dp.queries.MECHANISMS`: the noise `veil query` adds.
+MECHANISMS: tuple[str, ...] = ("laplace", "gaussian")
+#: `veil.privacy.dp.accountant.VERIFY_TOLERANCE`: the PRV accountant's error bound.
+VERIFY_TOLERANCE = 0.01
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add `query` and `budget` (with `show` and `set`) to the `veil` subcommands."""
-    from veil.privacy.dp.queries import MECHANISMS, QUERY_KINDS
-
+    """Add `query`, `budget` (with `show` and `set`) and `privacy` (with `verify`) to the
+    `veil` subcommands."""
     p_query = sub.add_parser(
         "query",
-        help="answer a differentially private statistic of one CSV column, charged to a ledger",
+        help=help_of("query"),
         description="Charge the ledger first, then compute and print one DP answer. Bounds are "
         "declared, never read from the data; values outside them are clamped.",
     )
@@ -82,7 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p_query.add_argument("--json", action="store_true", help="print the answer as JSON")
     p_query.set_defaults(handler=cmd_query)
 
-    p_budget = sub.add_parser("budget", help="show or set privacy budgets in a ledger")
+    p_budget = sub.add_parser("budget", help=help_of("budget"))
     budget_sub = p_budget.add_subparsers(dest="budget_command", required=True, metavar="ACTION")
     p_show = budget_sub.add_parser("show", help="budgets and spending, or one data set's charges")
     p_show.add_argument("dataset", nargs="?", help="list this data set's charges")
@@ -96,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p_set.add_argument("--ledger", required=True, type=Path, help="the privacy ledger file")
     p_set.set_defaults(handler=cmd_budget_set)
 
-    p_privacy = sub.add_parser("privacy", help="check a run's differential-privacy record")
+    p_privacy = sub.add_parser("privacy", help=help_of("privacy"))
     privacy_sub = p_privacy.add_subparsers(dest="privacy_command", required=True, metavar="ACTION")
     p_verify = privacy_sub.add_parser(
         "verify",
@@ -333,6 +338,8 @@ def verify_record(
     """Recompute the ε of a result.json's privacy record (see the module docstring).
 
     Raises `UnverifiableRecord` for a record that lacks what the recomputation needs."""
+    from veil.privacy.dp.accountant import Accountant, independent_epsilon
+
     if not isinstance(result, Mapping) or not isinstance(result.get("privacy"), Mapping):
         raise UnverifiableRecord(f"'{where}' is not a Veil result: it has no privacy record")
     privacy: Mapping[str, Any] = result["privacy"]
@@ -417,6 +424,8 @@ def _count(data: Mapping[str, Any], key: str, where: str) -> int:
 
 
 def _compositions(state: Any, where: str) -> list[Composition]:
+    from veil.privacy.dp.accountant import state_compositions
+
     if state is None:
         raise UnverifiableRecord(
             f"{where}: the privacy record holds no accounting (its composed DpEvents); it was "
@@ -435,6 +444,7 @@ def _distributed(
     for what the clients added (σ_c each, at least t of them in any sum the server can unmask;
     τ for the clients selected), instead of the z the run accounted. A round whose sum was
     never unmasked released nothing and is left out."""
+    from veil.privacy.dp.accountant import Composition, distributed_noise_multiplier
     from veil.privacy.secagg.distributed_dp import tau
 
     where = f"{where}: privacy.distributed_dp"

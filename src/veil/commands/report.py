@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from veil.commands import help_of
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `report` to the `veil` subcommands."""
     p = sub.add_parser(
         "report",
-        help="write RUN_DIR/report.html: metrics, ε against the budget, participation, "
-        "communication, privacy record and configuration",
+        help=help_of("report"),
         description="Write a self-contained HTML report of a finished run (charts inline, "
         "nothing loaded from the network). `veil run` writes it by itself at the end.",
     )

@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from veil.commands import help_of
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `tee`, `sign` and `verify` to the `veil` subcommands."""
-    p_tee = sub.add_parser("tee", help="attested aggregation: print the aggregator measurement")
+    p_tee = sub.add_parser("tee", help=help_of("tee"))
     tee_sub = p_tee.add_subparsers(dest="tee_command", required=True, metavar="ACTION")
     p_measure = tee_sub.add_parser(
         "measure", help="the measurement of this Veil installation with CONFIG's aggregation"
@@ -29,14 +31,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p_measure.add_argument("config", type=Path, help="the run's TOML config")
     p_measure.set_defaults(handler=_cmd_measure)
 
-    p_sign = sub.add_parser("sign", help="sign a run folder's artifacts (SHA-256 manifest)")
+    p_sign = sub.add_parser("sign", help=help_of("sign"))
     p_sign.add_argument("run_dir", type=Path)
     p_sign.add_argument(
         "--identity-key", type=Path, required=True, help="the node's Ed25519 identity key (PEM)"
     )
     p_sign.set_defaults(handler=_cmd_sign)
 
-    p_verify = sub.add_parser("verify", help="check a run folder against its signed manifest")
+    p_verify = sub.add_parser("verify", help=help_of("verify"))
     p_verify.add_argument("run_dir", type=Path)
     p_verify.add_argument(
         "--public-key",
@@ -45,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p_verify.set_defaults(handler=_cmd_verify)
 
-    p_model = sub.add_parser("model", help="export the final model with a signed manifest")
+    p_model = sub.add_parser("model", help=help_of("model"))
     model_sub = p_model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     p_export = model_sub.add_parser("export", help="copy a run's final model and sign it")
     p_export.add_argument("run_dir", type=Path)

@@ -17,12 +17,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from veil.commands import help_of
 from veil.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `psi` (serve, join) and `vertical` (ids, train) to the `veil` subcommands."""
-    p_psi = sub.add_parser("psi", help="private set intersection of customer ids (ECDH, mTLS)")
+    p_psi = sub.add_parser("psi", help=help_of("psi"))
     psi_sub = p_psi.add_subparsers(dest="psi_command", required=True, metavar="ACTION")
     for action, text in (
         ("serve", "the sending party: wait for one PSI request, learn only its size"),
@@ -44,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             p.add_argument("--out", type=Path, help="write the intersection here, one id a line")
             p.set_defaults(handler=_cmd_psi_join)
 
-    p_v = sub.add_parser("vertical", help="vertical federated learning across two parties")
+    p_v = sub.add_parser("vertical", help=help_of("vertical"))
     v_sub = p_v.add_subparsers(dest="vertical_command", required=True, metavar="ACTION")
     p_ids = v_sub.add_parser("ids", help="write one party's German credit customer ids")
     p_ids.add_argument("--party", choices=["bank", "payment"], required=True)
