@@ -20,9 +20,17 @@ scikit-learn and the rest when it is first touched.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import types
 from typing import TYPE_CHECKING, Any
+
+# gRPC's C-core reads these when `grpc` is first imported, and every Veil module that imports
+# `grpc` (the deployment transport, vertical learning's channel) runs this file first: a failed
+# handshake is then reported in Veil's one line (`veil.transport.grpc.diagnose`) instead of a line
+# of C-core internals per reconnection attempt. A user who sets either keeps it.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+os.environ.setdefault("GRPC_TRACE", "")
 
 if TYPE_CHECKING:
     from veil.config import RunConfig, load_config

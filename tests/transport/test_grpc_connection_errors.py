@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
+import os
 import re
 import shutil
 import socket
@@ -492,3 +493,20 @@ def test_veil_client_prints_the_reason_only(
     assert len(lines) == 1, proc.stderr
     assert re.match(REASONS[case], lines[0].removeprefix("veil: error: ")), lines[0]
     assert elapsed < 45.0  # start-up included; a retry loop would take 60 s
+
+
+def test_every_module_that_imports_grpc_comes_after_its_log_is_silenced() -> None:
+    """C-core reads GRPC_VERBOSITY once, when `grpc` is first imported: whichever Veil module
+    imports it first (here vertical learning's channel, outside the transport package), the
+    variable is already set, and a user's own setting is kept."""
+    probe = "import os, veil.vertical.channel; print(os.environ['GRPC_VERBOSITY'])"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
+    quiet = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert quiet.stdout.strip() == "NONE", quiet.stderr
+    loud = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True, text=True, env={**env, "GRPC_VERBOSITY": "DEBUG"}, timeout=60,
+    )  # fmt: skip
+    assert loud.stdout.strip() == "DEBUG", loud.stderr
