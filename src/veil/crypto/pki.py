@@ -332,6 +332,43 @@ def sign_request(
     request_path = Path(request_path)
     _check_days(days)
     ca_cert, ca_key = _load_ca(directory)
+    checked = _checked_request(_read_request(request_path), request_path)
+    register = directory / NODES / checked.name / NODE_CERT
+    _refuse_second_certificate(directory, checked.name, register)
+    cert = _node_certificate(
+        ca_cert,
+        ca_key,
+        name=checked.name,
+        role=checked.role,
+        san=checked.san,
+        public_key=checked.public_key,
+        identity=checked.identity,
+        encryption=checked.encryption,
+        days=days,
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    target = Path(out) if out is not None else request_path.parent / NODE_CERT
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target, pem, mode=0o644)
+    register.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(register, pem, mode=0o644)
+    return target
+
+
+@dataclass(frozen=True)
+class _CheckedRequest:
+    """What a certificate request asks for, once `_checked_request` has verified all of it."""
+
+    name: str
+    role: Role
+    san: list[x509.GeneralName]
+    public_key: ec.EllipticCurvePublicKey
+    identity: bytes
+    encryption: bytes
+
+
+def _read_request(request_path: Path) -> x509.CertificateSigningRequest:
+    """The PEM request at `request_path`, whose own signature verifies (its TLS key signed it)."""
     try:
         csr = x509.load_pem_x509_csr(request_path.read_bytes())
     except FileNotFoundError:
@@ -340,6 +377,13 @@ def sign_request(
         raise UserError(f"'{request_path}' is not a PEM certificate signing request") from None
     if not csr.is_signature_valid:
         raise UserError(f"'{request_path}': the request's signature does not verify")
+    return csr
+
+
+def _checked_request(csr: x509.CertificateSigningRequest, request_path: Path) -> _CheckedRequest:
+    """The request's name, role, TLS key, hosts and Veil keys, each checked; UserError naming
+    `request_path` for the first that is wrong, including a failed proof of possession of the
+    identity key."""
     name = _request_attribute(csr, NameOID.COMMON_NAME, "a name")
     _check_name(name)
     role_value = _request_attribute(csr, NameOID.ORGANIZATIONAL_UNIT_NAME, "a role")
@@ -360,14 +404,7 @@ def sign_request(
         raise UserError(
             f"'{request_path}' lacks Veil's key extensions; make it with `veil pki request`"
         ) from None
-    if role == "client" and san != [x509.DNSName(name)]:
-        raise UserError(f"'{request_path}': a client request names only DNS:{name}")
-    if role == "server":
-        for entry in san:
-            if not isinstance(entry, x509.DNSName | x509.IPAddress):
-                raise UserError(f"'{request_path}': unexpected host entry {entry}")
-            if isinstance(entry, x509.DNSName):
-                _san_entry(entry.value)
+    _check_request_hosts(name, role, san, request_path)
     try:
         IdentityPublicKey.from_bytes(identity).verify(
             possession, request_payload(name, role, spki(public_key), identity, encryption)
@@ -377,7 +414,25 @@ def sign_request(
             f"'{request_path}': the identity key did not sign the request (proof of possession "
             "failed)"
         ) from None
-    register = directory / NODES / name / NODE_CERT
+    return _CheckedRequest(name, role, san, public_key, identity, encryption)
+
+
+def _check_request_hosts(
+    name: str, role: Role, san: list[x509.GeneralName], request_path: Path
+) -> None:
+    """A client names only DNS:`name`; a server names DNS names and IP addresses only."""
+    if role == "client" and san != [x509.DNSName(name)]:
+        raise UserError(f"'{request_path}': a client request names only DNS:{name}")
+    if role == "server":
+        for entry in san:
+            if not isinstance(entry, x509.DNSName | x509.IPAddress):
+                raise UserError(f"'{request_path}': unexpected host entry {entry}")
+            if isinstance(entry, x509.DNSName):
+                _san_entry(entry.value)
+
+
+def _refuse_second_certificate(directory: Path, name: str, register: Path) -> None:
+    """UserError if `name`'s registered certificate is still valid and not revoked."""
     if register.is_file():
         current = load_certificate(register)
         if current.serial_number not in revoked_serials(directory) and (
@@ -387,24 +442,6 @@ def sign_request(
                 f"'{name}' already has a valid certificate (serial {current.serial_number}); "
                 f"revoke it first with `veil pki revoke {directory} {name}`"
             )
-    cert = _node_certificate(
-        ca_cert,
-        ca_key,
-        name=name,
-        role=role,
-        san=san,
-        public_key=public_key,
-        identity=identity,
-        encryption=encryption,
-        days=days,
-    )
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    target = Path(out) if out is not None else request_path.parent / NODE_CERT
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(target, pem, mode=0o644)
-    register.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(register, pem, mode=0o644)
-    return target
 
 
 def _request_attribute(

@@ -201,79 +201,22 @@ def build_federated_data(
             the numbers).
     """
     _validate(dataset, n_clients, partition, test_fraction, validation_fraction, scaling)
-    if scaling == "bounds" and bounds is None:
-        raise DataError(
-            f"scaling = 'bounds' needs declared feature bounds, and data set {dataset.name!r} "
-            "declares none; set [data] feature_bounds = {lower = [...], upper = [...]} (public "
-            "ranges, one per feature, not computed from the data)"
-        )
-    if bounds is not None and bounds.n_features != dataset.n_features:
-        raise DataError(
-            f"feature bounds ({bounds.source}) declare {bounds.n_features} features, data set "
-            f"{dataset.name!r} has {dataset.n_features}; give one range per feature column"
-        )
+    _check_bounds(dataset, scaling, bounds)
     names = _client_names(n_clients, client_names)
     rng = np.random.default_rng(seed)
     y_all = dataset.labels
     # Clamping is value by value: a record's clamped values depend on that record only.
     x_all = dataset.features if bounds is None else bounds.clamp(dataset.features)
 
-    remaining, test_index = _stratified_split(y_all, test_fraction, rng, keep_at_least=n_clients)
-    if test_index.size == 0:
-        raise DataError(
-            f"test_fraction={test_fraction} of {dataset.n_examples} examples leaves an empty "
-            "test set; use a larger test_fraction"
-        )
-
-    n_remaining = int(remaining.size)
-    if partition == "iid":
-        if n_remaining < n_clients * min_examples:
-            raise DataError(
-                f"cannot give each of {n_clients} clients at least {min_examples} examples from "
-                f"the {n_remaining} examples left after the test split; use fewer clients or a "
-                "smaller test_fraction"
-            )
-        parts = partition_iid(n_remaining, n_clients, rng)
-    elif partition == "dirichlet":
-        parts = partition_dirichlet(y_all[remaining], n_clients, alpha, rng, min_examples)
-    else:
-        parts = partition_quantity_skew(n_remaining, n_clients, alpha, rng, min_examples)
-
-    splits: list[tuple[np.ndarray, np.ndarray]] = []
-    for part in parts:
-        own = remaining[part]
-        train_pos, val_pos = _stratified_split(
-            y_all[own], validation_fraction, rng, keep_at_least=1
-        )
-        splits.append((own[train_pos], own[val_pos]))
+    remaining, test_index = _test_split(dataset, test_fraction, n_clients, rng)
+    parts = _partition(y_all[remaining], n_clients, partition, alpha, min_examples, rng)
+    splits = _local_splits(y_all, remaining, parts, validation_fraction, rng)
 
     x_test = x_all[test_index]
-    scaler: StandardScaler | None = None
-    client_scalers: list[StandardScaler | None]
-    test_scaler: StandardScaler | None = None
-    if scaling == "bounds" and bounds is not None:
-        scaler = test_scaler = bounds.scaler()
-        client_scalers = [scaler] * n_clients
-    elif scaling == "federated":
-        scaler = scaler_from_statistics([feature_statistics(x_all[tr]) for tr, _ in splits])
-        client_scalers = [scaler] * n_clients
-        test_scaler = scaler
-    elif scaling == "local":
-        client_scalers = [fit_scaler(x_all[tr]) for tr, _ in splits]
-        test_scaler = fit_scaler(x_test)
-    else:
-        client_scalers = [None] * n_clients
+    scaler, client_scalers, test_scaler = _fit_scalers(scaling, bounds, x_all, splits, x_test)
     x_test = _apply(test_scaler, x_test)
-
     clients = [
-        ClientData(
-            name=name,
-            x_train=_apply(local_scaler, x_all[train]),
-            y_train=y_all[train].copy(),
-            x_val=_apply(local_scaler, x_all[val]),
-            y_val=y_all[val].copy(),
-            preprocessing=Preprocessing(bounds=bounds, scaler=local_scaler, kind=scaling),
-        )
+        _client_data(name, train, val, x_all, y_all, Preprocessing(bounds, local_scaler, scaling))
         for name, (train, val), local_scaler in zip(names, splits, client_scalers, strict=True)
     ]
     return FederatedData(
@@ -291,6 +234,127 @@ def build_federated_data(
         scaler=scaler,
         bounds=bounds,
         x_test_raw=np.array(dataset.features[test_index], dtype=np.float32),
+    )
+
+
+def _check_bounds(dataset: Dataset, scaling: str, bounds: FeatureBounds | None) -> None:
+    """DataError unless `bounds` are given for ``"bounds"`` scaling and fit the data's width."""
+    if scaling == "bounds" and bounds is None:
+        raise DataError(
+            f"scaling = 'bounds' needs declared feature bounds, and data set {dataset.name!r} "
+            "declares none; set [data] feature_bounds = {lower = [...], upper = [...]} (public "
+            "ranges, one per feature, not computed from the data)"
+        )
+    if bounds is not None and bounds.n_features != dataset.n_features:
+        raise DataError(
+            f"feature bounds ({bounds.source}) declare {bounds.n_features} features, data set "
+            f"{dataset.name!r} has {dataset.n_features}; give one range per feature column"
+        )
+
+
+def _test_split(
+    dataset: Dataset, test_fraction: float, n_clients: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(The examples left for the clients, the held-out test examples): a stratified split
+    that leaves at least one example per client; DataError if the test set would be empty."""
+    remaining, test_index = _stratified_split(
+        dataset.labels, test_fraction, rng, keep_at_least=n_clients
+    )
+    if test_index.size == 0:
+        raise DataError(
+            f"test_fraction={test_fraction} of {dataset.n_examples} examples leaves an empty "
+            "test set; use a larger test_fraction"
+        )
+    return remaining, test_index
+
+
+def _partition(
+    labels: np.ndarray,
+    n_clients: int,
+    partition: str,
+    alpha: float,
+    min_examples: int,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """Positions ``0..n-1`` of the examples left after the test split (their `labels`) dealt
+    among the clients by `partition`."""
+    n_remaining = int(labels.shape[0])
+    if partition == "iid":
+        if n_remaining < n_clients * min_examples:
+            raise DataError(
+                f"cannot give each of {n_clients} clients at least {min_examples} examples from "
+                f"the {n_remaining} examples left after the test split; use fewer clients or a "
+                "smaller test_fraction"
+            )
+        return partition_iid(n_remaining, n_clients, rng)
+    if partition == "dirichlet":
+        return partition_dirichlet(labels, n_clients, alpha, rng, min_examples)
+    return partition_quantity_skew(n_remaining, n_clients, alpha, rng, min_examples)
+
+
+def _local_splits(
+    labels: np.ndarray,
+    remaining: np.ndarray,
+    parts: Sequence[np.ndarray],
+    validation_fraction: float,
+    rng: np.random.Generator,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per client, its examples (indices into the data set) split stratified into (train,
+    validation), keeping at least one training example."""
+    splits: list[tuple[np.ndarray, np.ndarray]] = []
+    for part in parts:
+        own = remaining[part]
+        train_pos, val_pos = _stratified_split(
+            labels[own], validation_fraction, rng, keep_at_least=1
+        )
+        splits.append((own[train_pos], own[val_pos]))
+    return splits
+
+
+def _fit_scalers(
+    scaling: str,
+    bounds: FeatureBounds | None,
+    x_all: np.ndarray,
+    splits: Sequence[tuple[np.ndarray, np.ndarray]],
+    x_test: np.ndarray,
+) -> tuple[StandardScaler | None, list[StandardScaler | None], StandardScaler | None]:
+    """The scalers of `scaling` (module docstring): (the shared one or None, one per client,
+    the test set's), each fitted on clients' training rows only (or on the test set, for its
+    own under ``"local"``)."""
+    scaler: StandardScaler | None = None
+    client_scalers: list[StandardScaler | None]
+    test_scaler: StandardScaler | None = None
+    if scaling == "bounds" and bounds is not None:
+        scaler = test_scaler = bounds.scaler()
+        client_scalers = [scaler] * len(splits)
+    elif scaling == "federated":
+        scaler = scaler_from_statistics([feature_statistics(x_all[tr]) for tr, _ in splits])
+        client_scalers = [scaler] * len(splits)
+        test_scaler = scaler
+    elif scaling == "local":
+        client_scalers = [fit_scaler(x_all[tr]) for tr, _ in splits]
+        test_scaler = fit_scaler(x_test)
+    else:
+        client_scalers = [None] * len(splits)
+    return scaler, client_scalers, test_scaler
+
+
+def _client_data(
+    name: str,
+    train: np.ndarray,
+    val: np.ndarray,
+    x_all: np.ndarray,
+    y_all: np.ndarray,
+    preprocessing: Preprocessing,
+) -> ClientData:
+    """The client's rows `train` and `val` of the (clamped) data, scaled by its scaler."""
+    return ClientData(
+        name=name,
+        x_train=_apply(preprocessing.scaler, x_all[train]),
+        y_train=y_all[train].copy(),
+        x_val=_apply(preprocessing.scaler, x_all[val]),
+        y_val=y_all[val].copy(),
+        preprocessing=preprocessing,
     )
 
 

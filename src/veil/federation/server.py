@@ -25,6 +25,7 @@ from veil.federation.messages import (
     TrainingPlan,
 )
 from veil.federation.pipeline import (
+    Accumulator,
     Aggregate,
     AggregationFailed,
     RoundContext,
@@ -192,14 +193,7 @@ class FederatedServer:
         """One round: fit, aggregate, step (if enough clients answered), evaluate."""
         started = time.perf_counter()
         context = RoundContext(self.run_id, rnd)
-        base = self.plan
-        if self.learning_rate_decay != 1.0:
-            rate = base.learning_rate * self.learning_rate_decay ** max(rnd - 1, 0)
-            base = replace(base, learning_rate=rate)
-        selected, plan = self.strategy.configure_fit(
-            rnd, self.clients, numpy_rng(self.seed, Purpose.SELECT_FIT, rnd), base
-        )
-        plan = self.pipeline.configure_plan(plan)
+        selected, plan = self._configure_round(rnd)
         for obs in self.observers:
             obs.on_round_start(rnd, len(selected))
         context = replace(context, clients=tuple(selected))
@@ -208,55 +202,15 @@ class FederatedServer:
         participants = set(accumulator.participants)
         training = [c for c in selected if c in participants]
         instruction = FitInstruction(self.run_id, rnd, self.parameters, plan)
-        bytes_down = instruction.nbytes * len(training)
-        bytes_up = 0
-        failures: list[ClientFailure] = list(channel.failures)
-        train_loss, train_weight = 0.0, 0.0
-        pending = set(training)
-        for reply in self.gateway.fit(training, instruction) if training else ():
-            if reply.client not in pending:
-                # Not selected, or a second reply: never let one client count twice.
-                reason = "reply from a client that was not selected or has already replied"
-                failures.append(ClientFailure(reply.client, rnd, reason))
-                continue
-            pending.discard(reply.client)
-            if isinstance(reply, ClientFailure):
-                failures.append(reply)
-            elif reply.round != rnd:
-                failures.append(
-                    ClientFailure(reply.client, rnd, f"stale update for round {reply.round}")
-                )
-            else:
-                bytes_up += reply.nbytes
-                try:
-                    accumulator.add(reply)
-                except UpdateRejected as exc:
-                    failures.append(ClientFailure(reply.client, rnd, f"update rejected: {exc}"))
-                else:
-                    loss = reply.metrics.get("train_loss")
-                    if loss is not None and math.isfinite(loss):
-                        train_loss += loss * reply.num_examples
-                        train_weight += reply.num_examples
-            for obs in self.observers:
-                obs.on_client_done(rnd, reply.client)
-        setup_failures = len(channel.failures)
-        try:
-            aggregate = accumulator.finish()
-        except AggregationFailed as exc:
-            aggregate = Aggregate(total={}, weight=0.0, count=0, report={"error": str(exc)})
-        failures.extend(channel.failures[setup_failures:])
-        bytes_up += channel.bytes_up
-        bytes_down += channel.bytes_down
-        applied = aggregate.count >= self.min_clients and aggregate.weight > 0
-        discarded: str | None = None
-        if applied:
-            aggregate, discarded = self._step(aggregate, context)
-            if discarded is not None:
-                applied = False
-                aggregate.report = {**aggregate.report, "discarded": discarded}
+        tally = _FitTally(failures=list(channel.failures))
+        self._collect_fits(rnd, training, instruction, accumulator, tally)
+        aggregate = _finish_aggregate(accumulator, channel, tally.failures)
+        bytes_up = tally.bytes_up + channel.bytes_up
+        bytes_down = instruction.nbytes * len(training) + channel.bytes_down
+        aggregate, applied, discarded = self._apply_aggregate(aggregate, context)
         metrics: dict[str, float] = {}
-        if train_weight:
-            metrics["train_loss"] = train_loss / train_weight
+        if tally.train_weight:
+            metrics["train_loss"] = tally.train_loss / tally.train_weight
         if evaluate:
             eval_metrics, eval_bytes = self._evaluate(rnd)
             metrics.update(eval_metrics)
@@ -271,7 +225,7 @@ class FederatedServer:
             bytes_up=bytes_up,
             bytes_down=bytes_down,
             duration_s=time.perf_counter() - started,
-            failures=failures,
+            failures=tally.failures,
             selected_clients=list(selected),
             aggregation=aggregate.report,
             discarded=discarded,
@@ -279,6 +233,72 @@ class FederatedServer:
         for obs in self.observers:
             obs.on_round_end(record, self.parameters, self.strategy)
         return record
+
+    def _configure_round(self, rnd: int) -> tuple[list[str], TrainingPlan]:
+        """The strategy's selection for round `rnd` and its plan (with the decayed learning
+        rate, then the pipeline's changes)."""
+        base = self.plan
+        if self.learning_rate_decay != 1.0:
+            rate = base.learning_rate * self.learning_rate_decay ** max(rnd - 1, 0)
+            base = replace(base, learning_rate=rate)
+        selected, plan = self.strategy.configure_fit(
+            rnd, self.clients, numpy_rng(self.seed, Purpose.SELECT_FIT, rnd), base
+        )
+        return selected, self.pipeline.configure_plan(plan)
+
+    def _collect_fits(
+        self,
+        rnd: int,
+        training: list[str],
+        instruction: FitInstruction,
+        accumulator: Accumulator,
+        tally: _FitTally,
+    ) -> None:
+        """Send `instruction` to `training` and add each valid reply to `accumulator`, counting
+        bytes, training loss and failures in `tally`; at most one reply counts per client."""
+        pending = set(training)
+        for reply in self.gateway.fit(training, instruction) if training else ():
+            if reply.client not in pending:
+                # Not selected, or a second reply: never let one client count twice.
+                reason = "reply from a client that was not selected or has already replied"
+                tally.failures.append(ClientFailure(reply.client, rnd, reason))
+                continue
+            pending.discard(reply.client)
+            if isinstance(reply, ClientFailure):
+                tally.failures.append(reply)
+            elif reply.round != rnd:
+                tally.failures.append(
+                    ClientFailure(reply.client, rnd, f"stale update for round {reply.round}")
+                )
+            else:
+                tally.bytes_up += reply.nbytes
+                try:
+                    accumulator.add(reply)
+                except UpdateRejected as exc:
+                    tally.failures.append(
+                        ClientFailure(reply.client, rnd, f"update rejected: {exc}")
+                    )
+                else:
+                    loss = reply.metrics.get("train_loss")
+                    if loss is not None and math.isfinite(loss):
+                        tally.train_loss += loss * reply.num_examples
+                        tally.train_weight += reply.num_examples
+            for obs in self.observers:
+                obs.on_client_done(rnd, reply.client)
+
+    def _apply_aggregate(
+        self, aggregate: Aggregate, context: RoundContext
+    ) -> tuple[Aggregate, bool, str | None]:
+        """Step with `aggregate` if enough clients answered: (the aggregate, whether it was
+        applied, why it was discarded although enough clients answered, or None)."""
+        applied = aggregate.count >= self.min_clients and aggregate.weight > 0
+        discarded: str | None = None
+        if applied:
+            aggregate, discarded = self._step(aggregate, context)
+            if discarded is not None:
+                applied = False
+                aggregate.report = {**aggregate.report, "discarded": discarded}
+        return aggregate, applied, discarded
 
     def _step(self, aggregate: Aggregate, context: RoundContext) -> tuple[Aggregate, str | None]:
         """Apply the round's aggregate to the global model, unless the aggregate, the server
@@ -327,3 +347,27 @@ class FederatedServer:
         if weight:
             metrics.update({f"federated_{k}": v / weight for k, v in sums.items()})
         return metrics, instruction.nbytes * len(chosen)
+
+
+@dataclass
+class _FitTally:
+    """The running counts of one round's fit replies."""
+
+    failures: list[ClientFailure]
+    bytes_up: int = 0
+    train_loss: float = 0.0
+    train_weight: float = 0.0
+
+
+def _finish_aggregate(
+    accumulator: Accumulator, channel: _RoundChannel, failures: list[ClientFailure]
+) -> Aggregate:
+    """The round's aggregate (empty, with the error in its report, if none can be formed);
+    the clients that dropped out of the aggregator's final steps are added to `failures`."""
+    setup_failures = len(channel.failures)
+    try:
+        aggregate = accumulator.finish()
+    except AggregationFailed as exc:
+        aggregate = Aggregate(total={}, weight=0.0, count=0, report={"error": str(exc)})
+    failures.extend(channel.failures[setup_failures:])
+    return aggregate

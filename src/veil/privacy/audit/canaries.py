@@ -241,32 +241,138 @@ def audit_with_canaries(
         delta = recipe.dp.delta if recipe.dp is not None else 1e-5
     n_features = int(np.prod(x_train.shape[1:]))
     x_flat = x_train.reshape(x_train.shape[0], n_features).astype(np.float32)
-    width = n_features + gradient_canaries
+    kinds, included = _draw_canaries(
+        rng,
+        n_features,
+        n_classes,
+        gradient=gradient_canaries,
+        inputs=input_canaries,
+        pool=input_pool,
+        preprocess=preprocess,
+    )
 
+    x_all, y_all = _training_set(x_flat, y_train, kinds, included, gradient_canaries)
+    n_all = int(x_all.shape[0])
+    recipe = _audit_recipe(recipe, int(x_flat.shape[0]), n_all, gradient_canaries > 0)
+    model = CanaryModel(base_model(), n_features, gradient_canaries, n_classes)
+    x_t, y_t = as_tensors(x_all, y_all)
+    recipe.train(model, x_t, y_t, seed=seed, source=source, on_round=on_round)
+
+    scores = _canary_scores(model, kinds, n_classes)
+    tests = _bonferroni_tests(scores, included, delta=delta, confidence=confidence)
+    best = max(tests, key=lambda t: t.epsilon_lower)
+    accounted = recipe.accounted(n_all)
+    return CanaryAudit(
+        epsilon_lower=best.epsilon_lower,
+        confidence=confidence,
+        delta=delta,
+        epsilon=accounted.epsilon if accounted is not None else None,
+        best=best,
+        tests=tests,
+        canaries={k: len(y) for k, (_, y) in kinds.items()},
+        included={k: int(v.sum()) for k, v in included.items()},
+        examples=n_all,
+        mechanism=recipe.mechanism(n_all),
+        hazard=_hazard(recipe),
+        scores={k: v.tolist() for k, v in scores.items()},
+        preprocessing=preprocessing,
+        inputs={"input": kinds["input"][0][:, :n_features].copy()} if "input" in kinds else {},
+    )
+
+
+def _audit_recipe(
+    recipe: TrainingRecipe, n_base: int, n_all: int, has_gradient_canaries: bool
+) -> TrainingRecipe:
+    """The recipe for `n_all` records (the `n_base` audited ones and the included canaries):
+    the batch size scaled to keep the audited run's sampling rate (and steps per epoch), and,
+    with gradient canaries, a learning rate that noise cannot saturate (`_unsaturated`)."""
+    recipe = recipe.with_batch_size(round(recipe.plan.batch_size * n_all / max(n_base, 1)))
+    return _unsaturated(recipe, n_all) if has_gradient_canaries else recipe
+
+
+def _draw_canaries(
+    rng: np.random.Generator,
+    n_features: int,
+    n_classes: int,
+    *,
+    gradient: int,
+    inputs: int,
+    pool: tuple[np.ndarray, np.ndarray] | None,
+    preprocess: Callable[[np.ndarray], np.ndarray] | None,
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
+    """`gradient` gradient and `inputs` input canaries, by kind (features at the widened width
+    ``n_features + gradient``, labels), and for each kind which are included (probability 1/2
+    each); ValueError if there are none, or the pool is too small."""
     kinds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    if gradient_canaries > 0:
-        x_g = np.zeros((gradient_canaries, width), dtype=np.float32)
-        x_g[np.arange(gradient_canaries), n_features + np.arange(gradient_canaries)] = (
-            GRADIENT_AMPLITUDE
+    if gradient > 0:
+        kinds["gradient"] = _gradient_canaries(gradient, n_features, n_classes, rng)
+    if inputs > 0:
+        kinds["input"] = _input_canaries(
+            pool,
+            inputs,
+            n_features=n_features,
+            width=n_features + gradient,
+            n_classes=n_classes,
+            rng=rng,
+            preprocess=preprocess,
         )
-        kinds["gradient"] = (x_g, rng.integers(0, n_classes, gradient_canaries))
-    if input_canaries > 0:
-        if input_pool is None or input_pool[0].shape[0] < input_canaries:
-            available = 0 if input_pool is None else input_pool[0].shape[0]
-            raise ValueError(
-                f"{input_canaries} input canaries need as many pool records, got {available}"
-            )
-        pick = rng.choice(input_pool[0].shape[0], input_canaries, replace=False)
-        raw = input_pool[0][pick].reshape(input_canaries, n_features)
-        x_i = np.zeros((input_canaries, width), dtype=np.float32)
-        x_i[:, :n_features] = raw if preprocess is None else preprocess(raw)
-        true = input_pool[1][pick].astype(np.int64)
-        wrong = (true + rng.integers(1, n_classes, input_canaries)) % n_classes
-        kinds["input"] = (x_i, wrong)
     if not kinds:
         raise ValueError("a canary audit needs at least one canary")
     included = {kind: rng.random(len(y)) < 0.5 for kind, (_, y) in kinds.items()}
+    return kinds, included
 
+
+def _hazard(recipe: TrainingRecipe) -> str | None:
+    """A warning for the record when the audited recipe is a deliberately broken test one."""
+    if recipe.dp is not None and recipe.dp.hazard_clipping_disabled:
+        return "per-example clipping disabled (audit test configuration)"
+    return None
+
+
+def _gradient_canaries(
+    count: int, n_features: int, n_classes: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """`count` Dirac canaries on the inputs widened by one coordinate each: canary i is
+    `GRADIENT_AMPLITUDE` on coordinate ``n_features + i`` and 0 elsewhere, with a random label."""
+    x = np.zeros((count, n_features + count), dtype=np.float32)
+    x[np.arange(count), n_features + np.arange(count)] = GRADIENT_AMPLITUDE
+    return x, rng.integers(0, n_classes, count)
+
+
+def _input_canaries(
+    input_pool: tuple[np.ndarray, np.ndarray] | None,
+    count: int,
+    *,
+    n_features: int,
+    width: int,
+    n_classes: int,
+    rng: np.random.Generator,
+    preprocess: Callable[[np.ndarray], np.ndarray] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`count` records drawn from `input_pool` without replacement, passed through `preprocess`
+    (if given) into their first `n_features` of `width` columns (the rest 0), each with a random
+    wrong label."""
+    if input_pool is None or input_pool[0].shape[0] < count:
+        available = 0 if input_pool is None else input_pool[0].shape[0]
+        raise ValueError(f"{count} input canaries need as many pool records, got {available}")
+    pick = rng.choice(input_pool[0].shape[0], count, replace=False)
+    raw = input_pool[0][pick].reshape(count, n_features)
+    x = np.zeros((count, width), dtype=np.float32)
+    x[:, :n_features] = raw if preprocess is None else preprocess(raw)
+    true = input_pool[1][pick].astype(np.int64)
+    wrong = (true + rng.integers(1, n_classes, count)) % n_classes
+    return x, wrong
+
+
+def _training_set(
+    x_flat: np.ndarray,
+    y_train: np.ndarray,
+    kinds: dict[str, tuple[np.ndarray, np.ndarray]],
+    included: dict[str, np.ndarray],
+    gradient_canaries: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The audited records (widened by `gradient_canaries` zero columns) followed by the
+    included canaries of each kind."""
     x_all = np.concatenate(
         [np.pad(x_flat, ((0, 0), (0, gradient_canaries)))]
         + [x[included[kind]] for kind, (x, _) in kinds.items()]
@@ -274,15 +380,14 @@ def audit_with_canaries(
     y_all = np.concatenate(
         [y_train.astype(np.int64)] + [y[included[k]] for k, (_, y) in kinds.items()]
     )
-    n_base, n_all = int(x_flat.shape[0]), int(x_all.shape[0])
-    # Keep the audited run's sampling rate (and steps per epoch) despite the added records.
-    recipe = recipe.with_batch_size(round(recipe.plan.batch_size * n_all / max(n_base, 1)))
+    return x_all, y_all
 
-    recipe = _unsaturated(recipe, n_all) if gradient_canaries > 0 else recipe
-    model = CanaryModel(base_model(), n_features, gradient_canaries, n_classes)
-    x_t, y_t = as_tensors(x_all, y_all)
-    recipe.train(model, x_t, y_t, seed=seed, source=source, on_round=on_round)
 
+def _canary_scores(
+    model: CanaryModel, kinds: dict[str, tuple[np.ndarray, np.ndarray]], n_classes: int
+) -> dict[str, np.ndarray]:
+    """Each canary's membership score in the trained `model`: a gradient canary's head column's
+    lead of its label over the other classes, an input canary's negated loss."""
     scores: dict[str, np.ndarray] = {}
     with torch.no_grad():
         model.train(False)
@@ -296,34 +401,22 @@ def audit_with_canaries(
             xi, yi = as_tensors(*kinds["input"])
             loss = nn.functional.cross_entropy(model(xi), yi, reduction="none")
             scores["input"] = (-loss).numpy().astype(np.float64)
+    return scores
 
+
+def _bonferroni_tests(
+    scores: dict[str, np.ndarray],
+    included: dict[str, np.ndarray],
+    *,
+    delta: float,
+    confidence: float,
+) -> list[GuessTest]:
+    """Every kind's `guess_tests`, each at confidence 1 − (1 − `confidence`)/tests, so that
+    all of them hold together at `confidence`."""
     n_tests = len(scores) * len(GUESS_FRACTIONS)
     per_test = 1.0 - (1.0 - confidence) / n_tests
-    tests = [
+    return [
         t
         for kind, s in scores.items()
         for t in guess_tests(kind, s, included[kind], delta=delta, confidence=per_test)
     ]
-    best = max(tests, key=lambda t: t.epsilon_lower)
-    accounted = recipe.accounted(n_all)
-    hazard = (
-        "per-example clipping disabled (audit test configuration)"
-        if recipe.dp is not None and recipe.dp.hazard_clipping_disabled
-        else None
-    )
-    return CanaryAudit(
-        epsilon_lower=best.epsilon_lower,
-        confidence=confidence,
-        delta=delta,
-        epsilon=accounted.epsilon if accounted is not None else None,
-        best=best,
-        tests=tests,
-        canaries={k: len(y) for k, (_, y) in kinds.items()},
-        included={k: int(v.sum()) for k, v in included.items()},
-        examples=n_all,
-        mechanism=recipe.mechanism(n_all),
-        hazard=hazard,
-        scores={k: v.tolist() for k, v in scores.items()},
-        preprocessing=preprocessing,
-        inputs={"input": kinds["input"][0][:, :n_features].copy()} if "input" in kinds else {},
-    )

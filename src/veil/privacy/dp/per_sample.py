@@ -625,27 +625,59 @@ def _linear_chain(model: nn.Module, params: dict[str, nn.Parameter]) -> _Chain |
     Conservative: any other operation, a branch, a layer used twice, a trainable parameter
     outside the chain's Linear layers, a second forward argument or a hook means no chain.
     """
+    if not _may_be_chain(model):
+        return None
+    graph = _trace_training(model)
+    if graph is None:
+        return None
+    walked = _walk_chain(graph, model)
+    if walked is None or not walked[2]:
+        return None  # not a chain, or no Linear layer in it
+    flatten, prefix, layers = walked
+    chain = _chain_layers(layers, params)
+    if chain is None:
+        return None
+    return _build_chain(flatten, prefix, chain)
+
+
+def _may_be_chain(model: nn.Module) -> bool:
+    """False if a hook (other than an idle clipper's recorder) or a leaf module that is neither
+    Linear, Flatten nor an elementwise activation rules a chain out before tracing."""
     for m in model.modules():
         if m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-            return None
+            return False
         if any(
             getattr(hook, "__func__", None) is not PerSampleClipper._record
             for hook in m._forward_hooks.values()
         ):
-            return None  # another clipper's idle recorder is harmless; other hooks are not
+            return False  # another clipper's idle recorder is harmless; other hooks are not
         leaf = next(m.children(), None) is None
         if leaf and not isinstance(m, nn.Linear | nn.Flatten) and _module_activation(m) is False:
-            return None  # e.g. attention or normalisation: not worth tracing the model
+            return False  # e.g. attention or normalisation: not worth tracing the model
+    return True
+
+
+def _trace_training(model: nn.Module) -> fx.Graph | None:
+    """The `torch.fx` graph of the model's training-mode forward, or None if it cannot be traced;
+    the model's mode is restored."""
     was_training = model.training
     try:
         model.train(True)  # the path is used for training only: trace the training branch
         # The graph alone (no code generation); math functions are not wrapped (a forward that
         # applies them to tensors fails to trace and so takes the generic path).
-        graph = fx.Tracer(autowrap_modules=()).trace(model)  # type: ignore[arg-type]
+        return fx.Tracer(autowrap_modules=()).trace(model)  # type: ignore[arg-type]
     except Exception:  # untraceable forward (data-dependent control flow, ...): no chain
         return None
     finally:
         model.train(was_training)
+
+
+def _walk_chain(
+    graph: fx.Graph, model: nn.Module
+) -> tuple[bool, list[_Activation], list[tuple[nn.Linear, list[_Activation]]]] | None:
+    """Follow the graph from its one input to its output: (whether the input is flattened first,
+    the activations before the first Linear, each Linear with the activations after it), or
+    None at the first node that does not continue a straight chain."""
     flatten = False
     prefix: list[_Activation] = []
     layers: list[tuple[nn.Linear, list[_Activation]]] = []
@@ -673,32 +705,43 @@ def _linear_chain(model: nn.Module, params: dict[str, nn.Parameter]) -> _Chain |
             if not layers:
                 flatten = True
             act = _IDENTITY  # after a layer the activations are (batch, features) already
-        elif node.op == "call_module":
-            module = model.get_submodule(str(node.target))
-            if isinstance(module, nn.Linear):
-                if type(module).forward is not nn.Linear.forward:
-                    return None  # a Linear with a forward of its own
-                if any(m is module for m, _ in layers):
-                    return None  # weight sharing
-                layers.append((module, []))
-                previous = node
-                continue
-            act = _module_activation(module)
-        elif node.op == "call_function" and len(node.args) == 1:
-            act = _FUNCTIONS.get(node.target, False)
-            if set(node.kwargs) - {"inplace"}:
-                act = False
-        elif node.op == "call_method" and len(node.args) == 1 and not node.kwargs:
-            act = _METHODS.get(str(node.target), False)
+        elif node.op == "call_module" and isinstance(
+            module := model.get_submodule(str(node.target)), nn.Linear
+        ):
+            if type(module).forward is not nn.Linear.forward:
+                return None  # a Linear with a forward of its own
+            if any(m is module for m, _ in layers):
+                return None  # weight sharing
+            layers.append((module, []))
+            previous = node
+            continue
         else:
-            act = False
+            act = _node_activation(node, model)
         if act is False:
             return None
         if isinstance(act, _Activation):
             (layers[-1][1] if layers else prefix).append(act)
         previous = node
-    if not layers:
-        return None
+    return flatten, prefix, layers
+
+
+def _node_activation(node: fx.Node, model: nn.Module) -> _Activation | bool | None:
+    """The activation a one-input node (not a Linear) applies, as `_module_activation`."""
+    if node.op == "call_module":
+        return _module_activation(model.get_submodule(str(node.target)))
+    if node.op == "call_function" and len(node.args) == 1:
+        act = _FUNCTIONS.get(node.target, False)
+        return False if set(node.kwargs) - {"inplace"} else act
+    if node.op == "call_method" and len(node.args) == 1 and not node.kwargs:
+        return _METHODS.get(str(node.target), False)
+    return False
+
+
+def _chain_layers(
+    layers: list[tuple[nn.Linear, list[_Activation]]], params: dict[str, nn.Parameter]
+) -> list[_ChainLayer] | None:
+    """Each layer with the indices of its parameters in `params`, or None unless every
+    trainable parameter belongs to exactly one layer of the chain."""
     # Parameters by identity: a tensor tied between two layers (or trainable outside the chain)
     # would need its gradients summed across layers, which the chain does not do.
     index = {id(p): i for i, p in enumerate(params.values())}
@@ -716,6 +759,11 @@ def _linear_chain(model: nn.Module, params: dict[str, nn.Parameter]) -> _Chain |
         chain.append(_ChainLayer(module, found["weight"], found["bias"], tuple(acts)))
     if sorted(covered) != sorted(index):
         return None  # a trainable parameter the chain does not reach, or one reached twice
+    return chain
+
+
+def _build_chain(flatten: bool, prefix: list[_Activation], chain: list[_ChainLayer]) -> _Chain:
+    """The `_Chain` of the layers, with the selector and bias flags of `_chain_norms`."""
     trainable = [i for i, c in enumerate(chain) if c.weight is not None or c.bias is not None]
     widths = [chain[i].module.out_features for i in trainable]
     column = [*range(len(trainable))]

@@ -189,65 +189,33 @@ class FixedPoint:
         bounds = _bounds(bound, shape)
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be positive and finite, got {scale}")
+        out = self._output(out, size)
+        clipped = 0
+        scratch = _Scratch.allocate(min(size, _CHUNK))
+        for start in range(0, size, _CHUNK):
+            stop = min(start + _CHUNK, size)
+            x = scratch.scaled[: stop - start]
+            np.copyto(x, flat[start:stop], casting="unsafe")  # real → float64
+            if scale != 1.0:
+                np.multiply(x, scale, out=x)
+            b = bounds if isinstance(bounds, float) else bounds[start:stop]
+            clipped += _clip_chunk(x, b, flat, start)
+            np.divide(x, self.step, out=x)
+            _round_chunk(x, scratch, random, out[start:stop])
+        self.reduce(out)
+        return Encoded(values=out.reshape(shape), clipped=clipped)
+
+    def _output(self, out: UIntArray | None, size: int) -> UIntArray:
+        """`out` if it is a flat array of `dtype` and `size` entries (ValueError if not), or a
+        new one when None."""
         if out is None:
-            out = np.empty(size, dtype=self.dtype)
-        elif out.shape != (size,) or out.dtype != self.dtype:
+            return np.empty(size, dtype=self.dtype)
+        if out.shape != (size,) or out.dtype != self.dtype:
             raise ValueError(
                 f"out must be a flat {self.dtype} array of {size} entries, got {out.shape} "
                 f"{out.dtype}"
             )
-        clipped = 0
-        # Scratch buffers, reused for every chunk (no allocation in the loop but the uniforms).
-        chunk = min(size, _CHUNK)
-        scaled_buf = np.empty(chunk, dtype=np.float64)
-        frac_buf = np.empty(chunk, dtype=np.float64)
-        int_buf = np.empty(chunk, dtype=np.int64)
-        carry_buf = np.empty(chunk, dtype=np.bool_)
-        for start in range(0, size, _CHUNK):
-            stop = min(start + _CHUNK, size)
-            n = stop - start
-            x, frac, integers, carry = scaled_buf[:n], frac_buf[:n], int_buf[:n], carry_buf[:n]
-            np.copyto(x, flat[start:stop], casting="unsafe")  # real → float64
-            if scale != 1.0:
-                np.multiply(x, scale, out=x)
-            low, high = float(x.min()), float(x.max())  # NaN propagates into both
-            if not (math.isfinite(low) and math.isfinite(high)):
-                bad = start + int(np.flatnonzero(~np.isfinite(x))[0])
-                raise ValueError(
-                    f"cannot encode a non-finite value: entry {bad} (flat index) is "
-                    f"{flat[bad]}; the update holds NaN or Inf (diverged training?)"
-                )
-            b = bounds if isinstance(bounds, float) else bounds[start:stop]
-            if not isinstance(b, float) or low < -b or high > b:
-                clipped += int(np.count_nonzero(x > b)) + int(np.count_nonzero(x < -b))
-                np.clip(x, -b, b, out=x)
-            np.divide(x, self.step, out=x)
-            # Stochastic rounding q = floor(x) + [f + u >= 1], f = x - floor(x), u ~ U[0, 1):
-            # it rounds up with probability f. The integer part and the carry are added as
-            # integers; only f, in [0, 1], meets the uniform.
-            np.floor(x, out=frac)
-            np.copyto(integers, frac, casting="unsafe")  # exact: integral, |floor(x)| < 2^63
-            # f is exact (x - floor(x) is a float) except for -1/2 < x < 0, where 1 + x may
-            # round; the rounding cannot move f across the thresholds below (they are floats),
-            # so it only matters in the [1 - 2^-32, 1] band that `_exact_carry` redoes from x.
-            np.subtract(x, frac, out=frac)
-            uniform = random.uniform32(n)
-            np.add(frac, uniform, out=frac)  # s = f + u in [0, 2), rounded
-            # s > 1 implies f + u >= 1 (round up); s < 1 - 2^-32 implies f + u + 2^-32 < 1, so
-            # no bits of u beyond the 32 drawn could reach 1 (round down). In between (at most
-            # two values of u per entry), decide exactly from x and u.
-            np.greater_equal(frac, _NEAR_ONE, out=carry)
-            near = np.count_nonzero(carry)
-            np.greater(frac, 1.0, out=carry)
-            if near != np.count_nonzero(carry):
-                band = np.flatnonzero((frac >= _NEAR_ONE) & (frac <= 1.0))
-                for i in band.tolist():
-                    carry[i] = _exact_carry(float(x[i]), float(uniform[i]), random)
-            np.add(integers, carry, out=integers)  # |q| <= 2^53 wherever the carry can be 1
-            # int64 → uint8..uint64 keeps the low bits: two's complement mod 2^width.
-            np.copyto(out[start:stop], integers, casting="unsafe")
-        self.reduce(out)
-        return Encoded(values=out.reshape(shape), clipped=clipped)
+        return out
 
     def decode(self, total: UIntArray) -> npt.NDArray[np.float64]:
         """The floats that residues mod 2^k stand for: the centred lift (residues at or above
@@ -303,6 +271,77 @@ class FixedPoint:
                 f"{name} has dtype {array.dtype}, expected {self.dtype} for "
                 f"{self.modulus_bits}-bit residues"
             )
+
+
+@dataclass(frozen=True)
+class _Scratch:
+    """`FixedPoint.encode`'s buffers for one chunk, reused for every chunk (no allocation in
+    the loop but the uniforms)."""
+
+    scaled: npt.NDArray[np.float64]
+    frac: npt.NDArray[np.float64]
+    integers: npt.NDArray[np.int64]
+    carry: npt.NDArray[np.bool_]
+
+    @classmethod
+    def allocate(cls, size: int) -> _Scratch:
+        return cls(
+            np.empty(size, dtype=np.float64),
+            np.empty(size, dtype=np.float64),
+            np.empty(size, dtype=np.int64),
+            np.empty(size, dtype=np.bool_),
+        )
+
+
+def _clip_chunk(x: npt.NDArray[np.float64], b: Any, flat: npt.NDArray[Any], start: int) -> int:
+    """Clip the chunk `x` (the scaled entries of `flat` from `start` on) to ``[-b, b]`` in place
+    (`b` a float, or the chunk's bounds) and return how many entries lay outside; ValueError
+    naming the first entry that is NaN or ±Inf."""
+    low, high = float(x.min()), float(x.max())  # NaN propagates into both
+    if not (math.isfinite(low) and math.isfinite(high)):
+        bad = start + int(np.flatnonzero(~np.isfinite(x))[0])
+        raise ValueError(
+            f"cannot encode a non-finite value: entry {bad} (flat index) is "
+            f"{flat[bad]}; the update holds NaN or Inf (diverged training?)"
+        )
+    if isinstance(b, float) and low >= -b and high <= b:
+        return 0
+    clipped = int(np.count_nonzero(x > b)) + int(np.count_nonzero(x < -b))
+    np.clip(x, -b, b, out=x)
+    return clipped
+
+
+def _round_chunk(
+    x: npt.NDArray[np.float64], scratch: _Scratch, random: RandomSource, out: UIntArray
+) -> None:
+    """Round the chunk `x` (values in steps) stochastically, as `FixedPoint.encode` describes,
+    and write the integers into `out` in two's complement (not yet reduced mod 2^k)."""
+    n = x.size
+    frac, integers, carry = scratch.frac[:n], scratch.integers[:n], scratch.carry[:n]
+    # Stochastic rounding q = floor(x) + [f + u >= 1], f = x - floor(x), u ~ U[0, 1):
+    # it rounds up with probability f. The integer part and the carry are added as
+    # integers; only f, in [0, 1], meets the uniform.
+    np.floor(x, out=frac)
+    np.copyto(integers, frac, casting="unsafe")  # exact: integral, |floor(x)| < 2^63
+    # f is exact (x - floor(x) is a float) except for -1/2 < x < 0, where 1 + x may
+    # round; the rounding cannot move f across the thresholds below (they are floats),
+    # so it only matters in the [1 - 2^-32, 1] band that `_exact_carry` redoes from x.
+    np.subtract(x, frac, out=frac)
+    uniform = random.uniform32(n)
+    np.add(frac, uniform, out=frac)  # s = f + u in [0, 2), rounded
+    # s > 1 implies f + u >= 1 (round up); s < 1 - 2^-32 implies f + u + 2^-32 < 1, so
+    # no bits of u beyond the 32 drawn could reach 1 (round down). In between (at most
+    # two values of u per entry), decide exactly from x and u.
+    np.greater_equal(frac, _NEAR_ONE, out=carry)
+    near = np.count_nonzero(carry)
+    np.greater(frac, 1.0, out=carry)
+    if near != np.count_nonzero(carry):
+        band = np.flatnonzero((frac >= _NEAR_ONE) & (frac <= 1.0))
+        for i in band.tolist():
+            carry[i] = _exact_carry(float(x[i]), float(uniform[i]), random)
+    np.add(integers, carry, out=integers)  # |q| <= 2^53 wherever the carry can be 1
+    # int64 → uint8..uint64 keeps the low bits: two's complement mod 2^width.
+    np.copyto(out, integers, casting="unsafe")
 
 
 def _exact_carry(x: float, u: float, random: RandomSource) -> bool:
