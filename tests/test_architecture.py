@@ -468,15 +468,13 @@ def test_exceptions_outside_the_tree_are_found_through_inheritance_and_aliases(
 MAX_FUNCTION_LINES = 80
 
 #: (module, qualified function name) over `MAX_FUNCTION_LINES` when the rule was written: run.py
-#: and deployment.py are being split into named steps (issue 21); vertical/split.py's
-#: `train_split` was over then too. Delete an entry when its function is short enough; never
-#: add one (split the function into named steps instead).
+#: and deployment.py are being split into named steps (issue 21). Delete an entry when its
+#: function is short enough; never add one (split the function into named steps instead).
 KNOWN_LONG_FUNCTIONS: frozenset[tuple[str, str]] = frozenset(
     {
         ("veil.deployment", "serve"),
         ("veil.deployment", "serve_client"),
         ("veil.run", "_run"),
-        ("veil.vertical.split", "train_split"),
     }
 )
 

@@ -132,6 +132,74 @@ class SplitResult:
             return torch.sigmoid(self.top(h)).squeeze(1).double().numpy()
 
 
+@dataclass
+class _Parties:
+    """Both parties' networks and optimisers: the bank's bottom and top (it holds the labels),
+    the payment company's bottom."""
+
+    bank_bottom: nn.Module
+    payment_bottom: nn.Module
+    top: nn.Module
+    bank_opt: torch.optim.Optimizer
+    payment_opt: torch.optim.Optimizer
+
+    @classmethod
+    def build(cls, bank_features: int, payment_features: int, settings: SplitSettings) -> _Parties:
+        bank_bottom = _bottom(bank_features, settings)
+        payment_bottom = _bottom(payment_features, settings)
+        top = nn.Sequential(nn.ReLU(), nn.Linear(2 * settings.embedding_dim, 1))
+        bank_opt = torch.optim.Adam(
+            [*bank_bottom.parameters(), *top.parameters()],
+            lr=settings.learning_rate,
+            weight_decay=settings.weight_decay,
+        )
+        payment_opt = torch.optim.Adam(
+            payment_bottom.parameters(),
+            lr=settings.learning_rate,
+            weight_decay=settings.weight_decay,
+        )
+        return cls(bank_bottom, payment_bottom, top, bank_opt, payment_opt)
+
+    def step(
+        self,
+        xa: torch.Tensor,
+        xp: torch.Tensor,
+        y: torch.Tensor,
+        settings: SplitSettings,
+        random: RandomSource,
+        transcript: list[Message],
+    ) -> float:
+        """One batch, as the two parties exchange it (each message added to `transcript`);
+        returns the batch's summed loss."""
+        m, e = len(y), settings.embedding_dim
+        # Payment company: embed, protect, send.
+        h_p = self.payment_bottom(xp)
+        sent = _clip_and_noise(
+            h_p.detach().numpy(), settings.embedding_clip, settings.embedding_noise, random
+        )
+        payload = _to_bytes(sent)
+        transcript.append(Message(PAYMENT, BANK, "embeddings", payload))
+        # Bank: top network on both embeddings.
+        h_p_bank = torch.tensor(_from_bytes(payload, m, e), requires_grad=True)
+        logits = self.top(torch.cat([self.bank_bottom(xa), h_p_bank], dim=1)).squeeze(1)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, y)
+        self.bank_opt.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        self.bank_opt.step()
+        assert h_p_bank.grad is not None
+        # Per-row gradients of the summed loss, so that clipping bounds each label's effect.
+        grad = _clip_and_noise(
+            (h_p_bank.grad * m).numpy(), settings.gradient_clip, settings.gradient_noise, random
+        )
+        reply = _to_bytes(grad)
+        transcript.append(Message(BANK, PAYMENT, "embedding_gradients", reply))
+        # Payment company: back-propagate the received gradient (mean over the batch).
+        self.payment_opt.zero_grad()
+        h_p.backward(torch.as_tensor(_from_bytes(reply, m, e)) / m)
+        self.payment_opt.step()
+        return float(loss.detach()) * m
+
+
 def train_split(
     bank_x: npt.NDArray[np.float32],
     labels: npt.NDArray[np.int64],
@@ -152,20 +220,7 @@ def train_split(
     if len(bank_x) != len(payment_x) or len(bank_x) != len(labels) or len(labels) == 0:
         raise ConfigError("bank and payment rows must be aligned and non-empty (run PSI first)")
     torch.manual_seed(settings.seed)
-    e = settings.embedding_dim
-    bank_bottom, payment_bottom = (
-        _bottom(bank_x.shape[1], settings),
-        _bottom(payment_x.shape[1], settings),
-    )
-    top = nn.Sequential(nn.ReLU(), nn.Linear(2 * e, 1))
-    bank_opt = torch.optim.Adam(
-        [*bank_bottom.parameters(), *top.parameters()],
-        lr=settings.learning_rate,
-        weight_decay=settings.weight_decay,
-    )
-    payment_opt = torch.optim.Adam(
-        payment_bottom.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
-    )
+    parties = _Parties.build(bank_x.shape[1], payment_x.shape[1], settings)
     xa = torch.as_tensor(bank_x, dtype=torch.float32)
     xp = torch.as_tensor(payment_x, dtype=torch.float32)
     y = torch.as_tensor(labels, dtype=torch.float32)
@@ -177,40 +232,14 @@ def train_split(
         order = rng.permutation(len(labels))
         for start in range(0, len(order), settings.batch_size):
             rows = torch.as_tensor(order[start : start + settings.batch_size])
-            m = len(rows)
-            # Payment company: embed, protect, send.
-            h_p = payment_bottom(xp[rows])
-            sent = _clip_and_noise(
-                h_p.detach().numpy(), settings.embedding_clip, settings.embedding_noise, random
-            )
-            payload = _to_bytes(sent)
-            transcript.append(Message(PAYMENT, BANK, "embeddings", payload))
-            # Bank: top network on both embeddings.
-            h_p_bank = torch.tensor(_from_bytes(payload, m, e), requires_grad=True)
-            logits = top(torch.cat([bank_bottom(xa[rows]), h_p_bank], dim=1)).squeeze(1)
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, y[rows])
-            bank_opt.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            bank_opt.step()
-            assert h_p_bank.grad is not None
-            # Per-row gradients of the summed loss, so that clipping bounds each label's effect.
-            grad = _clip_and_noise(
-                (h_p_bank.grad * m).numpy(), settings.gradient_clip, settings.gradient_noise, random
-            )
-            reply = _to_bytes(grad)
-            transcript.append(Message(BANK, PAYMENT, "embedding_gradients", reply))
-            # Payment company: back-propagate the received gradient (mean over the batch).
-            payment_opt.zero_grad()
-            h_p.backward(torch.as_tensor(_from_bytes(reply, m, e)) / m)
-            payment_opt.step()
-            total += float(loss.detach()) * m
+            total += parties.step(xa[rows], xp[rows], y[rows], settings, random, transcript)
         losses.append(total / len(labels))
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])
     return SplitResult(
-        bank_bottom,
-        payment_bottom,
-        top,
+        parties.bank_bottom,
+        parties.payment_bottom,
+        parties.top,
         losses,
         _epsilon(settings.embedding_noise, settings.epochs, settings.delta),
         _epsilon(settings.gradient_noise, settings.epochs, settings.delta),
