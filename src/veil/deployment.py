@@ -791,6 +791,8 @@ def configure_logging() -> None:
 
 def load(config_path: Path) -> RunConfig:
     config = load_config(config_path)
+    for line in config.unused_sections():  # `veil server` / `veil client`: said once, at start
+        print(f"veil: warning: {line}", file=sys.stderr)
     if config.mode != "deployment":
         config = RunConfig.from_dict({**config.to_dict(), "mode": "deployment"})
     return config

@@ -104,6 +104,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the federation, print its result; 128 + the signal's number when one stopped it."""
     config = run_config(args)  # before the heavy imports: a config error is reported at once
+    for line in config.unused_sections():  # kept for a one-line switch back; said once
+        print(f"veil: warning: {line}", file=sys.stderr)
 
     from rich.console import Console
 

@@ -1,0 +1,100 @@
+"""`[federation]` (rounds, client selection, local training) and `[strategy]` (how the
+server combines the clients' models)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Literal, get_args
+
+from pydantic import Field, model_validator
+
+from veil.config.sections import Section
+from veil.selection import sample_size
+
+if TYPE_CHECKING:
+    from veil.config.run import RunConfig
+
+
+class FederationConfig(Section):
+    """Rounds, client selection and local training."""
+
+    #: Number of organisations (clients) that hold data.
+    clients: int = Field(ge=1, le=1_000_000)
+    rounds: int = Field(ge=1)
+    #: Fraction of clients selected to train in each round.
+    fraction_fit: float = Field(1.0, gt=0, le=1)
+    #: Fraction of clients that evaluate the global model on their own data each round.
+    fraction_evaluate: float = Field(1.0, ge=0, le=1)
+    #: A round with fewer surviving clients leaves the global model unchanged.
+    min_clients: int = Field(1, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(0.05, gt=0)
+    #: Multiply the clients' learning rate by this after every round (1: constant). Under DP a
+    #: decaying rate leaves less noise in the final model.
+    learning_rate_decay: float = Field(1.0, gt=0, le=1)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    #: Simulation only: probability that a selected client drops out of a round.
+    simulated_dropout: float = Field(0.0, ge=0, lt=1)
+    #: Also train the same model on the pooled training data, for comparison.
+    centralized_baseline: bool = False
+    #: Evaluate every this many rounds (the last round is always evaluated).
+    evaluate_every: int = Field(1, ge=1)
+    #: Threads torch may use in this process. Small models train fastest on one: with more, the
+    #: threads' synchronisation costs more than the arithmetic, badly so on a busy machine.
+    torch_threads: int = Field(1, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _enough_clients(self) -> FederationConfig:
+        if self.min_clients > self.clients:
+            raise ValueError(
+                f"min_clients = {self.min_clients} exceeds clients = {self.clients}; "
+                "lower min_clients or add clients"
+            )
+        selected = sample_size(self.fraction_fit, self.clients)
+        if selected < self.min_clients:
+            raise ValueError(
+                f"fraction_fit = {self.fraction_fit} selects {selected} of {self.clients} clients, "
+                f"fewer than min_clients = {self.min_clients}; raise fraction_fit"
+            )
+        return self
+
+    def check_in(self, run: RunConfig) -> None:
+        """Simulated dropout is a simulation's stand-in for clients that fail; a deployment has
+        real ones."""
+        if run.mode == "deployment" and self.simulated_dropout > 0:
+            raise ValueError("simulated_dropout applies to mode = 'simulation' only")
+
+
+class FedAvgConfig(Section):
+    """FedAvg (McMahan et al. 2017): the example-weighted mean of client models."""
+
+    name: Literal["fedavg"] = "fedavg"
+
+
+class FedProxConfig(Section):
+    """FedProx (Li et al. 2020): FedAvg whose clients add (mu/2)·||w - w_global||² to the loss."""
+
+    name: Literal["fedprox"]
+    mu: float = Field(0.01, gt=0)
+
+
+class FedOptConfig(Section):
+    """Adaptive server optimisers of Reddi et al. 2021 (FedAdagrad, FedAdam, FedYogi)."""
+
+    name: Literal["fedadam", "fedyogi", "fedadagrad"]
+    server_learning_rate: float = Field(0.01, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    #: Adaptivity: the epsilon-like term in the denominator.
+    tau: float = Field(1e-3, gt=0)
+
+
+StrategyConfig = Annotated[FedAvgConfig | FedProxConfig | FedOptConfig, Field(discriminator="name")]
+
+#: Every `[strategy] name`: the tags of `StrategyConfig`'s union.
+STRATEGY_NAMES: tuple[str, ...] = tuple(
+    name
+    for model in (FedAvgConfig, FedProxConfig, FedOptConfig)
+    for name in get_args(model.model_fields["name"].annotation)
+)
