@@ -14,7 +14,7 @@ from rich.console import Console
 import veil
 from veil.cli import main
 from veil.config import RunConfig
-from veil.crypto.envelope import generate_key_file
+from veil.crypto.envelope import MAGIC, generate_key_file
 from veil.errors import ConfigError, UserError
 from veil.privacy.audit.runner import AuditSettings, audit_run
 from veil.report import print_result
@@ -179,6 +179,9 @@ def test_secagg_run_with_a_sealed_checkpoint(tmp_path: Path) -> None:
     inversion = section["inversion"]
     assert "sum of 3 clients" in inversion["server_sees"]
     assert inversion["records_in_view"] > inversion["client_records"]
+    # Sealed on disk: the envelope's magic, and no parameter name in the clear.
+    sealed = (out / "checkpoint.safetensors").read_bytes()
+    assert sealed.startswith(MAGIC) and b"weight" not in sealed
     key.unlink()
     with pytest.raises(UserError, match="no key file"):
         audit_run(out, AuditSettings(attacks=("inversion",), seed=0, **SMALL))

@@ -280,6 +280,20 @@ def test_client_level_clipping_of_a_huge_update_keeps_c_and_the_direction(value:
     assert out.sums[UNCLIPPED] == -0.5
 
 
+def test_a_clip_factor_below_float32s_normal_range_is_applied_in_float64() -> None:
+    """10^6 entries of 3e38: C/‖Δ‖ ≈ 3e-42 is a float32 subnormal with a few bits of precision,
+    so scaling in float32 would miss the direction by ~1e-4; scaled in float64 and rounded
+    once, every entry is within float32's own rounding."""
+    big = np.full(1_000_000, 3e38, dtype=np.float32)
+    big[::2] *= -1
+    update = {"w": big}
+    plan = TrainingPlan(epochs=1, batch_size=8, learning_rate=0.1, update_clip_norm=1.0)
+    result = FitResult("c", 1, update, weight=50.0, num_examples=50)
+    out = ClipUpdate().apply(result, RoundContext("r", 1, plan))
+    want = big.astype(np.float64) * (1.0 / exact_norm(update))
+    np.testing.assert_allclose(out.update["w"], want, rtol=1e-6)
+
+
 @pytest.mark.parametrize("value", [1e-30, 0.3, 3e19, 3e38])
 def test_l2_norm_does_not_overflow(value: float) -> None:
     update = update_of(value)
