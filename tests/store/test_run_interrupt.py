@@ -209,7 +209,8 @@ def test_a_resumed_secure_run_keeps_each_restored_rounds_aggregation_summary(
     whole = veil.run(config)
     assert [r.aggregation for r in resumed.rounds] == [r.aggregation for r in whole.rounds]
     assert all(r.aggregation for r in whole.rounds), "SecAgg rounds carry a summary"
-    assert resumed.final == whole.final
+    # SecAgg's stochastic rounding draws from the CSPRNG: equal up to that rounding.
+    assert resumed.final == pytest.approx(whole.final, abs=1e-5)
 
 
 class InterruptAt(StopAfter):
