@@ -59,7 +59,7 @@ from veil.privacy.dp.dpsgd import DPSGDTrainer
 from veil.privacy.dp.per_sample import PerSampleClipper
 from veil.privacy.dp.randomness import SecureRandom
 from veil.result import Result
-from veil.run import _run as run_with_data
+from veil.runtime import run_federation as run_with_data
 
 SIGMA, CLIP = 1.0, 1.0
 BATCH = 32

@@ -116,7 +116,7 @@ DYING_CLI = textwrap.dedent(
         os.kill(os.getpid(), signal.SIGKILL)
 
     if hook == "checkpoint":
-        run = importlib.import_module("veil.run")  # the module (`veil.run` is also a function)
+        run = importlib.import_module("veil.runtime")  # where the recorder saves checkpoints
         save = run.save_checkpoint
 
         def save_then_die(path, checkpoint, **kwargs):

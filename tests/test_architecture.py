@@ -9,9 +9,8 @@ these run in about a second and need none of the heavy libraries.
   and does not know the config file exists.
 - Every exception class in `veil` derives from `veil.errors.VeilError`.
 
-The second and third rules have allow-lists of the violations that existed when the rule was
-written; an entry that no longer occurs fails the test too, so the lists only shrink. The last
-tests run the checks on a small package written for them, so that each check is seen to fail.
+The last tests run the checks on a small package written for them, so that each check is seen
+to fail.
 """
 
 from __future__ import annotations
@@ -26,41 +25,6 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 VEIL_ERROR = ("veil.errors", "VeilError")
-
-#: (importing module, imported module, private name) when the rule was written: deployment.py
-#: and the audit reuse run.py's building blocks until run.py and deployment.py become one
-#: composition root with public builders (issue 21). Delete an entry when its import goes;
-#: never add one (make the name public instead).
-KNOWN_PRIVATE_IMPORTS: frozenset[tuple[str, str, str]] = frozenset(
-    {
-        ("veil.deployment", "veil.run", "_federated_data"),
-        ("veil.deployment", "veil.run", "_run"),
-        ("veil.deployment", "veil.run", "_torch_threads"),
-        ("veil.deployment", "veil.run", "_training_plan"),
-        ("veil.privacy.audit.runner", "veil.run", "_torch_threads"),
-        ("veil.privacy.audit.target", "veil.run", "_federated_data"),
-        ("veil.privacy.audit.target", "veil.run", "_model"),
-        ("veil.privacy.audit.target", "veil.run", "_training_plan"),
-    }
-)
-
-#: Modules under veil/privacy that import veil.config when the rule was written; each should
-#: take plain parameters instead, built from the config by the run's wiring (issue 21). Delete
-#: an entry when its import goes; never add one.
-KNOWN_PRIVACY_CONFIG_IMPORTS: frozenset[str] = frozenset(
-    {
-        "veil.privacy.audit.target",
-        "veil.privacy.dp.policy",
-        "veil.privacy.he.ckks",
-        "veil.privacy.he.federation",
-        "veil.privacy.he.settings",
-        "veil.privacy.secagg.settings",
-        "veil.privacy.tee.channel",
-        "veil.privacy.tee.federation",
-        "veil.privacy.tee.measurement",
-        "veil.privacy.tee.sealed",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -357,27 +321,25 @@ def test_the_package_has_no_import_cycles() -> None:
 
 def test_no_module_imports_a_private_name_of_another() -> None:
     package = veil()
-    found = {
-        (u.source, u.target, u.name) for m in package.values() for u in private_uses(m, package)
-    }
-    new = sorted(found - KNOWN_PRIVATE_IMPORTS, key=str)
-    gone = sorted(KNOWN_PRIVATE_IMPORTS - found)
-    assert not new, f"private names imported from another module (make them public): {new}"
-    assert not gone, f"no longer imported, so delete from KNOWN_PRIVATE_IMPORTS: {gone}"
+    found = sorted(
+        {(u.source, u.target, u.name) for m in package.values() for u in private_uses(m, package)},
+        key=str,
+    )
+    assert not found, f"private names imported from another module (make them public): {found}"
 
 
 def test_privacy_mechanisms_do_not_import_the_config() -> None:
     package = veil()
-    found = {
+    found = sorted(
         name
         for name, module in package.items()
         if name.startswith("veil.privacy.")
-        and any(use.target == "veil.config" for use in imports(module, package))
-    }
-    new = sorted(found - KNOWN_PRIVACY_CONFIG_IMPORTS)
-    gone = sorted(KNOWN_PRIVACY_CONFIG_IMPORTS - found)
-    assert not new, f"veil/privacy modules that import veil.config (pass plain values): {new}"
-    assert not gone, f"no longer imported, so delete from KNOWN_PRIVACY_CONFIG_IMPORTS: {gone}"
+        and any(
+            use.target == "veil.config" or use.target.startswith("veil.config.")
+            for use in imports(module, package)
+        )
+    )
+    assert not found, f"veil/privacy modules that import veil.config (pass plain values): {found}"
 
 
 def test_every_exception_derives_from_veil_error() -> None:
@@ -467,17 +429,6 @@ def test_exceptions_outside_the_tree_are_found_through_inheritance_and_aliases(
 #: (docstring included, decorators not). Generated modules (``*_pb2*.py``) are not checked.
 MAX_FUNCTION_LINES = 80
 
-#: (module, qualified function name) over `MAX_FUNCTION_LINES` when the rule was written: run.py
-#: and deployment.py are being split into named steps (issue 21). Delete an entry when its
-#: function is short enough; never add one (split the function into named steps instead).
-KNOWN_LONG_FUNCTIONS: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("veil.deployment", "serve"),
-        ("veil.deployment", "serve_client"),
-        ("veil.run", "_run"),
-    }
-)
-
 
 def _functions(
     node: ast.AST, prefix: str = ""
@@ -509,16 +460,9 @@ def long_functions(package: Package, limit: int = MAX_FUNCTION_LINES) -> dict[tu
 
 
 def test_no_function_is_over_80_lines() -> None:
-    found = long_functions(veil())
-    new = sorted(
-        f"{m}.{f} ({n} lines)" for (m, f), n in found.items() if (m, f) not in KNOWN_LONG_FUNCTIONS
-    )
-    gone = sorted(KNOWN_LONG_FUNCTIONS - found.keys())
-    assert not new, (
-        f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps): {new}"
-    )
-    assert not gone, (
-        f"now {MAX_FUNCTION_LINES} lines or fewer, so delete from KNOWN_LONG_FUNCTIONS: {gone}"
+    found = sorted(f"{m}.{f} ({n} lines)" for (m, f), n in long_functions(veil()).items())
+    assert not found, (
+        f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps): {found}"
     )
 
 

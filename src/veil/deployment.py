@@ -42,9 +42,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
-from torch import nn
 
+from veil.assembly.data import federated_data
+from veil.assembly.federation import ServerSide
+from veil.assembly.model import training_plan
+from veil.assembly.privacy import client_privacy, member_privacy
+from veil.assembly.secure_aggregation import registry as secure_aggregation
+from veil.assembly.secure_aggregation.base import MemberInputs, ServerTls
+from veil.assembly.stages import client_runner, client_stages
 from veil.atomic import atomic_write_bytes
 from veil.config import RunConfig, load_config
 from veil.crypto import pki
@@ -55,34 +62,13 @@ from veil.crypto.revocation import CRL_FILE
 from veil.crypto.trust import TRUST_FILE, TrustStore
 from veil.data import ClientData, FederatedData
 from veil.errors import Aborted, UserError
-from veil.federation.client import ClientRunner
-from veil.federation.compression import compression_stage
-from veil.federation.fingerprint import fingerprint
+from veil.federation.fingerprint import Fingerprint, fingerprint
 from veil.federation.pipeline import UpdatePipeline
+from veil.federation.training import torch_threads
 from veil.lifecycle import StopRequest
 from veil.models import build_model, get_parameters
-from veil.privacy.dp.policy import ClientLevelPrivacy, RecordLevelPrivacy
-from veil.privacy.he import federation as ckks
-from veil.privacy.he import keys as he_keys
-from veil.privacy.he.participant import CkksParticipant
-from veil.privacy.he.settings import settings_from_config as ckks_settings
-from veil.privacy.secagg.layout import UpdateLayout
-from veil.privacy.secagg.participant import SecAggParticipant
-from veil.privacy.secagg.roster import CertificateRoster
-from veil.privacy.tee import channel as tee_channel
-from veil.privacy.tee import federation as tee
-from veil.privacy.tee.protocol import TeeParticipant
-from veil.result import Result
-from veil.run import (
-    RESULT_FILE,
-    _federated_data,
-    _run,
-    _torch_threads,
-    _training_plan,
-    secagg_settings,
-    upload_reference,
-)
-from veil.seeding import Purpose, derive_seed
+from veil.result import RESULT_FILE, Result
+from veil.runtime import run_federation
 from veil.store.lock import run_directory
 from veil.tensors import NamedArrays
 from veil.transport.grpc.client import ClientCredentials, PinnedChannel, open_channel, run_client
@@ -192,15 +178,54 @@ def serve(
     Checkpoints are sealed under `checkpoint_key` (else `[checkpoint].key_file`); with `resume`
     the run continues from `run_dir`'s checkpoint after a crash or an interruption. When
     `stop` (`veil server`'s `StopRequest`) returns True, the run ends at the next round
-    boundary (status "interrupted", `_run`) and the clients are told that it is over.
+    boundary (status "interrupted", `veil.runtime.run_federation`) and the clients are told
+    that it is over.
     """
     key_path = checkpoint_key or config.checkpoint.key_file
     key = load_key_file(key_path) if key_path else None
     arrays, meta = _load_npz(test_data)
+    fed = _server_data(config, arrays, meta)
+    identities = member_identities(pki_dir, [c.name for c in fed.clients])
+    backend = secure_aggregation.backend(config.secure_aggregation)
+    # A TLS key the backend makes in this process (under TEE: inside the attested process,
+    # never written to disk) replaces the key file.
+    tls = None if insecure else backend.server_tls(config, pki_dir)
+    gateways = _Gateways(
+        config,
+        identities=identities,
+        credentials=None if insecure else _server_credentials(pki_dir, tls),
+        revocations=None if insecure else _revocations_reader(pki_dir),
+        fingerprint=lambda initial: fingerprint(config, initial, arrays["x_test"], meta),
+        address=address or config.deployment.address,
+        port_file=port_file,
+    )
+    side = ServerSide(
+        gateways.start, pki_dir, tls_public_key=tls.tls_public_key if tls is not None else None
+    )
+    try:
+        with torch_threads(config.federation.torch_threads):
+            return run_federation(
+                config,
+                run_dir,
+                [],
+                fed=fed,
+                resume=resume,
+                checkpoint_key=key,
+                deployment=side,
+                stop=stop,
+            )
+    finally:
+        gateways.close()
+
+
+def _server_data(
+    config: RunConfig, arrays: dict[str, np.ndarray], meta: dict[str, Any]
+) -> FederatedData:
+    """The server's `FederatedData`: its test set, and of each member only its declared size."""
     names = list(meta["clients"])
     examples = {str(k): int(v) for k, v in dict(meta.get("examples", {})).items()}
     empty = np.zeros((0, int(meta["n_features"])), np.float32)
-    fed = FederatedData(
+    return FederatedData(
         dataset_name=meta["dataset"],
         synthetic=bool(meta["synthetic"]),
         n_features=int(meta["n_features"]),
@@ -219,34 +244,53 @@ def serve(
         y_test=arrays["y_test"],
         scaling=config.data.scaling,
     )
-    identities = member_identities(pki_dir, names)
-    # Under TEE the TLS key is made here, inside the attested process, and never written to disk.
-    attested = (
-        tee_channel.attested_server_key(config, pki_dir)
-        if config.secure_aggregation == "tee" and not insecure
-        else None
-    )
-    credentials = None if insecure else _server_credentials(pki_dir, attested)
-    holder: dict[str, GrpcGateway] = {}
 
-    def factory(run_id: str, initial: NamedArrays) -> GrpcGateway:
+
+class _Gateways:
+    """Starts the server's `GrpcGateway` when the run asks for it (`start`, the run's
+    `GatewayFactory`) and finishes it when the run is over (`close`)."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        identities: dict[str, IdentityPublicKey],
+        credentials: ServerCredentials | None,
+        revocations: Callable[[], bytes | None] | None,
+        fingerprint: Callable[[NamedArrays], Fingerprint],
+        address: str,
+        port_file: Path | None,
+    ) -> None:
+        self.config = config
+        self.identities = identities
+        self.credentials = credentials
+        self.revocations = revocations
+        self.fingerprint = fingerprint
+        self.address = address
+        self.port_file = port_file
+        self.gateway: GrpcGateway | None = None
+
+    def start(self, run_id: str, initial: NamedArrays) -> GrpcGateway:
+        """Open the port and wait (up to `connect_timeout_s`) for the members to join."""
+        config = self.config
+        backend = secure_aggregation.backend(config.secure_aggregation)
         gateway = GrpcGateway(
             run_id=run_id,
-            identities=identities,
-            reference=upload_reference(config, initial, _client_privacy(config)),
+            identities=self.identities,
+            reference=backend.upload_reference(config, initial, client_privacy(config)),
             deadline_s=config.deployment.round_deadline_s,
             max_update_norm=config.deployment.max_update_norm,
-            revocations=None if insecure else _revocations_reader(pki_dir),
+            revocations=self.revocations,
             upload_idle_s=config.deployment.upload_idle_s,
             upload_timeout_s=config.deployment.upload_timeout_s,
             liveness_s=config.deployment.liveness_s,
             # What every member must agree on to join: computed as each member computes it.
-            fingerprint=fingerprint(config, initial, arrays["x_test"], meta),
+            fingerprint=self.fingerprint(initial),
         )
-        port = gateway.start(address or config.deployment.address, credentials)
-        if port_file is not None:
-            port_file.write_text(str(port))
-        holder["gateway"] = gateway
+        port = gateway.start(self.address, self.credentials)
+        if self.port_file is not None:
+            self.port_file.write_text(str(port))
+        self.gateway = gateway
         missing = gateway.wait_for_clients(config.deployment.connect_timeout_s)
         if missing:
             logging.getLogger("veil.server").warning(
@@ -254,111 +298,17 @@ def serve(
             )
         return gateway
 
-    # Under CKKS the server holds the ceremony's public key set only (refused if it holds a
-    # secret key) before it opens a port.
-    ckks_keys = (
-        he_keys.load_public(pki_dir, ckks_settings(config.ckks).params)
-        if config.secure_aggregation == "ckks"
-        else None
-    )
-    try:
-        with _torch_threads(config.federation.torch_threads):
-            result = _run(
-                config,
-                run_dir,
-                [],
-                fed=fed,
-                gateway_factory=factory,
-                resume=resume,
-                checkpoint_key=key,
-                ckks_keys=ckks_keys,
-                # Under TEE the evidence binds the key made in this process.
-                tee_tls_key=attested.tls_public_key if attested is not None else None,
-                stop=stop,
-            )
-    finally:
-        gateway = holder.get("gateway")
-        if gateway is not None:
-            gateway.finish()
-            gateway.stop()
-    return result
+    def close(self) -> None:
+        """Tell the members the run is over and stop serving (if the gateway started)."""
+        if self.gateway is not None:
+            self.gateway.finish()
+            self.gateway.stop()
 
 
-def _participant(
-    config: RunConfig,
-    name: str,
-    model: nn.Module,
-    files: pki.NodeFiles,
-    pki_dir: Path,
-    trust: TrustStore | None,
-    pin: tee_channel.ServerPin | None = None,
-) -> SecAggParticipant | CkksParticipant | TeeParticipant | None:
-    """This organisation's SecAgg participant: its identity key, and its peers' identity keys
-    taken from their CA-signed certificates (never from the server); or its CKKS participant,
-    with the secret key set sealed to it by the key ceremony; or its TEE participant, which
-    checks every round's evidence against the key of the server certificate its channel pins
-    (`pin`)."""
-    if config.secure_aggregation == "tee":
-        if pin is None:
-            raise DeploymentError(
-                "attested aggregation binds its evidence to the TLS connection: it does not run "
-                "with --insecure-dev"
-            )
-        return TeeParticipant(name, tee.policy_from_config(config), pin)
-    if config.secure_aggregation == "ckks":
-        return ckks.participant_from_pki(
-            config.ckks, name, get_parameters(model), pki_dir, trust=trust
-        )
-    settings = secagg_settings(config, _client_privacy(config))
-    if settings is None:
-        return None
-    roster = CertificateRoster(
-        files.ca_cert.read_bytes(),
-        files.cert.read_bytes(),
-        revoked=pki.revoked_serials(pki_dir),
-        trust=trust,
-    )
-    layout = UpdateLayout.of(get_parameters(model), settings.sum_bounds)
-    return SecAggParticipant(name, IdentityKey.load(files.identity_key), roster, settings, layout)
-
-
-def _record_privacy(config: RunConfig, name: str, n_train: int) -> RecordLevelPrivacy | None:
-    """Record-level DP as organisation `name` plans it from the shared config and its own
-    training-set size: the same σ, sampling rate and steps the coordinator accounts for it
-    (from the size it declared), computed by the same function as in simulation."""
-    p = config.privacy
-    if p is None or p.unit != "record":
-        return None
-    return RecordLevelPrivacy.plan(
-        p,
-        clients=[(name, n_train)],
-        training=_training_plan(config),
-        rounds=config.federation.rounds,
-    )
-
-
-def _client_privacy(config: RunConfig) -> ClientLevelPrivacy | None:
-    """Client-level DP as every process derives it from the shared config: the same calibrated
-    noise multiplier on the server (which accounts it) and on the clients (which clip, and
-    under SecAgg add the noise)."""
-    p = config.privacy
-    if p is None or p.unit != "client":
-        return None
-    return ClientLevelPrivacy.plan(
-        p,
-        n_clients=config.federation.clients,
-        fraction_fit=config.federation.fraction_fit,
-        rounds=config.federation.rounds,
-        distributed=config.secure_aggregation == "secagg",
-    )
-
-
-def _server_credentials(
-    pki_dir: Path, attested: tee_channel.AttestedTlsKey | None = None
-) -> ServerCredentials:
+def _server_credentials(pki_dir: Path, tls: ServerTls | None = None) -> ServerCredentials:
     files = pki.node_files(pki_dir, SERVER_NAME)
-    if attested is not None:  # the in-process key and its certificate, from memory
-        certificate, private_key = attested.certificate_pem, attested.private_key_pem
+    if tls is not None:  # the in-process key and its certificate, from memory
+        certificate, private_key = tls.certificate_pem, tls.private_key_pem
     else:
         certificate, private_key = files.cert.read_bytes(), read_private(files.key, "TLS key")
     return ServerCredentials(
@@ -436,52 +386,24 @@ def serve_client(
     # One trust state for the process: the revocation lists that tasks bring reach the
     # secure-aggregation roster at once.
     trust = None if insecure else member_trust(pki_dir, name)
-    # Under TEE: the server certificate of this client's own connection, checked (endorsed by
-    # the server's identity, which `trust` pins; evidence binding its key) and then pinned.
-    pin = (
-        tee_channel.server_pin(config, pki_dir, trust=trust)
-        if config.secure_aggregation == "tee" and not insecure
-        else None
+    privacy = member_privacy(config, name, client.n_train, training_plan(config))
+    # Its half of secure aggregation, from its own keys; under TEE also the check of the server
+    # certificate its channel then pins (evidence binding the key of this very connection).
+    member = secure_aggregation.backend(config.secure_aggregation).member(
+        MemberInputs(config, name, get_parameters(model), privacy, pki_dir, files, trust)
     )
-    privacy = _client_privacy(config)
-    record = _record_privacy(config, name, client.n_train)
-    index = int(meta.get("index", 0))
-    runner = ClientRunner(
-        name,
+    runner = client_runner(
+        config,
         client,
+        index=int(meta.get("index", 0)),
         n_classes=int(meta["n_classes"]),
-        pipeline=UpdatePipeline(
-            client_stages=[
-                *(privacy.client_stages if privacy else []),
-                *([compress] if (compress := compression_stage(config)) else []),
-            ]
-        ),
-        seed=derive_seed(config.seed, Purpose.LOCAL_TRAINING, index),
-        trainer=record.trainer(name, index) if record else None,
-        protocol=_participant(config, name, model, files, pki_dir, trust, pin),
+        pipeline=UpdatePipeline(client_stages=client_stages(config, privacy)),
+        privacy=privacy,
+        protocol=member.participant,
     )
-    credentials = (
-        None
-        if insecure
-        else ClientCredentials(
-            certificate=files.cert.read_bytes(),
-            private_key=read_private(files.key, "TLS key"),
-            ca_certificate=files.ca_cert.read_bytes(),
-        )
-    )
-    channel = (
-        PinnedChannel(
-            server,
-            credentials,
-            client_certificate=files.cert,
-            client_key=files.key,
-            accept=pin.accept,
-        )
-        if pin is not None and credentials is not None
-        else open_channel(server, credentials)
-    )
+    channel = _member_channel(server, files, insecure, member.accept_server)
     try:
-        with _torch_threads(config.federation.torch_threads):
+        with torch_threads(config.federation.torch_threads):
             return run_client(
                 channel,
                 runner,
@@ -494,11 +416,35 @@ def serve_client(
                 endpoint=Endpoint(
                     server,
                     None if insecure else MemberTls(files.cert, files.key, files.ca_cert),
-                    pinned=pin is not None,
+                    pinned=member.accept_server is not None,
                 ),
             )
     finally:
         channel.close()
+
+
+def _member_channel(
+    server: str,
+    files: pki.NodeFiles,
+    insecure: bool,
+    accept: Callable[[bytes], bytes] | None,
+) -> grpc.Channel:
+    """The member's channel to `server`: mutual TLS under the federation's CA, or pinned to
+    the certificate `accept` checks (attested aggregation); plaintext with --insecure-dev."""
+    credentials = (
+        None
+        if insecure
+        else ClientCredentials(
+            certificate=files.cert.read_bytes(),
+            private_key=read_private(files.key, "TLS key"),
+            ca_certificate=files.ca_cert.read_bytes(),
+        )
+    )
+    if accept is not None and credentials is not None:
+        return PinnedChannel(
+            server, credentials, client_certificate=files.cert, client_key=files.key, accept=accept
+        )
+    return open_channel(server, credentials)
 
 
 # -- one command on loopback -----------------------------------------------------------------
@@ -521,6 +467,11 @@ class DeploymentFiles:
     def org_dir(self, name: str) -> Path:
         """Organisation `name`'s own folder (the coordinator's is `SERVER_NAME`'s)."""
         return self.orgs_dir / name
+
+    @property
+    def server_dir(self) -> Path:
+        """The coordinator's own folder."""
+        return self.org_dir(SERVER_NAME)
 
     def server_args(self, address: str = "127.0.0.1:0") -> list[str]:
         """`veil server ...` arguments (after `python -m veil.cli`): its own folder only."""
@@ -559,7 +510,7 @@ def prepare_deployment(config: RunConfig, out: Path, *, config_path: Path) -> De
         port_file=out / "server.port",
         clients=[],
     )
-    fed = _federated_data(config)
+    fed = federated_data(config)
     files.clients.extend(c.name for c in fed.clients)
     _private_dir(files.ca_dir)
     _private_dir(files.orgs_dir)
@@ -580,8 +531,8 @@ def prepare_deployment(config: RunConfig, out: Path, *, config_path: Path) -> De
     if not files.key_file.is_file():
         _private_dir(files.key_file.parent)
         generate_key_file(files.key_file)
-    if config.secure_aggregation == "ckks":
-        _ckks_ceremony(files, config)
+    # A backend's own preparation: under CKKS the key ceremony, run by the CA operator.
+    secure_aggregation.backend(config.secure_aggregation).prepare_deployment(config, files)
     for index, client in enumerate(fed.clients):
         write_client_data(files.org_dir(client.name) / DATA_FILE, client, index=index, fed=fed)
     write_server_data(server_dir / TEST_FILE, fed)
@@ -599,20 +550,6 @@ def _enrol(files: DeploymentFiles, name: str, role: pki.Role) -> None:
     request = pki.request(own, name, role=role, overwrite=True)
     pki.sign_request(files.ca_dir, request)
     _copy_public(files.ca_dir / pki.CA_CERT, own / pki.CA_CERT)
-
-
-def _ckks_ceremony(files: DeploymentFiles, config: RunConfig) -> None:
-    """The CKKS key ceremony, run by the CA operator on the members' certificates (public): a
-    fresh key sealed to each member; the coordinator gets the public set only."""
-    he_dir = files.ca_dir / he_keys.HE_DIR
-    if not he_dir.is_dir():
-        he_keys.ceremony(files.ca_dir, ckks_settings(config.ckks).params, clients=files.clients)
-    for name in [SERVER_NAME, *files.clients]:
-        for public in (he_keys.PUBLIC_CONTEXT, he_keys.KEYSET):
-            _copy_public(he_dir / public, files.org_dir(name) / he_keys.HE_DIR / public)
-    for name in files.clients:
-        box = Path(he_keys.SEALED) / f"{name}.box"
-        _copy_public(he_dir / box, files.org_dir(name) / he_keys.HE_DIR / box, mode=0o600)
 
 
 def _copy_public(source: Path, target: Path, *, mode: int = 0o644) -> None:

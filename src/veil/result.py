@@ -1,4 +1,4 @@
-"""The result of a run: the `result.json` contract of DESIGN.md §4, as typed models.
+"""The result of a run: the `result.json` contract (docs/results.md), as typed models.
 
 `Result.model_validate_json(text)` checks a `result.json` written by any version of Veil; extra
 fields are allowed so that later capabilities can add to it without breaking readers.
@@ -9,7 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+#: The result file of a run folder.
+RESULT_FILE = "result.json"
 
 
 class _Open(BaseModel):
@@ -63,14 +66,31 @@ class Mechanism(_Open):
     steps: int
 
 
+def _absent(value: object) -> bool:
+    return value is None
+
+
 class PrivacyRecord(_Open):
+    """What a run guarantees and how it aggregated. The differential-privacy policy fills the
+    first fields (and adds its accounting as further keys); the secure-aggregation backend its
+    own entry (`veil.assembly.secure_aggregation.base.Session.record`), left out of the JSON
+    when the backend has none."""
+
     unit: Literal["record", "client"] | None = None
     epsilon: float | None = None
     delta: float | None = None
     accountant: str | None = None
-    aggregation: Literal["plain", "secagg", "ckks", "tee"] = "plain"
+    #: The secure-aggregation backend's name (`secure_aggregation`): a built-in ("plain",
+    #: "secagg", "ckks", "tee") or a registered one.
+    aggregation: str = "plain"
     attestation: str | None = None
     mechanism: Mechanism | None = None
+    #: Under SecAgg: protocol, threshold, neighbours, modulus, encoding bounds, identities.
+    secure_aggregation: dict[str, Any] | None = Field(default=None, exclude_if=_absent)
+    #: Under CKKS: the scheme's parameters, key id, who holds which key, the threat.
+    homomorphic_encryption: dict[str, Any] | None = Field(default=None, exclude_if=_absent)
+    #: Under attested aggregation: backend, measurement, policy, TLS key binding.
+    tee: dict[str, Any] | None = Field(default=None, exclude_if=_absent)
 
 
 class Communication(_Open):

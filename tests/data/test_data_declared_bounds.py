@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import veil
+from veil.assembly.data import federated_data as _federated_data
 from veil.config import ModelConfig, RunConfig
 from veil.data import (
     Dataset,
@@ -36,7 +37,6 @@ from veil.data.synthetic_industry import make_machine_failures, make_vehicle_fau
 from veil.errors import ConfigError, DataError
 from veil.models import build_model
 from veil.privacy.dp.per_sample import PerSampleClipper
-from veil.run import _federated_data
 
 CLIP = 1.0
 #: "mean area" of the breast cancer data; its declared range is [100, 3000].

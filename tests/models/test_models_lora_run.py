@@ -16,6 +16,7 @@ import pytest
 
 from extras import require
 from support import EXAMPLES
+from veil.assembly.model import model as run_model
 from veil.config import RunConfig, load_config
 from veil.data import FederatedData, build_federated_data
 from veil.data.datasets import Dataset
@@ -24,9 +25,8 @@ from veil.errors import ConfigError, DataError
 from veil.models import get_parameters
 from veil.models.transformer import load_tokenizer
 from veil.result import Result
-from veil.run import _model as run_model
-from veil.run import _run as run_with_data
 from veil.run import run
+from veil.runtime import run_federation as run_with_data
 from veil.seeding import Purpose, derive_seed
 from veil.store import load_checkpoint
 

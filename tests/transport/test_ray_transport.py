@@ -13,6 +13,7 @@ import pytest
 
 from extras import require
 from support import EXAMPLES
+from veil.assembly.data import federated_data as _federated_data
 from veil.config import RunConfig
 from veil.federation import (
     ClientRunner,
@@ -25,7 +26,7 @@ from veil.federation import (
 )
 from veil.models import build_model, get_parameters
 from veil.result import Result
-from veil.run import _federated_data, run
+from veil.run import run
 from veil.tensors import NamedArrays
 from veil.transport.ray import RaySettings, RayTransport
 

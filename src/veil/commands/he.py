@@ -65,9 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
+    from veil.assembly.secure_aggregation.ckks import settings_from_config
     from veil.config import load_config
     from veil.privacy.he.keys import HE_DIR, KEYSET, ceremony
-    from veil.privacy.he.settings import settings_from_config
 
     config = load_config(args.config)
     params = settings_from_config(config.ckks).params

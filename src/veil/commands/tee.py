@@ -97,8 +97,8 @@ def _cmd_model_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
+    from veil.assembly.secure_aggregation.tee import measure
     from veil.config import load_config
-    from veil.privacy.tee.measurement import measure
 
     print(measure(load_config(args.config)))
     return 0

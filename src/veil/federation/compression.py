@@ -8,7 +8,7 @@ before the aggregator sums it, one upload at a time:
   2⁸, stochastic rounding, so E[decoded] = value), with a step of max|x| / 127 sent alongside:
   4× smaller than float32. Under ``secure_aggregation = "secagg"`` there is no separate stage:
   the same encoding is SecAgg's, in a 16-bit ring whose masked vector travels as uint16
-  (`secagg_modulus_bits`), so compression and masking compose.
+  (`veil.assembly.secure_aggregation.secagg.modulus_bits`), so compression and masking compose.
 - **topk**: each tensor keeps its ``ceil(fraction · size)`` entries of largest magnitude, sent as
   uint32 indices and float32 values (Aji & Heafield 2017, "Sparse Communication for Distributed
   Gradient Descent"). Plain aggregation only: the kept coordinates differ per client, which
@@ -17,6 +17,8 @@ before the aggregator sums it, one upload at a time:
 **Error feedback** (Seide et al. 2014, "1-bit SGD"; Karimireddy et al. 2019, "Error Feedback
 Fixes SignSGD"): a client adds what compression dropped from its last upload to its next update,
 so that every part of an update reaches the server eventually. The residual stays on the client.
+
+`veil.assembly.stages` builds a run's compressor and stage from `[compression]`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from veil.config import CompressionConfig, RunConfig, SecAggConfig
 from veil.federation.messages import FitResult
 from veil.federation.pipeline import Aggregator, MappedAggregator, RoundContext, UpdateRejected
 from veil.privacy.dp.randomness import RandomSource, SecureRandom
@@ -42,7 +43,7 @@ __all__ = [
     "DecompressingAggregator",
     "Int8Compressor",
     "TopKCompressor",
-    "compressor_from_config",
+    "upload_reference",
 ]
 
 #: The SecAgg ring under int8 compression: 2¹⁶, so the masked vector travels as uint16.
@@ -175,39 +176,6 @@ def _check_payload(payload: Payload, expected: Payload) -> None:
             )
         if got.dtype.kind == "f" and not np.isfinite(got).all():
             raise UpdateRejected(f"compressed update: '{name}' contains NaN or Inf")
-
-
-def compressor_from_config(config: CompressionConfig) -> Compressor:
-    """The compressor that `[compression]` names."""
-    if config.kind == "int8":
-        return Int8Compressor()
-    return TopKCompressor(config.fraction)
-
-
-def update_compressor(config: RunConfig) -> Compressor | None:
-    """The compressor of a run's uploads: None without `[compression]`, and None under SecAgg,
-    whose own fixed-point encoding then does the compressing (`secagg_modulus_bits`)."""
-    if config.compression is None or config.secure_aggregation == "secagg":
-        return None
-    return compressor_from_config(config.compression)
-
-
-def compression_stage(config: RunConfig) -> CompressionStage | None:
-    """The client stage that compresses uploads, if the run compresses outside SecAgg."""
-    compressor = update_compressor(config)
-    if compressor is None or config.compression is None:
-        return None
-    return CompressionStage(compressor, error_feedback=config.compression.error_feedback)
-
-
-def secagg_modulus_bits(config: RunConfig) -> int:
-    """SecAgg's ring: `SECAGG_COMPRESSED_BITS` under int8 compression unless `[secagg]` sets
-    modulus_bits itself; else the `[secagg]` setting (default 32)."""
-    s = config.secagg or SecAggConfig()
-    compressed = config.compression is not None and config.compression.kind == "int8"
-    if compressed and "modulus_bits" not in s.model_fields_set:
-        return SECAGG_COMPRESSED_BITS
-    return s.modulus_bits
 
 
 class CompressionStage:

@@ -7,7 +7,8 @@ evaluation on the server and on the clients.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -154,3 +155,15 @@ def as_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor
         torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
         torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)),
     )
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with torch using `n` threads (`[federation] torch_threads`), then restore
+    the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

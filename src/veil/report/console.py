@@ -143,7 +143,7 @@ def privacy_table(result: Result) -> Table:
     table.add_row("aggregation", _aggregation_note(p.aggregation))
     if p.attestation is not None:
         table.add_row("  attestation", p.attestation)
-    secure = extra.get("secure_aggregation")
+    secure = p.secure_aggregation
     if isinstance(secure, dict):
         dropouts = sum(int(r.aggregation.get("recovered_dropouts", 0)) for r in result.rounds)
         clipped = sum(int(r.aggregation.get("clipped", 0)) for r in result.rounds)

@@ -35,6 +35,10 @@ _STATE = "strategy/"
 _AAD = b"veil-checkpoint-v1"
 
 
+#: The checkpoint file of a run folder.
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A run's position after `round`: what a resumed run starts from."""

@@ -13,6 +13,7 @@ from torch import nn
 from veil.config import ModelConfig
 from veil.data import fit_scaler, load_dataset
 from veil.federation.messages import TrainingPlan
+from veil.federation.training import torch_threads as _torch_threads
 from veil.models import build_model
 from veil.privacy.audit.canaries import CanaryAudit, CanaryModel, audit_with_canaries, guess_tests
 from veil.privacy.audit.recipe import DPSGDMechanism, TrainingRecipe
@@ -20,7 +21,6 @@ from veil.privacy.dp.accountant import calibrate_noise_multiplier
 from veil.privacy.dp.dpsgd import poisson_schedule
 from veil.privacy.dp.per_sample import PerSampleClipper
 from veil.privacy.dp.randomness import SeededRandom
-from veil.run import _torch_threads
 
 N_RECORDS = 120
 PLAN = TrainingPlan(epochs=2, batch_size=32, learning_rate=1.0)

@@ -14,6 +14,7 @@ from veil.config import ModelConfig
 from veil.data import fit_scaler, load_dataset
 from veil.federation.messages import TrainingPlan
 from veil.federation.training import LocalTrainer, SGDTrainer, as_tensors
+from veil.federation.training import torch_threads as _torch_threads
 from veil.models import build_model, get_parameters, set_parameters
 from veil.privacy.audit.inversion import (
     analytic_first_layer,
@@ -26,7 +27,6 @@ from veil.privacy.audit.quality import image_quality, ssim, tabular_quality
 from veil.privacy.dp.accountant import calibrate_noise_multiplier
 from veil.privacy.dp.dpsgd import DPSGDTrainer
 from veil.privacy.dp.randomness import SeededRandom
-from veil.run import _torch_threads
 from veil.tensors import NamedArrays
 
 LR = 0.1

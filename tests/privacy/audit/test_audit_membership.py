@@ -14,6 +14,7 @@ from veil.config import ModelConfig
 from veil.data import fit_scaler, load_dataset
 from veil.federation.messages import TrainingPlan
 from veil.federation.training import as_tensors
+from veil.federation.training import torch_threads as _torch_threads
 from veil.models import build_model
 from veil.privacy.audit.membership import (
     AttackMetrics,
@@ -26,7 +27,6 @@ from veil.privacy.audit.recipe import DPSGDMechanism, TrainingRecipe
 from veil.privacy.dp.accountant import calibrate_noise_multiplier
 from veil.privacy.dp.dpsgd import poisson_schedule
 from veil.privacy.dp.randomness import SeededRandom
-from veil.run import _torch_threads
 
 POPULATION = 300
 EPOCHS = 60

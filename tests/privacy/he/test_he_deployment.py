@@ -11,11 +11,11 @@ import pytest
 import tenseal as ts
 
 import veil
+from veil.assembly.secure_aggregation.ckks import settings_from_config
 from veil.config import load_config
 from veil.crypto import pki
 from veil.crypto.sealed_box import BoxError, EncryptionKey, open_box
 from veil.privacy.he import keys as he_keys
-from veil.privacy.he.settings import settings_from_config
 
 if TYPE_CHECKING:
     from conftest import Deploy

@@ -13,11 +13,11 @@ import pytest
 
 import veil
 from support import EXAMPLES, issue_federation, wait_for_port
+from veil.assembly.data import federated_data as _federated_data
 from veil.config import load_config
 from veil.privacy.he import inference
 from veil.privacy.he.ckks import secret_context_bytes
 from veil.privacy.he.wire import pack_message
-from veil.run import _federated_data
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import math
 import pytest
 from scipy.stats import hypergeom
 
+from veil.assembly.secure_aggregation.secagg import settings_from_config
 from veil.config import RunConfig
 from veil.errors import UserError
 from veil.privacy.secagg.parameters import secagg_plus_parameters
-from veil.privacy.secagg.settings import settings_from_config
 
 
 def _log2_union_tail(n: int, bad: int, degree: int, at_least: int) -> float:

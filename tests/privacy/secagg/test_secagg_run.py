@@ -14,6 +14,10 @@ from scipy import stats
 
 import veil
 from support import EXAMPLES
+from veil.assembly.data import federated_data as _federated_data
+from veil.assembly.model import model as _model
+from veil.assembly.model import training_plan as _training_plan
+from veil.assembly.secure_aggregation.secagg import session as _secure_aggregation
 from veil.config import RunConfig, load_config
 from veil.errors import UserError
 from veil.federation.client import ClientRunner
@@ -29,7 +33,6 @@ from veil.federation.server import _RoundChannel
 from veil.models import get_parameters
 from veil.privacy.secagg.layout import MASKED
 from veil.privacy.secagg.wire import SHARE, KeyBundle
-from veil.run import _federated_data, _model, _secure_aggregation, _training_plan
 from veil.seeding import Purpose, derive_seed
 from veil.transport import LocalTransport
 

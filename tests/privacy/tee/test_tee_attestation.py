@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from veil.assembly.secure_aggregation.tee import measure
 from veil.config import RunConfig
 from veil.crypto.identity import IdentityKey
 from veil.privacy.tee.attestation import (
@@ -19,7 +20,7 @@ from veil.privacy.tee.attestation import (
     report_data,
     verify,
 )
-from veil.privacy.tee.measurement import code_digest, measure
+from veil.privacy.tee.measurement import code_digest
 from veil.privacy.tee.software_dev import SoftwareDevAttester
 
 MEASUREMENT = "ab" * 32

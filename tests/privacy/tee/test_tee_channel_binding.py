@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from veil.assembly.secure_aggregation.tee import attested_server_key, server_pin, tee_federation
 from veil.config import ModelConfig, RunConfig
 from veil.crypto import pki
 from veil.crypto.identity import IdentityKey, IdentityPublicKey
@@ -48,16 +49,13 @@ from veil.privacy.tee.channel import (
     AttestedTlsKey,
     CaCheck,
     ServerPin,
-    attested_server_key,
     attested_tls_key,
     binding_certificate,
     check_attested_certificate,
     endorsed_certificate,
     fingerprint,
-    server_pin,
     spki,
 )
-from veil.privacy.tee.federation import tee_federation
 from veil.privacy.tee.protocol import CHALLENGE, EVIDENCE, OK, TeeAggregator, TeeParticipant
 from veil.privacy.tee.software_dev import SoftwareDevAttester
 from veil.transport.grpc import veil_pb2 as pb

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 import veil
+from veil.assembly.secure_aggregation.tee import checkpoint_sealing_key, measure
 from veil.cli import main
 from veil.config import RunConfig, load_config
 from veil.crypto.envelope import SealedDataError, generate_key_file, load_key_file
 from veil.crypto.identity import IdentityKey
 from veil.crypto.manifest import ManifestError, sign_run, verify_run
 from veil.errors import StoreError
-from veil.privacy.tee.measurement import measure
-from veil.privacy.tee.sealed import checkpoint_sealing_key, seal_to_measurement, unseal
+from veil.privacy.tee.sealed import seal_to_measurement, unseal
 from veil.store import load_checkpoint
 
 SECRET = os.urandom(32)

@@ -37,15 +37,16 @@ from typing import Any, Protocol
 import numpy as np
 from torch import nn
 
+from veil.assembly.audit import load_run
 from veil.atomic import atomic_write_text
 from veil.errors import ConfigError
-from veil.federation.training import as_tensors
+from veil.federation.training import as_tensors, torch_threads
 from veil.privacy.audit.canaries import audit_with_canaries
 from veil.privacy.audit.inversion import infer_labels, inverting_gradients
 from veil.privacy.audit.membership import lira, loss_threshold
 from veil.privacy.audit.quality import image_quality, tabular_quality
-from veil.privacy.audit.target import AuditedRun, load_run
-from veil.run import RESULT_FILE, _torch_threads
+from veil.privacy.audit.target import AuditedRun
+from veil.result import RESULT_FILE
 from veil.seeding import Purpose, derive_seed
 
 __all__ = ["ATTACKS", "AuditProgress", "AuditSettings", "audit_run"]
@@ -137,7 +138,7 @@ def audit_run(
         "confidence": settings.confidence,
         "exceeds_epsilon": None,
     }
-    with _torch_threads(run.config.federation.torch_threads):
+    with torch_threads(run.config.federation.torch_threads):
         if "membership" in settings.attacks:
             section["membership"] = _membership(run, settings, seed, report)
         if "inversion" in settings.attacks:
@@ -156,8 +157,8 @@ def audit_run(
                     any(canaries["epsilon_lower"] > e for e in claims) if claims else None
                 )
     section["duration_s"] = time.perf_counter() - started
-    result = run.result
-    result.audit = section  # type: ignore[attr-defined]
+    # `audit` stays an open field of result.json (readers find it among the extra fields).
+    result = run.result.model_copy(update={"audit": section})
     atomic_write_text(run.path / RESULT_FILE, result.to_json())
     return section
 

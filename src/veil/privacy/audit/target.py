@@ -1,42 +1,82 @@
-"""What an audit rebuilds from a finished run folder: the config, the data, the models, the
-training recipe, and what the server saw in round 1.
+"""What an audit works on: a finished run rebuilt (its data, models, training recipe and the
+settings that decide them), and what the server saw in round 1.
 
 A run folder holds `result.json`, `veil.db` (the run store, which keeps the run's config) and
-`checkpoint.safetensors` (the final global model, sealed when the run had a key file). The data
-and the initial model are rebuilt from the config with the run's own builders (`veil.run`), so
-they are the run's records and weights, not a copy of the procedure.
+`checkpoint.safetensors` (the final global model, sealed when the run had a key file).
+`veil.assembly.audit.load_run` rebuilds the data and the initial model from the config with the
+run's own builders, so they are the run's records and weights, not a copy of the procedure.
+This module reads the config only through `AuditedConfig` (the few settings it needs), and a
+backend's flags through the secure-aggregation registry.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from torch import nn
 
-from veil.config import RunConfig
-from veil.crypto.envelope import load_key_file
+from veil.assembly.secure_aggregation.registry import backend as secure_aggregation
 from veil.data import FederatedData
 from veil.errors import StoreError
 from veil.federation import ClientRunner, TrainingPlan, UpdatePipeline
 from veil.federation.messages import FitInstruction
-from veil.models import get_parameters, set_parameters
+from veil.models import set_parameters
 from veil.privacy.audit.inversion import update_as_gradient
 from veil.privacy.audit.recipe import DPSGDMechanism, TrainingRecipe
 from veil.privacy.dp.client_level import ClipUpdate
 from veil.privacy.dp.dpsgd import poisson_schedule
-from veil.privacy.dp.policy import random_source
+from veil.privacy.dp.policy import DpSettings, random_source
 from veil.privacy.dp.randomness import RandomSource, SecureRandom
 from veil.result import Result
-from veil.run import CHECKPOINT_FILE, RESULT_FILE, _federated_data, _model, _training_plan
 from veil.seeding import Purpose, derive_seed
-from veil.store import RunStore, load_checkpoint
 from veil.tensors import NamedArrays
 
-__all__ = ["AuditedRun", "ServerView", "load_run"]
+__all__ = ["AuditedConfig", "AuditedRun", "ServerView"]
+
+
+class AuditedFederation(Protocol):
+    """The `[federation]` settings an audit reads."""
+
+    @property
+    def rounds(self) -> int:
+        """Rounds the run planned."""
+
+    @property
+    def learning_rate_decay(self) -> float:
+        """The per-round decay of the clients' learning rate."""
+
+    @property
+    def torch_threads(self) -> int:
+        """Threads torch may use."""
+
+
+class AuditedConfig(Protocol):
+    """What an audit reads of a run's configuration (a `RunConfig` has these attributes)."""
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (each client's training seed derives from it)."""
+
+    @property
+    def secure_aggregation(self) -> str:
+        """The secure-aggregation backend's name."""
+
+    @property
+    def federation(self) -> AuditedFederation:
+        """The federation's settings."""
+
+    @property
+    def privacy(self) -> DpSettings | None:
+        """The differential-privacy settings, if the run had any."""
+
+
+def _no_model() -> nn.Module:
+    raise StoreError("this audited run was given no model builder (load it with load_run)")
 
 
 @dataclass(frozen=True)
@@ -59,15 +99,17 @@ class AuditedRun:
 
     path: Path
     result: Result
-    config: RunConfig
+    config: AuditedConfig
     fed: FederatedData
     final: NamedArrays
     initial: NamedArrays
     plan: TrainingPlan
+    #: A fresh model of the run's architecture (random weights).
+    build_model: Callable[[], nn.Module] = _no_model
 
     def model(self, parameters: NamedArrays | None = None) -> nn.Module:
         """The run's model with `parameters` (default: the final global model)."""
-        model = _model(self.config, self.fed)
+        model = self.build_model()
         set_parameters(model, self.final if parameters is None else parameters)
         return model
 
@@ -97,10 +139,9 @@ class AuditedRun:
         With `organisation` (a record-level privacy record) the rounds are those that
         organisation trained (its steps over its steps per round); otherwise the run's rounds.
         """
-        f = self.config.federation
         p = self.config.privacy
         dp = None
-        rounds = f.rounds
+        rounds = self.config.federation.rounds
         if self.unit == "record" and p is not None:
             recorded = self.result.privacy.mechanism
             mech = (organisation or {}).get("mechanism") or (
@@ -121,7 +162,7 @@ class AuditedRun:
         return TrainingRecipe(
             plan=self.plan,
             rounds=max(rounds, 1),
-            learning_rate_decay=f.learning_rate_decay,
+            learning_rate_decay=self.config.federation.learning_rate_decay,
             dp=dp,
         )
 
@@ -154,8 +195,10 @@ class AuditedRun:
         sizes = [c.n_train for c in self.fed.clients]
         smallest = int(np.argmin(sizes))
         aggregation = self.config.secure_aggregation
-        # Under SecAgg, CKKS or a TEE aggregator the server learns only the aggregate.
-        sum_only = aggregation != "plain"
+        # Under SecAgg, CKKS or a TEE aggregator the server learns only the aggregate; under
+        # SecAgg with client-level DP the clients add the noise.
+        backend = secure_aggregation(aggregation)
+        sum_only = backend.hides_updates
         indices = list(range(len(sizes))) if sum_only else [smallest]
         updates: list[tuple[NamedArrays, float, int]] = []
         for index in indices:
@@ -182,7 +225,7 @@ class AuditedRun:
             for name in self.initial
         }
         mech = self.result.privacy.mechanism
-        if aggregation == "secagg" and client_level and mech is not None:
+        if backend.distributed_noise and client_level and mech is not None:
             # The clients' distributed discrete Gaussian adds up to noise of std σ·C on the sum.
             std = mech.noise_multiplier * mech.clip_norm / total_weight
             source = self.noise_source(10_007)
@@ -199,10 +242,12 @@ class AuditedRun:
         if self.unit == "record":
             what += ", trained with DP-SGD"
         elif client_level:
-            what += {
-                "secagg": ", clipped and noised by the clients",
-                "plain": ", clipped (the server adds the noise after seeing it)",
-            }.get(aggregation, ", clipped")
+            if backend.distributed_noise:
+                what += ", clipped and noised by the clients"
+            elif not sum_only:
+                what += ", clipped (the server adds the noise after seeing it)"
+            else:
+                what += ", clipped"
         return ServerView(
             description=what,
             gradient=update_as_gradient(
@@ -221,37 +266,3 @@ def _steps(recipe: TrainingRecipe, n: int) -> int:
     if recipe.dp is not None:
         return max(poisson_schedule(n, plan.batch_size, plan.epochs)[1], 1)
     return plan.epochs * math.ceil(n / plan.batch_size)
-
-
-def load_run(run_dir: str | Path, *, key_file: Path | None = None) -> AuditedRun:
-    """Rebuild a finished run from its folder; `StoreError` naming what is missing."""
-    path = Path(run_dir)
-    result_path = path / RESULT_FILE
-    if not result_path.is_file():
-        raise StoreError(
-            f"no {RESULT_FILE} in '{path}': pass the folder of a finished run (`veil run ... "
-            "--out DIR`)"
-        )
-    try:
-        result = Result.model_validate_json(result_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise StoreError(
-            f"'{result_path}' is not a Veil result ({exc.__class__.__name__})"
-        ) from None
-    with RunStore.locate(path) as store:
-        _, raw_config, _ = store.get_run(result.run_id)
-    config = RunConfig.from_dict(raw_config, source=str(path))
-    key_path = key_file or config.checkpoint.key_file
-    key = load_key_file(key_path) if key_path is not None else None
-    checkpoint = load_checkpoint(path / CHECKPOINT_FILE, key=key)
-    fed = _federated_data(config)
-    init = _model(config, fed, seed=derive_seed(config.seed, Purpose.MODEL_INIT))
-    return AuditedRun(
-        path=path,
-        result=result,
-        config=config,
-        fed=fed,
-        final=checkpoint.parameters,
-        initial=get_parameters(init),
-        plan=_training_plan(config),
-    )

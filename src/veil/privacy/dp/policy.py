@@ -1,4 +1,4 @@
-"""From a `[privacy]` section to running, accounted mechanisms.
+"""From differential-privacy settings to running, accounted mechanisms.
 
 `RecordLevelPrivacy` gives each organisation its own DP-SGD trainer and accountant (in cross-silo
 FL each silo's records are protected by its own DP-SGD); `ClientLevelPrivacy` gives the update
@@ -22,6 +22,10 @@ checkpoint; `restore()` checks it against the policy the configuration gives now
 mismatch in one line, and continues the same account. Randomness after a resume is fresh: the
 default source is a new CSPRNG; a seeded (test) source folds the round the run resumes at into
 its seed, so it never replays the draws of a round whose results were released.
+
+The policies take their settings as any object with the attributes of `DpSettings` (a run's
+`[privacy]` section is one; `veil.assembly.privacy` builds the policy of a run from it): the
+mechanisms do not know the config file.
 """
 
 from __future__ import annotations
@@ -29,14 +33,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Protocol
 
-from veil.config import PrivacyConfig
 from veil.errors import ConfigError, StoreError
 from veil.federation import ClientStage, RoundRecord, ServerStage, Strategy, TrainingPlan
 from veil.privacy.dp.accountant import (
     Accountant,
     EpsilonReport,
+    Neighbouring,
     calibrate_noise_multiplier,
     report,
 )
@@ -58,6 +62,50 @@ STATE_VERSION = 1
 _RESUMED = 0x7265_7375
 
 
+class DpSettings(Protocol):
+    """The differential-privacy settings a policy reads (the attributes of `[privacy]`)."""
+
+    @property
+    def epsilon(self) -> float:
+        """The target ε."""
+
+    @property
+    def delta(self) -> float:
+        """The target δ."""
+
+    @property
+    def noise_multiplier(self) -> float | Literal["calibrate"]:
+        """σ in units of the clipping norm, or "calibrate" for the smallest that meets ε."""
+
+    @property
+    def clip_norm(self) -> float:
+        """C: the per-example gradient (record) or per-client update (client) norm bound."""
+
+    @property
+    def target_quantile(self) -> float | None:
+        """Client level: adapt C towards this quantile of update norms (None: fixed C)."""
+
+    @property
+    def clip_learning_rate(self) -> float:
+        """Client level: the step of adaptive clipping."""
+
+    @property
+    def clip_count_stddev(self) -> float | None:
+        """Client level: noise on the unclipped count (None: expected clients / 20)."""
+
+    @property
+    def neighbouring(self) -> Neighbouring:
+        """The neighbouring relation the accountant composes for."""
+
+    @property
+    def production(self) -> bool:
+        """Whether seeded noise is refused (tests only turn it off)."""
+
+    @property
+    def noise_seed(self) -> int | None:
+        """Tests only: the seed of the noise and sampling randomness."""
+
+
 @dataclass(frozen=True)
 class Charge:
     """One ledger charge that a run makes before it starts."""
@@ -68,7 +116,7 @@ class Charge:
     parameters: dict[str, Any]
 
 
-def random_source(config: PrivacyConfig, *keys: int, resumed_at: int | None = None) -> RandomSource:
+def random_source(config: DpSettings, *keys: int, resumed_at: int | None = None) -> RandomSource:
     """The noise source for one component: secure unless a test set `noise_seed`.
 
     A secure source is keyed from the OS CSPRNG, so it is fresh in every process. A seeded one
@@ -86,9 +134,7 @@ def random_source(config: PrivacyConfig, *keys: int, resumed_at: int | None = No
     return source
 
 
-def _noise_multiplier(
-    config: PrivacyConfig, *, sampling_rate: float, steps: int, who: str
-) -> float:
+def _noise_multiplier(config: DpSettings, *, sampling_rate: float, steps: int, who: str) -> float:
     if config.noise_multiplier == "calibrate":
         try:
             return calibrate_noise_multiplier(
@@ -116,7 +162,7 @@ def _noise_multiplier(
     return sigma
 
 
-def stated_neighbouring(config: PrivacyConfig) -> str:
+def stated_neighbouring(config: DpSettings) -> str:
     """The neighbouring relation a run's figures are stated for in its record.
 
     The record publishes sizes (each organisation's records, the number of organisations, how
@@ -128,7 +174,7 @@ def stated_neighbouring(config: PrivacyConfig) -> str:
     return "zero_out" if config.neighbouring == "add_or_remove" else config.neighbouring
 
 
-def _report(config: PrivacyConfig, sigma: float, q: float, steps: int) -> EpsilonReport:
+def _report(config: DpSettings, sigma: float, q: float, steps: int) -> EpsilonReport:
     """ε (PLD) and the RDP cross-check for `steps` subsampled-Gaussian steps under `config`."""
     return report(sigma, q, steps, config.delta, neighbouring=config.neighbouring)
 
@@ -136,7 +182,7 @@ def _report(config: PrivacyConfig, sigma: float, q: float, steps: int) -> Epsilo
 # --------------------------------------------------------------------------- resume
 
 
-def _settings(config: PrivacyConfig, rounds: int) -> dict[str, Any]:
+def _settings(config: DpSettings, rounds: int) -> dict[str, Any]:
     """What an account was kept for, as far as the configuration decides it."""
     return {
         "delta": config.delta,
@@ -192,7 +238,7 @@ def _check_header(
         _same(names[key], state.get(key), now)
 
 
-def _accountant(data: Any, config: PrivacyConfig, steps: Any, who: str) -> Accountant:
+def _accountant(data: Any, config: DpSettings, steps: Any, who: str) -> Accountant:
     """A saved accountant, composed again; it must be the kind the policy keeps."""
     try:
         accountant = Accountant.from_state(data)
@@ -240,7 +286,7 @@ class _Observer:
 class RecordLevelPrivacy(_Observer):
     """DP-SGD on every organisation, each accounted on its own (unit = "record")."""
 
-    config: PrivacyConfig
+    config: DpSettings
     organisations: dict[str, _Organisation] = field(default_factory=dict)
     epsilon: float = 0.0
     #: The rounds the run plans (σ is calibrated for all of them).
@@ -253,7 +299,7 @@ class RecordLevelPrivacy(_Observer):
     @classmethod
     def plan(
         cls,
-        config: PrivacyConfig,
+        config: DpSettings,
         *,
         clients: Sequence[tuple[str, int]],
         training: TrainingPlan,
@@ -423,7 +469,7 @@ class RecordLevelPrivacy(_Observer):
 class ClientLevelPrivacy(_Observer):
     """DP-FedAvg with Poisson client sampling (unit = "client")."""
 
-    config: PrivacyConfig
+    config: DpSettings
     sampling_rate: float
     rounds: int
     noise_multiplier: float
@@ -440,7 +486,7 @@ class ClientLevelPrivacy(_Observer):
     @classmethod
     def plan(
         cls,
-        config: PrivacyConfig,
+        config: DpSettings,
         *,
         n_clients: int,
         fraction_fit: float,
@@ -648,6 +694,10 @@ class ClientLevelPrivacy(_Observer):
             "dimension": dimension,
             "rounds": rounds,
         }
+
+
+#: A run's differential-privacy policy: per record (DP-SGD) or per client (DP-FedAvg).
+PrivacyPolicy = RecordLevelPrivacy | ClientLevelPrivacy
 
 
 def _distributed_round(record: RoundRecord) -> dict[str, Any]:

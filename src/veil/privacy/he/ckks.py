@@ -27,7 +27,6 @@ import numpy.typing as npt
 import tenseal as ts
 import tenseal.sealapi  # registers SEAL's types (e.g. Modulus) with pybind
 
-from veil.config import CkksConfig
 from veil.errors import ConfigError, VeilError
 
 __all__ = [
@@ -77,11 +76,6 @@ class CkksParams:
     poly_modulus_degree: int = 8192
     coeff_modulus_bits: tuple[int, ...] = (60, 40)
     scale_bits: int = 40
-
-    @classmethod
-    def from_config(cls, config: CkksConfig | None) -> CkksParams:
-        c = config or CkksConfig()
-        return cls(c.poly_modulus_degree, tuple(c.coeff_modulus_bits), c.scale_bits)
 
     @property
     def slots(self) -> int:

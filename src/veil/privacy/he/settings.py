@@ -18,7 +18,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from veil.config import CkksConfig
 from veil.privacy.he.ckks import CkksParams
 from veil.privacy.secagg.layout import UpdateLayout
 
@@ -32,7 +31,8 @@ TAIL = ("clipped_fraction", "weight_capped", "count")
 
 @dataclass(frozen=True)
 class CkksSettings:
-    """The `[ckks]` settings plus the scalars summed with the update and their bounds."""
+    """The CKKS settings of a run (its `[ckks]` section, `veil.assembly.secure_aggregation.ckks`)
+    plus the scalars summed with the update and their bounds."""
 
     params: CkksParams = field(default_factory=CkksParams)
     decryptors: int = 2
@@ -94,15 +94,3 @@ class CkksSettings:
             "max_weight": self.max_weight,
             "flood_bits": self.flood_bits,
         }
-
-
-def settings_from_config(config: CkksConfig | None) -> CkksSettings:
-    """The settings of a run's `[ckks]` section (defaults when it is absent)."""
-    c = config or CkksConfig()
-    return CkksSettings(
-        params=CkksParams.from_config(c),
-        decryptors=c.decryptors,
-        clip_range=c.clip_range,
-        max_weight=c.max_weight,
-        flood_bits=c.flood_bits,
-    )

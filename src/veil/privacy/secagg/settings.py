@@ -15,11 +15,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from veil.config import SecAggConfig
 from veil.privacy.secagg.distributed_dp import DistributedGaussian
 from veil.privacy.secagg.errors import NotEnoughShares, ProtocolError
 from veil.privacy.secagg.layout import UpdateLayout
-from veil.privacy.secagg.parameters import secagg_plus_parameters
 from veil.privacy.secagg.protocol import RoundParams, active_threshold
 from veil.privacy.secagg.quantize import FixedPoint
 
@@ -42,8 +40,9 @@ class DistributedNoise:
 
 @dataclass(frozen=True)
 class SecAggSettings:
-    """The `[secagg]` settings plus what the run adds: scalars summed with the update and
-    their bounds, and distributed DP noise when client-level DP is on."""
+    """The SecAgg settings of a run (its `[secagg]` section,
+    `veil.assembly.secure_aggregation.secagg`) plus what the run adds: scalars summed with the
+    update and their bounds, and distributed DP noise when client-level DP is on."""
 
     clip_range: float = 1.0
     max_weight: float = 10_000.0
@@ -238,30 +237,3 @@ def params_from_bytes(data: bytes) -> RoundParams:
         )
     except (ValueError, TypeError, KeyError) as exc:
         raise ProtocolError(f"malformed round announcement: {exc}") from None
-
-
-def settings_from_config(
-    config: SecAggConfig | None,
-    *,
-    round_size: int,
-    distributed_dp: DistributedNoise | None = None,
-    modulus_bits: int | None = None,
-) -> SecAggSettings:
-    """The settings of a run's `[secagg]` section (defaults when it is absent) for rounds of at
-    most `round_size` clients; `modulus_bits` overrides the section's (int8 compression
-    narrows the ring)."""
-    c = config or SecAggConfig()
-    neighbours, threshold = c.neighbours, c.threshold
-    if neighbours == "auto":
-        chosen = secagg_plus_parameters(round_size, c.dropout_rate, c.corruption_rate)
-        neighbours, threshold = chosen.degree, chosen.threshold
-    return SecAggSettings(
-        round_size=round_size,
-        clip_range=c.clip_range,
-        max_weight=c.max_weight,
-        modulus_bits=c.modulus_bits if modulus_bits is None else modulus_bits,
-        step=c.step,
-        threshold=threshold,
-        neighbours=neighbours,
-        distributed_dp=distributed_dp,
-    )

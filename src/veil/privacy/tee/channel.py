@@ -56,7 +56,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from veil.config import RunConfig
 from veil.crypto import pki
 from veil.crypto.identity import (
     IdentityKey,
@@ -79,7 +78,6 @@ from veil.privacy.tee.attestation import (
     to_b64,
     verify,
 )
-from veil.privacy.tee.measurement import measure, policy_from_config
 from veil.privacy.tee.software_dev import SoftwareDevAttester
 
 __all__ = [
@@ -119,7 +117,8 @@ assert len(CERTIFICATE_NONCE) == NONCE_BYTES
 
 # Certificates start a few minutes in the past (small clock differences), as `pki` does.
 _BACKDATE = dt.timedelta(minutes=5)
-#: TLS keys this process generated with `attested_tls_key` (what `TeeFederation.record` says).
+#: TLS keys this process generated with `attested_tls_key` (which result.json's record states:
+#: `veil.assembly.secure_aggregation.tee.TeeSession.record`).
 _IN_PROCESS: set[bytes] = set()
 _IN_PROCESS_LOCK = threading.Lock()
 
@@ -146,7 +145,7 @@ class AttestedTlsKey:
     #: PKCS#8 PEM, unencrypted; never written to disk (and never in a repr).
     private_key_pem: bytes = field(repr=False)
     certificate_pem: bytes = field(repr=False)
-    #: DER SubjectPublicKeyInfo: what the evidence binds (`tee_federation(tls_public_key=...)`).
+    #: DER SubjectPublicKeyInfo: what the evidence binds (`TeeSession.tls_public_key`).
     tls_public_key: bytes
 
 
@@ -184,11 +183,11 @@ def attested_tls_key(
 
 
 def attested_server_key(
-    config: RunConfig, pki_dir: Path, *, name: str = SERVER_NAME
+    measurement: str, pki_dir: Path, *, name: str = SERVER_NAME
 ) -> AttestedTlsKey:
     """The deployment server's attested TLS key: `attested_tls_key` with the `software_dev`
-    attester for this config's measurement, endorsed by node `name`'s identity key from
-    `pki_dir` (its certificate is checked against the CA first: role server, not revoked)."""
+    attester for `measurement`, endorsed by node `name`'s identity key from `pki_dir` (its
+    certificate is checked against the CA first: role server, not revoked)."""
     files = pki.node_files(pki_dir, name)
     node = pki.load_certificate(files.cert)
     pki.verify_certificate(
@@ -197,7 +196,7 @@ def attested_server_key(
         role="server",
         revoked=pki.revoked_serials(pki_dir),
     )
-    attester = SoftwareDevAttester(measure(config))
+    attester = SoftwareDevAttester(measurement)
     return attested_tls_key(attester, node, IdentityKey.load(files.identity_key))
 
 
@@ -449,15 +448,15 @@ class ServerPin:
         return pinned.certificate_pem
 
 
-def server_pin(config: RunConfig, pki_dir: Path, *, trust: ServerCheck | None = None) -> ServerPin:
-    """A deployment client's `ServerPin`: the config's policy, and the server's endorsement
-    checked by `trust` (a member's `TrustStore`) or else against ``pki_dir/ca.crt`` and the
-    folder's revocation list, read anew at each (re)connection."""
+def server_pin(policy: Policy, pki_dir: Path, *, trust: ServerCheck | None = None) -> ServerPin:
+    """A deployment client's `ServerPin`: `policy`, and the server's endorsement checked by
+    `trust` (a member's `TrustStore`) or else against ``pki_dir/ca.crt`` and the folder's
+    revocation list, read anew at each (re)connection."""
     directory = Path(pki_dir)
     check = trust or CaCheck(
         pki.load_certificate(directory / "ca.crt"), lambda: pki.revoked_serials(directory)
     )
-    return ServerPin(policy_from_config(config), check)
+    return ServerPin(policy, check)
 
 
 # -- the extension ---------------------------------------------------------------------------

@@ -19,12 +19,10 @@ from __future__ import annotations
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from veil.config import RunConfig
 from veil.crypto.envelope import KEY_BYTES, SealedDataError, open_sealed, seal
 from veil.crypto.identity import signing_payload
-from veil.privacy.tee.measurement import measure
 
-__all__ = ["SALT", "checkpoint_sealing_key", "seal_to_measurement", "sealing_key", "unseal"]
+__all__ = ["SALT", "seal_to_measurement", "sealing_key", "unseal"]
 
 SALT = b"veil-tee-seal-v1"
 
@@ -58,9 +56,3 @@ def unseal(blob: bytes, secret: bytes, measurement: str, *, context: bytes = b""
             "cannot unseal: sealed by another aggregator measurement (changed code or "
             "aggregation config), another sealing secret, or altered"
         ) from None
-
-
-def checkpoint_sealing_key(secret: bytes, config: RunConfig) -> bytes:
-    """The checkpoint key of a `secure_aggregation = "tee"` run: the key file's key sealed to
-    the aggregator's measurement (this Veil, this aggregation config)."""
-    return sealing_key(secret, measure(config))

@@ -1,26 +1,71 @@
-"""Builders of a run's optional parts from their config sections: the robust aggregator of
-`[robust]`, the simulated malicious clients of `[attack]`, the straggler model of `[stragglers]`
-and the Ray settings of `[ray]`. `veil.run` calls these; each returns None (or its input) when
-its section is absent.
+"""A run's strategy and aggregator chain, and the optional parts of `[robust]`, `[attack]`,
+`[stragglers]` and `[ray]` (each None, or its input, when its section is absent).
 
-Run wiring, not a mechanism: the robust estimators themselves are `veil.federation.robust`, the
-attacks `veil.federation.attacks`.
+Run wiring, not mechanisms: the strategies are `veil.federation.strategy`, the robust estimators
+`veil.federation.robust`, the attacks `veil.federation.attacks`.
 """
 
 from __future__ import annotations
 
-from veil.config import RayConfig, RobustConfig, RunConfig
+from veil.config import (
+    FedAvgConfig,
+    FedOptConfig,
+    FedProxConfig,
+    RayConfig,
+    RobustConfig,
+    RunConfig,
+)
+from veil.federation import FedAvg, FedOpt, FedProx, Strategy, WeightedSum
 from veil.federation.attacks import (
     DEFAULT_SCALE,
     LabelFlipTrainer,
     ModelPoisoning,
     malicious_clients,
 )
+from veil.federation.compression import Compressor, DecompressingAggregator
 from veil.federation.pipeline import Aggregator, ClientStage
 from veil.federation.robust import REPORT_NAMES, CoordinateMedian, Krum, NormBound, TrimmedMean
+from veil.federation.strategy import PoissonSource
 from veil.federation.training import LocalTrainer, SGDTrainer
 from veil.transport.ray import RaySettings
 from veil.transport.simulated import Stragglers
+
+
+def strategy(config: RunConfig, *, poisson_source: PoissonSource | None = None) -> Strategy:
+    """The strategy object that `config.strategy` describes; `poisson_source` draws client-level
+    DP's Poisson sampling."""
+    s = config.strategy
+    fractions = config.federation.fraction_fit, config.federation.fraction_evaluate
+    if isinstance(s, FedProxConfig):
+        return FedProx(
+            mu=s.mu,
+            fraction_fit=fractions[0],
+            fraction_evaluate=fractions[1],
+            poisson_source=poisson_source,
+        )
+    if isinstance(s, FedOptConfig):
+        return FedOpt(
+            s.name,
+            server_learning_rate=s.server_learning_rate,
+            beta1=s.beta1,
+            beta2=s.beta2,
+            tau=s.tau,
+            fraction_fit=fractions[0],
+            fraction_evaluate=fractions[1],
+            poisson_source=poisson_source,
+        )
+    assert isinstance(s, FedAvgConfig)
+    return FedAvg(
+        fraction_fit=fractions[0], fraction_evaluate=fractions[1], poisson_source=poisson_source
+    )
+
+
+def clear_aggregator(config: RunConfig, compressor: Compressor | None) -> Aggregator:
+    """The rule the run uses on updates in the clear: the weighted sum or `[robust]`'s rule,
+    each upload decompressed first when uploads are compressed. A secure-aggregation session
+    keeps, wraps or replaces it (`Session.server_aggregator`)."""
+    aggregator = robust_aggregator(config.robust, WeightedSum())
+    return aggregator if compressor is None else DecompressingAggregator(aggregator, compressor)
 
 
 def robust_aggregator(robust: RobustConfig | None, plain: Aggregator) -> Aggregator:
