@@ -463,6 +463,9 @@ class DeploymentFiles:
     key_file: Path
     port_file: Path
     clients: list[str]
+    #: The run's `secure_aggregation` when it is not the config file's (`veil run
+    #: --secure-aggregation`): every process is told, so that all of them run the same backend.
+    secure_aggregation: str | None = None
 
     def org_dir(self, name: str) -> Path:
         """Organisation `name`'s own folder (the coordinator's is `SERVER_NAME`'s)."""
@@ -480,7 +483,7 @@ class DeploymentFiles:
             "server", str(self.config_path), "--run-dir", str(self.run_dir),
             "--pki", str(own), "--test-data", str(own / TEST_FILE),
             "--address", address, "--port-file", str(self.port_file),
-            "--checkpoint-key", str(self.key_file),
+            "--checkpoint-key", str(self.key_file), *self._overrides(),
         ]  # fmt: skip
 
     def client_args(self, name: str, server: str) -> list[str]:
@@ -489,7 +492,13 @@ class DeploymentFiles:
         return [
             "client", str(self.config_path), "--name", name,
             "--data", str(own / DATA_FILE), "--pki", str(own), "--server", server,
+            *self._overrides(),
         ]  # fmt: skip
+
+    def _overrides(self) -> list[str]:
+        if self.secure_aggregation is None:
+            return []
+        return ["--secure-aggregation", self.secure_aggregation]
 
 
 def prepare_deployment(config: RunConfig, out: Path, *, config_path: Path) -> DeploymentFiles:
@@ -509,6 +518,11 @@ def prepare_deployment(config: RunConfig, out: Path, *, config_path: Path) -> De
         key_file=config.checkpoint.key_file or server_dir / "checkpoint.key",
         port_file=out / "server.port",
         clients=[],
+        secure_aggregation=(
+            config.secure_aggregation
+            if config.secure_aggregation != load_config(config_path).secure_aggregation
+            else None
+        ),
     )
     fed = federated_data(config)
     files.clients.extend(c.name for c in fed.clients)
@@ -726,10 +740,16 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
-def load(config_path: Path) -> RunConfig:
+def load(config_path: Path, *, secure_aggregation: str | None = None) -> RunConfig:
+    """The config a `veil server` / `veil client` process runs: the file's, in deployment
+    mode, with `secure_aggregation` when given (`--secure-aggregation`, which `veil run` passes
+    to every process it starts); the overridden config is validated again as a whole."""
     config = load_config(config_path)
+    updates: dict[str, Any] = {"mode": "deployment"} if config.mode != "deployment" else {}
+    if secure_aggregation is not None and secure_aggregation != config.secure_aggregation:
+        updates["secure_aggregation"] = secure_aggregation
+    if updates:
+        config = RunConfig.from_dict({**config.to_dict(), **updates}, source=str(config_path))
     for line in config.unused_sections():  # `veil server` / `veil client`: said once, at start
         print(f"veil: warning: {line}", file=sys.stderr)
-    if config.mode != "deployment":
-        config = RunConfig.from_dict({**config.to_dict(), "mode": "deployment"})
     return config

@@ -14,7 +14,8 @@ from support import EXAMPLES
 from veil import cli
 from veil.commands.run import run_config
 from veil.config import load_config
-from veil.errors import ConfigError, UserError
+from veil.deployment import load, prepare_deployment
+from veil.errors import ConfigError
 
 SECAGG_CONFIG = """\
 name = "override"
@@ -76,17 +77,47 @@ def test_an_unused_section_is_reported_in_one_line_and_the_run_goes_on(
 
 
 @pytest.mark.parametrize("mode", [None, "deployment"])
-def test_secure_aggregation_is_refused_where_processes_read_the_file(
+def test_a_deployment_passes_the_override_to_every_process_it_starts(
     tmp_path: Path, mode: str | None
 ) -> None:
-    # `veil server` and `veil client` read the config file itself: an override would reach the
-    # preparation here but not the processes, so it is refused rather than half applied.
     text = SECAGG_CONFIG if mode else SECAGG_CONFIG.replace("seed = 1", 'mode = "deployment"')
-    argv = [str(write(tmp_path, text)), *(["--mode", mode] if mode else [])]
-    with pytest.raises(UserError, match="set secure_aggregation = 'plain' there"):
-        run_config(parsed(*argv, "--secure-aggregation", "plain"))
-    # The file's own value is no override and runs as written.
-    assert run_config(parsed(*argv, "--secure-aggregation", "secagg")).mode == "deployment"
+    path = write(tmp_path, text)
+    argv = [str(path), *(["--mode", mode] if mode else [])]
+    config = run_config(parsed(*argv, "--secure-aggregation", "plain"))
+    assert (config.mode, config.secure_aggregation) == ("deployment", "plain")
+    files = prepare_deployment(config, tmp_path / "out", config_path=path)
+    server_args = files.server_args()
+    assert server_args[server_args.index("--secure-aggregation") + 1] == "plain"
+    for name in files.clients:
+        client_args = files.client_args(name, "127.0.0.1:1")
+        assert client_args[client_args.index("--secure-aggregation") + 1] == "plain"
+    # What `veil server` / `veil client` then run: the file's config with the override applied.
+    assert load(path, secure_aggregation="plain").secure_aggregation == "plain"
+    assert load(path).secure_aggregation == "secagg"
+    # The file's own value is no override: the command lines stay as they were.
+    same = prepare_deployment(
+        run_config(parsed(*argv, "--secure-aggregation", "secagg")),
+        tmp_path / "same",
+        config_path=path,
+    )
+    assert "--secure-aggregation" not in same.server_args()
+
+
+@pytest.mark.slow
+def test_a_secagg_config_deployed_in_the_clear_with_one_flag(tmp_path: Path) -> None:
+    """The coordinator and every member are real processes; a member whose config disagreed
+    with the coordinator's would be refused at join, so a finished run shows each got it."""
+    path = write(tmp_path, SECAGG_CONFIG)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "veil.cli", "run", str(path), "--mode", "deployment",
+         "--secure-aggregation", "plain", "--quiet", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["privacy"]["aggregation"] == "plain" and result["mode"] == "deployment"
+    assert [r["clients"] for r in result["rounds"]] == [3, 3]
 
 
 def test_unknown_value_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--insecure-dev", action="store_true", help="plaintext: development only")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     p.add_argument("--checkpoint-key", type=Path, help="key file sealing checkpoints at rest")
+    _aggregation_option(p)
     p.set_defaults(handler=_cmd_server)
 
     p = sub.add_parser("client", help=help_of("client"))
@@ -44,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--server", required=True, help="the server's host:port")
     p.add_argument("--insecure-dev", action="store_true", help="plaintext: development only")
+    _aggregation_option(p)
     p.set_defaults(handler=_cmd_client)
 
     p = sub.add_parser("keygen", help=help_of("keygen"))
@@ -55,6 +57,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--pki", type=Path, required=True, help="PKI folder")
     p.add_argument("--name", required=True, help="a member whose certificate to present")
     p.set_defaults(handler=_cmd_status)
+
+
+def _aggregation_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--secure-aggregation",
+        metavar="NAME",
+        help="override the config's secure_aggregation (every process of the run must agree: "
+        "the coordinator refuses a member whose config differs at join)",
+    )
 
 
 def _warn_insecure() -> None:
@@ -77,7 +88,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
     configure_logging()
     with stop_on_signals(abort_on=(signal.SIGHUP,)) as stop:
         result = serve(
-            load(args.config),
+            load(args.config, secure_aggregation=args.secure_aggregation),
             run_dir=args.run_dir,
             pki_dir=args.pki,
             test_data=args.test_data,
@@ -110,7 +121,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     configure_logging()
     try:
         serve_client(
-            load(args.config),
+            load(args.config, secure_aggregation=args.secure_aggregation),
             name=args.name,
             data=args.data,
             pki_dir=args.pki,

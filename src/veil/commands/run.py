@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from veil.commands import help_of
-from veil.errors import UserError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -77,9 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run_config(args: argparse.Namespace) -> RunConfig:
     """The config `veil run` runs: the file's, with `--mode` and `--secure-aggregation` applied.
 
-    Raises `ConfigError` when the overridden config is invalid, and `UserError` for
-    `--secure-aggregation` in deployment mode, whose server and client processes read the
-    config file itself and would not see the override.
+    Raises `ConfigError` when the overridden config is invalid. A deployment's server and
+    client processes get the override on their command lines (`DeploymentFiles`).
     """
     from veil.config import RunConfig, load_config
 
@@ -89,12 +87,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         overrides["mode"] = args.mode
     aggregation = args.secure_aggregation
     if aggregation and aggregation != config.secure_aggregation:
-        if overrides.get("mode", config.mode) == "deployment":
-            raise UserError(
-                f"--secure-aggregation cannot override a deployment run: its server and client "
-                f"processes read '{args.config}' itself; set secure_aggregation = "
-                f"'{aggregation}' there, or add --mode simulation"
-            )
+        # A deployment passes it on to the server and client processes it starts.
         overrides["secure_aggregation"] = aggregation
     if overrides:
         config = RunConfig.from_dict({**config.to_dict(), **overrides}, source=str(args.config))
