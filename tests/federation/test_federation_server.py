@@ -11,6 +11,7 @@ import pytest
 from torch import nn
 
 from veil.data import ClientData
+from veil.errors import VeilError
 from veil.federation import (
     ClientFailure,
     ClientRunner,
@@ -25,6 +26,8 @@ from veil.federation import (
     TrainingPlan,
     UpdatePipeline,
 )
+from veil.federation.messages import ProtocolInstruction
+from veil.federation.pipeline import require_channel
 from veil.models import LogisticRegression, get_parameters
 from veil.tensors import NamedArrays, total_bytes
 from veil.transport import LocalTransport
@@ -425,3 +428,15 @@ def test_client_runner_update_is_local_minus_global() -> None:
     evaluation = runner.evaluate(model, EvaluateInstruction("r", 4, params))
     assert evaluation.num_examples == 4
     assert set(evaluation.metrics) >= {"loss", "accuracy"}
+
+
+def test_a_protocol_step_sent_to_a_member_without_a_protocol_is_a_refusal_not_a_crash() -> None:
+    """A coordinator that sends a SecAgg step to a member whose config sums in the clear: the
+    member raises a VeilError, which its transport sends back as a signed refusal (any
+    VeilError is, `tests/transport/test_grpc_veil_errors.py`), never a crash."""
+    runner = make_runners(1)["c0"]
+    step = ProtocolInstruction("run", 1, "advertise", b"")
+    with pytest.raises(VeilError, match="make its secure_aggregation match the coordinator's"):
+        runner.handle(step)
+    with pytest.raises(VeilError, match="needs a protocol channel"):
+        require_channel(None, "secure aggregation")

@@ -37,7 +37,6 @@ from veil.config.robustness import (
     StragglerConfig,
 )
 from veil.config.run import (
-    IMPLEMENTED_AGGREGATIONS,
     IMPLEMENTED_MODES,
     Aggregation,
     Mode,
@@ -56,7 +55,6 @@ from veil.config.secure_aggregation import (
 __all__ = [
     "BACKEND_SECTIONS",
     "CKKS_MAX_MODULUS_BITS",
-    "IMPLEMENTED_AGGREGATIONS",
     "IMPLEMENTED_MODES",
     "STRATEGY_NAMES",
     "TEXT_DATASETS",

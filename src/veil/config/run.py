@@ -50,7 +50,6 @@ Aggregation = Literal["plain", "secagg", "ckks", "tee"]
 
 #: What this version can execute; the other values of the contract are refused with a message.
 IMPLEMENTED_MODES: tuple[str, ...] = ("simulation", "deployment", "ray")
-IMPLEMENTED_AGGREGATIONS: tuple[str, ...] = ("plain", "secagg", "ckks", "tee")
 
 #: The keys of `load_config`'s tables that hold paths relative to the config file.
 _RELATIVE_PATHS: tuple[tuple[str, str], ...] = (

@@ -15,7 +15,7 @@ from veil.federation.messages import (
     ProtocolInstruction,
     ProtocolReply,
 )
-from veil.federation.pipeline import ClientProtocol, RoundContext, UpdatePipeline
+from veil.federation.pipeline import ClientProtocol, ProtocolMismatch, RoundContext, UpdatePipeline
 from veil.federation.training import LocalTrainer, SGDTrainer, as_tensors, evaluate
 from veil.models import get_parameters, set_parameters
 from veil.models.parameters import frozen_fingerprint
@@ -85,9 +85,10 @@ class ClientRunner:
     def handle(self, instruction: ProtocolInstruction) -> ProtocolReply:
         """Answer one step of the run's aggregation protocol."""
         if self.protocol is None:
-            raise ValueError(
-                f"client '{self.name}' received a '{instruction.stage}' step, but this run's "
-                "client has no aggregation protocol configured"
+            raise ProtocolMismatch(
+                f"client '{self.name}' received a '{instruction.stage}' step, but its config "
+                "sums updates in the clear (no secure-aggregation protocol); make its "
+                "secure_aggregation match the coordinator's"
             )
         body = self.protocol.handle(instruction)
         return ProtocolReply(self.name, instruction.round, instruction.stage, body)

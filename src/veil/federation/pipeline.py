@@ -95,6 +95,12 @@ class UpdateRejected(VeilError, ValueError):
         return f"{super().__str__()} ({self.NEXT})"
 
 
+class ProtocolMismatch(VeilError, ValueError):
+    """A protocol step this party cannot take: the coordinator and this member (or the round's
+    aggregator and its server) disagree on how updates are summed. A member refuses the step
+    with this reason instead of crashing. Also a `ValueError`, as before."""
+
+
 class AggregationFailed(VeilError, RuntimeError):
     """A round's aggregate cannot be formed (e.g. too few SecAgg survivors to unmask); the
     round leaves the global model unchanged and records the reason. The message is the reason,
@@ -130,9 +136,12 @@ class ClientStage(Protocol):
 
 def require_channel(channel: ProtocolChannel | None, what: str) -> ProtocolChannel:
     """The round's channel, for an aggregator that talks to its clients (`what`, e.g.
-    "secure aggregation"); ValueError if the server gave it none."""
+    "secure aggregation"); `ProtocolMismatch` if the server gave it none."""
     if channel is None:
-        raise ValueError(f"{what} needs a protocol channel to the clients")
+        raise ProtocolMismatch(
+            f"{what} needs a protocol channel to the clients, and this transport gives none; "
+            "run it in simulation or deployment"
+        )
     return channel
 
 

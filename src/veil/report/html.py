@@ -21,10 +21,10 @@ from veil.atomic import atomic_write_text
 from veil.errors import StoreError, UserError
 from veil.report.console import BASELINE_NOTE, NEIGHBOURING
 from veil.report.svg import Line, bar_chart, finite, line_chart
+from veil.result import RESULT_FILE
 from veil.store import DB_NAME, RunStore
 
 REPORT_FILE = "report.html"
-RESULT_FILE = "result.json"
 
 _STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;

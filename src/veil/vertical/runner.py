@@ -22,7 +22,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from veil.atomic import atomic_write_text
 from veil.errors import DataError
-from veil.result import Result
+from veil.result import RESULT_FILE, Result
 from veil.vertical.config import VerticalConfig
 from veil.vertical.data import Party, align, german_credit_parties
 from veil.vertical.logistic import PAYMENT, LRSettings, Message, train_vertical_lr
@@ -31,7 +31,6 @@ from veil.vertical.split import SplitSettings, train_split
 
 __all__ = ["RESULT_FILE", "run_vertical"]
 
-RESULT_FILE = "result.json"
 
 _LEARNED = {
     "logistic": {
