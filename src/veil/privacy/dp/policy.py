@@ -116,12 +116,21 @@ class Charge:
     parameters: dict[str, Any]
 
 
-def random_source(config: DpSettings, *keys: int, resumed_at: int | None = None) -> RandomSource:
-    """The noise source for one component: secure unless a test set `noise_seed`.
+#: How client-level DP's two sources are named in a refusal (each is checked on its own).
+_NOISE = "[privacy] the server's noise on the sum"
+_SAMPLING = "[privacy] the Poisson sampling of clients"
+
+
+def random_source(
+    config: DpSettings, *keys: int, resumed_at: int | None = None, what: str = "[privacy]"
+) -> RandomSource:
+    """The noise source for one component (`what`, named in a refusal): secure unless a test
+    set `noise_seed`.
 
     A secure source is keyed from the OS CSPRNG, so it is fresh in every process. A seeded one
     is derived from the seed and `keys`; in a run resumed at round `resumed_at` also from that
-    round, so it does not replay the draws the first process made from the start.
+    round, so it does not replay the draws the first process made from the start. A seeded one
+    in production mode is refused (`require_secure`).
     """
     source: RandomSource
     if config.noise_seed is None:
@@ -130,7 +139,7 @@ def random_source(config: DpSettings, *keys: int, resumed_at: int | None = None)
         if resumed_at is not None:
             keys = (*keys, _RESUMED, resumed_at)
         source = SeededRandom(derive_seed(config.noise_seed, Purpose.LOCAL_TRAINING, *keys))
-    require_secure(source, production=config.production, what="[privacy]")
+    require_secure(source, production=config.production, what=what)
     return source
 
 
@@ -327,7 +336,9 @@ class RecordLevelPrivacy(_Observer):
         return DPSGDTrainer(
             noise_multiplier=org.noise_multiplier,
             clip_norm=self.config.clip_norm,
-            source=random_source(self.config, index, resumed_at=self.resumed_at),
+            source=random_source(
+                self.config, index, resumed_at=self.resumed_at, what="[privacy] DP-SGD noise"
+            ),
             production=self.config.production,
         )
 
@@ -504,7 +515,7 @@ class ClientLevelPrivacy(_Observer):
                 noise_multiplier=sigma,
                 clip_norm=config.clip_norm,
                 expected_clients=expected,
-                source=random_source(config, 0),
+                source=random_source(config, 0, what=_NOISE),
                 target_quantile=config.target_quantile,
                 clip_learning_rate=config.clip_learning_rate,
                 clip_count_stddev=config.clip_count_stddev,
@@ -519,7 +530,7 @@ class ClientLevelPrivacy(_Observer):
             rounds=rounds,
             noise_multiplier=sigma,
             server_stage=stage,
-            sampler=random_source(config, 1),
+            sampler=random_source(config, 1, what=_SAMPLING),
             accountant=Accountant("pld", neighbouring=config.neighbouring),
         )
 
@@ -618,8 +629,8 @@ class ClientLevelPrivacy(_Observer):
             last_clip_norm,
             history,
         )
-        stage.source = random_source(self.config, 0, resumed_at=round_ + 1)
-        self.sampler = random_source(self.config, 1, resumed_at=round_ + 1)
+        stage.source = random_source(self.config, 0, resumed_at=round_ + 1, what=_NOISE)
+        self.sampler = random_source(self.config, 1, resumed_at=round_ + 1, what=_SAMPLING)
         self.last_round = round_
 
     def charges(self, dataset_id: str) -> list[Charge]:
