@@ -23,6 +23,10 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "run": Command("veil.commands.run", "run one federation from a TOML config"),
     "runs": Command("veil.commands.run", "list and show runs recorded in a run store"),
+    "schema": Command(
+        "veil.commands.schema",
+        "the data contract: propose a schema from a CSV (infer), validate a CSV (check)",
+    ),
     "query": Command(
         "veil.commands.privacy",
         "answer a differentially private statistic of one CSV column, charged to a ledger",
