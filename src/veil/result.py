@@ -117,6 +117,49 @@ class Baseline(_Open):
     accuracy: float
 
 
+class ClassMetrics(_Open):
+    """One class of the held-out test set: the model's precision, recall and F1 on it, its
+    number of test examples, and its one-vs-rest ROC AUC (None where undefined)."""
+
+    name: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+    auc: float | None = None
+
+
+class RocPoint(_Open):
+    fpr: float
+    tpr: float
+
+
+class CalibrationBin(_Open):
+    """One bin of predicted probability of the positive class: the mean prediction in it, the
+    fraction of its examples that are positive, and how many examples it holds."""
+
+    predicted: float
+    observed: float
+    count: int
+
+
+class Classification(_Open):
+    """The final model on the server's held-out test set, class by class (docs/results.md).
+
+    `confusion_matrix[i][j]` counts test examples of class `classes[i]` predicted as
+    `classes[j]`. `roc` and `calibration` are filled for two-class tasks only.
+    """
+
+    macro_f1: float
+    weighted_f1: float
+    classes: list[ClassMetrics]
+    confusion_matrix: list[list[int]]
+    #: Mean one-vs-rest AUC over the classes; None when some class's AUC is undefined.
+    auc_ovr_macro: float | None = None
+    roc: list[RocPoint] | None = None
+    calibration: list[CalibrationBin] | None = None
+
+
 class Result(_Open):
     """What `veil.run` returns and `veil run` writes to `OUT/result.json`.
 
@@ -144,6 +187,9 @@ class Result(_Open):
     clients: int = 0
     pipeline: list[str] = []
     dataset: dict[str, str | bool] = {}
+    #: Per-class results of the final model (None in a result.json written before it existed,
+    #: and for a run without a held-out test set).
+    classification: Classification | None = Field(default=None, exclude_if=_absent)
 
     def to_json(self) -> str:
         """The JSON text of `result.json`."""

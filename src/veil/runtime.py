@@ -31,7 +31,7 @@ from veil.assembly.data import (
     baseline_record,
     centralized_baseline,
     federated_data,
-    held_out_evaluator,
+    final_evaluation,
 )
 from veil.assembly.federation import Federation, GatewayFactory, ServerSide, assemble
 from veil.assembly.privacy import privacy_record
@@ -202,7 +202,7 @@ def _run_rounds(
     last = records[-1].round if records else f.start_round - 1
     interrupted = last < config.federation.rounds
     rounds = [*earlier, *(round_result(r) for r in records)]
-    final = held_out_evaluator(config, f.fed)(f.server.parameters)
+    final, classification = final_evaluation(config, f.fed, f.server.parameters)
     baseline = (
         centralized_baseline(config, f.fed, f.initial)
         if config.federation.centralized_baseline and in_process and not interrupted
@@ -226,6 +226,7 @@ def _run_rounds(
         strategy=f.server.strategy.name,
         clients=len(f.fed.clients),
         dataset={"name": f.fed.dataset_name, "synthetic": f.fed.synthetic},
+        classification=classification,
         **({"attack": f.attack.describe()} if f.attack else {}),
     )
 

@@ -11,10 +11,15 @@ from veil.data import FederatedData, build_federated_data, declared_bounds, load
 from veil.data.text import load_text_dataset
 from veil.federation import TrainingPlan
 from veil.federation.server import Evaluator
-from veil.federation.training import as_tensors, evaluate, train_epochs
+from veil.federation.training import (
+    as_tensors,
+    classification_summary,
+    evaluate,
+    train_epochs,
+)
 from veil.models import set_parameters
 from veil.models.transformer import SequenceClassifier, load_tokenizer
-from veil.result import Baseline
+from veil.result import Baseline, Classification
 from veil.seeding import Purpose, derive_seed, torch_generator
 from veil.tensors import NamedArrays
 
@@ -27,7 +32,7 @@ def federated_data(config: RunConfig) -> FederatedData:
         tokenizer = load_tokenizer(config.model.model_dir)
         dataset = load_text_dataset(d.dataset, tokenizer, config.model.max_length)
     else:
-        dataset = load_dataset(d.dataset, path=d.path, target=d.target)
+        dataset = load_dataset(d.dataset, path=d.path, target=d.target, max_classes=d.max_classes)
     declared = d.feature_bounds
     return build_federated_data(
         dataset,
@@ -59,6 +64,29 @@ def held_out_evaluator(config: RunConfig, fed: FederatedData) -> Evaluator:
         return evaluate(model, x, y, fed.n_classes)
 
     return evaluate_on_test
+
+
+def final_evaluation(
+    config: RunConfig, fed: FederatedData, parameters: NamedArrays
+) -> tuple[dict[str, float], Classification | None]:
+    """The final model's metrics on `fed`'s held-out test set: the per-round metrics plus
+    `macro_f1` and `weighted_f1`, and the per-class `Classification` section of result.json
+    (None for an empty test set)."""
+    model = build_run_model(config, fed)
+    set_parameters(model, parameters)
+    x, y = as_tensors(fed.x_test, fed.y_test)
+    metrics = evaluate(model, x, y, fed.n_classes)
+    # Fewer than two classes: no per-class section (a task without classes, e.g. regression).
+    summary = classification_summary(model, x, y, _class_names(fed)) if fed.n_classes >= 2 else None
+    if summary is None:
+        return metrics, None
+    metrics |= {"macro_f1": summary["macro_f1"], "weighted_f1": summary["weighted_f1"]}
+    return metrics, Classification.model_validate(summary)
+
+
+def _class_names(fed: FederatedData) -> list[str]:
+    names = [str(n) for n in fed.class_names]
+    return names if len(names) == fed.n_classes else [str(k) for k in range(fed.n_classes)]
 
 
 def centralized_baseline(

@@ -27,6 +27,11 @@ DatasetName = Literal[
 #: Data sets of texts, tokenised by the transformer's tokenizer (`veil.data.text`).
 TEXT_DATASETS: tuple[str, ...] = ("vader_lexicon", "synthetic_reviews")
 
+#: Default of `[data] max_classes`.
+DEFAULT_MAX_CLASSES = 100
+#: The largest `max_classes` accepted: the output layer has one unit per class.
+MAX_MAX_CLASSES = 100_000
+
 
 class PartitionConfig(Section):
     """How the training examples are split among the clients."""
@@ -101,6 +106,9 @@ class DataConfig(Section):
     #: Declared bounds clamp every value before scaling, whatever the scaling.
     feature_bounds: FeatureBoundsConfig | None = None
     partition: PartitionConfig = PartitionConfig()
+    #: The most classes a classification target may have: a target column with more distinct
+    #: values is refused when the data is loaded (it is likely a continuous, regression target).
+    max_classes: int = Field(DEFAULT_MAX_CLASSES, ge=2, le=MAX_MAX_CLASSES)
 
     @model_validator(mode="after")
     def _csv_needs_path_and_target(self) -> DataConfig:

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from veil.config.sections import Section
+from veil.config.sections import Section, above_limit
+
+#: Upper limit of every `[deployment]` duration: a week. Longer waits are no sane run's, and a
+#: wait of ~1e300 s would crash the process (the OS's timestamp overflows) rather than wait.
+MAX_WAIT_S = 604_800
 
 
 class DeploymentConfig(Section):
@@ -36,6 +40,23 @@ class DeploymentConfig(Section):
     upload_idle_s: float = Field(10.0, gt=0)
     #: Seconds one upload stream (or the stream of one task) may take in all.
     upload_timeout_s: float = Field(300.0, gt=0)
+
+    @field_validator(
+        "round_deadline_s",
+        "connect_timeout_s",
+        "reconnect_timeout_s",
+        "timeout_s",
+        "heartbeat_s",
+        "liveness_s",
+        "upload_idle_s",
+        "upload_timeout_s",
+    )
+    @classmethod
+    def _at_most_a_week(cls, value: float, info: ValidationInfo) -> float:
+        if value > MAX_WAIT_S:
+            reason = f"no sane run waits longer; lower {info.field_name}"
+            raise above_limit(MAX_WAIT_S, "seconds (a week)", reason)
+        return value
 
     @model_validator(mode="after")
     def _intervals(self) -> DeploymentConfig:

@@ -5,20 +5,27 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from veil.config.sections import Section
+from veil.config.sections import Section, above_limit
 from veil.selection import sample_size
 
 if TYPE_CHECKING:
     from veil.config.run import RunConfig
+
+#: Upper limits of `[federation]`: far above any sane run, low enough that a run stays finite on
+#: one machine (each is named in the message that refuses a larger value).
+MAX_ROUNDS = 100_000
+MAX_CLIENTS = 100_000
+MAX_LOCAL_EPOCHS = 1_000
+MAX_BATCH_SIZE = 100_000
 
 
 class FederationConfig(Section):
     """Rounds, client selection and local training."""
 
     #: Number of organisations (clients) that hold data.
-    clients: int = Field(ge=1, le=1_000_000)
+    clients: int = Field(ge=1)
     rounds: int = Field(ge=1)
     #: Fraction of clients selected to train in each round.
     fraction_fit: float = Field(1.0, gt=0, le=1)
@@ -44,6 +51,14 @@ class FederationConfig(Section):
     #: threads' synchronisation costs more than the arithmetic, badly so on a busy machine.
     torch_threads: int = Field(1, ge=1, le=256)
 
+    @field_validator("rounds", "clients", "local_epochs", "batch_size")
+    @classmethod
+    def _within_limits(cls, value: int, info: ValidationInfo) -> int:
+        limit, what, reason = _LIMITS[info.field_name or ""]
+        if value > limit:
+            raise above_limit(limit, what, reason)
+        return value
+
     @model_validator(mode="after")
     def _enough_clients(self) -> FederationConfig:
         if self.min_clients > self.clients:
@@ -64,6 +79,31 @@ class FederationConfig(Section):
         real ones."""
         if run.mode == "deployment" and self.simulated_dropout > 0:
             raise ValueError("simulated_dropout applies to mode = 'simulation' only")
+
+
+_LIMITS: dict[str, tuple[int, str, str]] = {
+    "rounds": (
+        MAX_ROUNDS,
+        "rounds a run may plan",
+        "a run that long would not finish in a sane time; lower rounds",
+    ),
+    "clients": (
+        MAX_CLIENTS,
+        "clients in one federation",
+        "each client needs its own examples and state; lower clients",
+    ),
+    "local_epochs": (
+        MAX_LOCAL_EPOCHS,
+        "local epochs per round",
+        "clients would overfit their own data and rounds would never end; lower local_epochs",
+    ),
+    "batch_size": (
+        MAX_BATCH_SIZE,
+        "examples per batch",
+        "a batch that large only costs memory (a smaller data set is trained whole); "
+        "lower batch_size",
+    ),
+}
 
 
 class FedAvgConfig(Section):

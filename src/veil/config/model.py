@@ -8,10 +8,20 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field, model_validator
 
 from veil.config.data import TEXT_DATASETS
-from veil.config.sections import Section
+from veil.config.sections import Section, above_limit
 
 if TYPE_CHECKING:
     from veil.config.run import RunConfig
+
+#: Upper limits of the model's size: far above what these data sets need, low enough that the
+#: model and the copies a run keeps of it (one per client update) fit one machine's memory.
+MAX_HIDDEN_WIDTH = 8_192
+MAX_HIDDEN_LAYERS = 16
+#: Weights between the MLP's hidden layers (sum of the products of adjacent widths): 2^26, i.e.
+#: 256 MiB of float32 per copy of the model.
+MAX_HIDDEN_WEIGHTS = 2**26
+MAX_CNN_CHANNELS = 1_024
+MAX_CNN_LAYERS = 8
 
 
 class LoRAConfig(Section):
@@ -42,6 +52,7 @@ class ModelConfig(Section):
                     f"{key} applies to name = {' or '.join(repr(n) for n in names)}, not "
                     f"'{self.name}'; remove it{hint}"
                 )
+        self._check_size()
         if self.model_dir is not None and not (self.model_dir / "config.json").is_file():
             raise ValueError(
                 f"model_dir = '{self.model_dir}' is not a Hugging Face model directory (no "
@@ -49,6 +60,39 @@ class ModelConfig(Section):
                 "for the bundled MiniLM"
             )
         return self
+
+    def _check_size(self) -> None:
+        """Refuse a network whose size no machine can train in a sane time (see the limits)."""
+        widths = [("hidden", w, MAX_HIDDEN_WIDTH) for w in self.hidden]
+        widths += [("channels", c, MAX_CNN_CHANNELS) for c in self.channels]
+        for key, width, limit in widths:
+            if width > limit:
+                raise ValueError(
+                    f"{key} = {width}: "
+                    + str(above_limit(limit, f"units per layer of {key}", "lower it"))
+                )
+        for key, layers, limit in (
+            ("hidden", self.hidden, MAX_HIDDEN_LAYERS),
+            ("channels", self.channels, MAX_CNN_LAYERS),
+        ):
+            if len(layers) > limit:
+                raise ValueError(
+                    f"{key} has {len(layers)} layers: "
+                    + str(above_limit(limit, "layers", f"use fewer entries in {key}"))
+                )
+        weights = sum(a * b for a, b in zip(self.hidden, self.hidden[1:], strict=False))
+        if weights > MAX_HIDDEN_WEIGHTS:
+            raise ValueError(
+                f"hidden = {self.hidden} has {weights:,} weights between its layers: "
+                + str(
+                    above_limit(
+                        MAX_HIDDEN_WEIGHTS,
+                        "weights between hidden layers (256 MiB of float32 per copy of the "
+                        "model, and a run keeps one per client update)",
+                        "use narrower or fewer layers",
+                    )
+                )
+            )
 
     name: Literal["logistic", "mlp", "cnn", "transformer"] = "mlp"
     #: Hidden layer widths of the MLP.

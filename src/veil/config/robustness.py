@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from veil.config.sections import Section
+from veil.config.sections import Section, above_limit
 from veil.selection import count_of, sample_size
 
 if TYPE_CHECKING:
     from veil.config.run import RunConfig
+
+#: Upper limit of Ray worker actors and of a local instance's CPUs: far above one cluster's
+#: sane pool (each worker is a process holding a model).
+MAX_RAY_WORKERS = 10_000
 
 #: The modes that simulate clients, where simulated attacks and stragglers can run.
 SIMULATED_MODES: tuple[str, ...] = ("simulation", "ray")
@@ -152,6 +156,14 @@ class RayConfig(Section):
     #: A local instance only: the CPUs it offers (None: this machine's) and its object store.
     local_cpus: int | None = Field(None, ge=1)
     object_store_mb: int | None = Field(None, ge=80)
+
+    @field_validator("workers", "local_cpus")
+    @classmethod
+    def _within_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value > MAX_RAY_WORKERS:
+            reason = f"far more than one Ray cluster runs; lower {info.field_name}"
+            raise above_limit(MAX_RAY_WORKERS, str(info.field_name), reason)
+        return value
 
     @model_validator(mode="after")
     def _local_keys_for_a_local_instance(self) -> RayConfig:

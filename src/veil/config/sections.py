@@ -27,6 +27,12 @@ class Section(BaseModel):
         settings cannot work with the rest of `run`; the default accepts any run."""
 
 
+def above_limit(limit: int, what: str, reason: str) -> ValueError:
+    """The refusal of a value above its upper limit, naming the limit and why it exists
+    (`one_line` puts the key and the value in front of it)."""
+    return ValueError(f"above the limit of {limit:,} {what}; {reason}")
+
+
 def one_line(exc: ValidationError, root: type[BaseModel], tags: Collection[str] = ()) -> str:
     """The first validation error as `key = value: what is wrong` (and how many more there are).
 

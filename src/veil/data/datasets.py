@@ -19,6 +19,9 @@ from typing import Final
 import numpy as np
 import pandas as pd
 
+# The default of `[data] max_classes`: a target column with more distinct values is refused, as
+# it is likely a continuous (regression) target, not a set of classes.
+from veil.config.data import DEFAULT_MAX_CLASSES
 from veil.data import synthetic_industry
 from veil.data.dataset import Dataset
 from veil.data.scaling import FeatureBounds
@@ -44,6 +47,7 @@ DATASET_NAMES: Final[tuple[str, ...]] = (
 
 MISSING_CATEGORY: Final[str] = "missing"
 """Category that a missing value in a non-numeric column becomes before one-hot encoding."""
+
 
 _GERMAN_CREDIT_TARGET: Final[str] = "risk"
 _GERMAN_CREDIT_CLASSES: Final[dict[str, str]] = {"0": "bad", "1": "good"}
@@ -85,7 +89,13 @@ def _log_midpoints(lower: tuple[float, ...], upper: tuple[float, ...]) -> np.nda
     return np.where(lo > 0, np.sqrt(np.maximum(lo, 0.0) * hi), (lo + hi) / 2.0)
 
 
-def load_dataset(name: str, *, path: Path | None = None, target: str | None = None) -> Dataset:
+def load_dataset(
+    name: str,
+    *,
+    path: Path | None = None,
+    target: str | None = None,
+    max_classes: int = DEFAULT_MAX_CLASSES,
+) -> Dataset:
     """Load a data set by name.
 
     Args:
@@ -113,12 +123,14 @@ def load_dataset(name: str, *, path: Path | None = None, target: str | None = No
             column), and the class names are those values as strings.
         path: The CSV file, for ``name == "csv"`` only.
         target: The label column, for ``"csv"`` (required) and ``"german_credit"`` (optional).
+        max_classes: The most distinct values the target column of a table may have.
 
     Raises:
         DataError: Unknown name; `path`/`target` given where they mean nothing or missing where
             required; file not found or unreadable; target column absent (the message lists the
             columns); NaN in a numeric column (the message names the column and the number of
-            rows); fewer than 2 classes.
+            rows); fewer than 2 classes; more than `max_classes` classes (the message says the
+            column may be a regression target).
     """
     if name not in DATASET_NAMES:
         raise DataError(
@@ -140,9 +152,9 @@ def load_dataset(name: str, *, path: Path | None = None, target: str | None = No
     if name == "digits":
         return _load_digits()
     if name == "german_credit":
-        return _load_german_credit(target)
+        return _load_german_credit(target, max_classes)
     if name == "csv":
-        return _load_csv(path, target)
+        return _load_csv(path, target, max_classes)
     if name in ("synthetic_vehicle_faults", "synthetic_machine_failures"):
         if name == "synthetic_vehicle_faults":
             return synthetic_industry.make_vehicle_faults()
@@ -239,14 +251,16 @@ def _load_digits() -> Dataset:
     )
 
 
-def _load_german_credit(target: str | None) -> Dataset:
+def _load_german_credit(target: str | None, max_classes: int) -> Dataset:
     csv_path = _german_credit_path()
     try:
         frame = pd.read_csv(csv_path)
     except (OSError, pd.errors.ParserError) as exc:
         raise DataError(f"cannot read the German credit data at {str(csv_path)!r}: {exc}") from exc
     column = _GERMAN_CREDIT_TARGET if target is None else target
-    dataset = _dataset_from_frame(frame, column, name="german_credit", source="German credit data")
+    dataset = _dataset_from_frame(
+        frame, column, name="german_credit", source="German credit data", max_classes=max_classes
+    )
     if column == _GERMAN_CREDIT_TARGET and dataset.class_names == ("0", "1"):
         names = tuple(_GERMAN_CREDIT_CLASSES[c] for c in dataset.class_names)
         dataset = Dataset(
@@ -277,7 +291,7 @@ def _german_credit_path() -> Path:
     )
 
 
-def _load_csv(path: Path | None, target: str | None) -> Dataset:
+def _load_csv(path: Path | None, target: str | None, max_classes: int) -> Dataset:
     if path is None or target is None:
         missing = " and ".join(
             what for what, value in (("[data].path", path), ("[data].target", target)) if not value
@@ -295,10 +309,19 @@ def _load_csv(path: Path | None, target: str | None) -> Dataset:
         raise DataError(f"data file {str(path)!r} is empty; it needs a header row") from exc
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot parse data file {str(path)!r} as CSV: {exc}") from exc
-    return _dataset_from_frame(frame, target, name="csv", source=f"data file {str(path)!r}")
+    return _dataset_from_frame(
+        frame, target, name="csv", source=f"data file {str(path)!r}", max_classes=max_classes
+    )
 
 
-def _dataset_from_frame(frame: pd.DataFrame, target: str, *, name: str, source: str) -> Dataset:
+def _dataset_from_frame(
+    frame: pd.DataFrame,
+    target: str,
+    *,
+    name: str,
+    source: str,
+    max_classes: int = DEFAULT_MAX_CLASSES,
+) -> Dataset:
     """Encode a table: numeric columns kept, others one-hot, target mapped to ``0..k-1``."""
     columns = [str(c) for c in frame.columns]
     frame = frame.set_axis(columns, axis=1)
@@ -313,7 +336,7 @@ def _dataset_from_frame(frame: pd.DataFrame, target: str, *, name: str, source: 
     if not feature_columns:
         raise DataError(f"{source} has no feature columns besides the target {target!r}")
 
-    labels, class_names = _encode_target(frame[target], target, source)
+    labels, class_names = _encode_target(frame[target], target, source, max_classes)
 
     blocks: list[np.ndarray] = []
     names: list[str] = []
@@ -348,7 +371,7 @@ def _dataset_from_frame(frame: pd.DataFrame, target: str, *, name: str, source: 
 
 
 def _encode_target(
-    values: pd.Series, target: str, source: str
+    values: pd.Series, target: str, source: str, max_classes: int = DEFAULT_MAX_CLASSES
 ) -> tuple[np.ndarray, tuple[str, ...]]:
     missing = int(values.isna().sum())
     if missing:
@@ -365,6 +388,13 @@ def _encode_target(
         raise DataError(
             f"target column {target!r} of {source} has only {len(distinct)} distinct value(s) "
             f"({', '.join(map(str, distinct))}); classification needs at least 2 classes"
+        )
+    if len(distinct) > max_classes:
+        raise DataError(
+            f"target column {target!r} of {source} has {len(distinct)} distinct values, more "
+            f"than max_classes = {max_classes}: it may be a regression target, and regression "
+            "is not supported yet; choose a class column, or raise [data] max_classes if these "
+            "really are classes"
         )
     index = {value: k for k, value in enumerate(distinct)}
     labels = np.fromiter((index[v] for v in values.tolist()), dtype=np.int64, count=len(values))

@@ -20,7 +20,7 @@ from typing import Any
 from veil.atomic import atomic_write_text
 from veil.errors import StoreError, UserError
 from veil.report.console import BASELINE_NOTE, NEIGHBOURING
-from veil.report.svg import Line, bar_chart, finite, line_chart
+from veil.report.svg import Line, bar_chart, finite, line_chart, unit_curve
 from veil.result import RESULT_FILE
 from veil.store import DB_NAME, RunStore
 
@@ -39,6 +39,7 @@ border:1px solid #d0d7de;border-radius:6px;background:#fff}
 .chart text{font-size:11px;fill:#1b1f24}.chart .t{font-size:13px;font-weight:600}
 .chart .ax{stroke:#57606a}.chart .g{stroke:#eaeef2}.chart .ref{stroke:#cf222e;
 stroke-dasharray:6 4;stroke-width:1.5}.chart .reft{fill:#cf222e}
+.chart .diag{stroke:#8c959f;stroke-dasharray:4 4}.chart .diagt{fill:#57606a}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600}
 .warn{background:#fff1e5;color:#953800;border:1px solid #ffb77c}
 .ok{background:#dafbe1;color:#116329;border:1px solid #4ac26b}
@@ -98,6 +99,7 @@ def render_report(
         _header(result, name, status),
         _answers(result, rounds, privacy, config),
         _performance(result, rounds),
+        _classification(_dict(result.get("classification"))),
         _privacy_budget(rounds, privacy),
         _participation(result, rounds, privacy),
         _communication(result, rounds),
@@ -313,6 +315,71 @@ def _performance(result: Mapping[str, Any], rounds: Sequence[dict[str, Any]]) ->
     ]
     body = f'<div class="charts">{"".join(charts)}</div>{_table(rows)}'
     return _section("performance", "Accuracy and loss", body)
+
+
+def _classification(summary: Mapping[str, Any]) -> str:
+    """Per-class results, the confusion matrix and (two classes) the ROC and calibration
+    curves; nothing for a result.json without a classification section."""
+    classes = [_dict(c) for c in _list(summary.get("classes"))]
+    if not classes:
+        return ""
+    names = [str(c.get("name", i)) for i, c in enumerate(classes)]
+    per_class = _grid(
+        ["class", "precision", "recall", "F1", "support", "AUC (one vs rest)"],
+        (
+            [escape(n)]
+            + [_num(c.get(k)) for k in ("precision", "recall", "f1")]
+            + [_text(c.get("support")), _num(c.get("auc"))]
+            for n, c in zip(names, classes, strict=True)
+        ),
+    )
+    totals = _table(
+        [
+            ("macro F1", _num(summary.get("macro_f1"))),
+            ("weighted F1", _num(summary.get("weighted_f1"))),
+            ("mean one-vs-rest AUC", _num(summary.get("auc_ovr_macro"))),
+        ]
+    )
+    matrix = _list(summary.get("confusion_matrix"))
+    confusion = _grid(
+        ["true ↓ / predicted →", *names],
+        (
+            [escape(n), *(_text(v) for v in _list(row))]
+            for n, row in zip(names, matrix, strict=False)
+        ),
+    )
+    body = (
+        "<p>The final model on the server's held-out test set.</p>"
+        f"{totals}{per_class}<h3>Confusion matrix</h3>"
+        "<p>Rows are the true class, columns the predicted class.</p>"
+        f'<div class="confusion">{confusion}</div>'
+    )
+    roc = [_dict(p) for p in _list(summary.get("roc"))]
+    calibration = [_dict(b) for b in _list(summary.get("calibration"))]
+    charts = []
+    if roc:
+        charts.append(
+            unit_curve(
+                {"ROC": [(p.get("fpr"), p.get("tpr")) for p in roc]},
+                title="ROC curve (held-out test set)",
+                x_label="false positive rate",
+                y_label="true positive rate",
+                diagonal="chance",
+            )
+        )
+    if calibration:
+        charts.append(
+            unit_curve(
+                {"model": [(b.get("predicted"), b.get("observed")) for b in calibration]},
+                title="Calibration (reliability) curve",
+                x_label="mean predicted probability",
+                y_label="fraction positive",
+                diagonal="perfect calibration",
+            )
+        )
+    if charts:
+        body += f'<div class="charts">{"".join(charts)}</div>'
+    return _section("classification", "Results per class", body)
 
 
 def _privacy_budget(rounds: Sequence[dict[str, Any]], privacy: Mapping[str, Any]) -> str:

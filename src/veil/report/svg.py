@@ -217,3 +217,49 @@ def _empty(title: str) -> str:
         ],
         title,
     )
+
+
+def unit_curve(
+    series: Mapping[str, Sequence[tuple[object, object]]],
+    *,
+    title: str,
+    x_label: str,
+    y_label: str,
+    diagonal: str = "",
+) -> str:
+    """An SVG chart of named curves on the unit square [0, 1] x [0, 1], such as a ROC or a
+    calibration curve. A non-empty `diagonal` draws the dashed line y = x with that label (the
+    chance line of a ROC curve, perfect calibration). Points with a non-finite coordinate are
+    left out. Returns the ``<svg>`` element.
+    """
+    clean = {
+        name: [
+            (fx, fy)
+            for fx, fy in ((finite(x), finite(y)) for x, y in points)
+            if fx is not None and fy is not None
+        ]
+        for name, points in series.items()
+    }
+    if not any(clean.values()):
+        return _empty(title)
+    frame = _Frame([0.0, 1.0], [0.0, 1.0], y_zero=True)
+    frame.y0, frame.y1 = 0.0, 1.0
+    parts = frame.axes(title, x_label, y_label, integer_x=False)
+    if diagonal:
+        parts.append(
+            f'<line x1="{frame.x(0):.1f}" y1="{frame.y(0):.1f}" x2="{frame.x(1):.1f}" '
+            f'y2="{frame.y(1):.1f}" class="diag"/>'
+            f'<text x="{frame.x(1) - 4:.1f}" y="{frame.y(1) + 14:.1f}" text-anchor="end" '
+            f'class="diagt">{escape(diagonal)}</text>'
+        )
+    for i, (name, pts) in enumerate(clean.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        path = " ".join(f"{frame.x(x):.1f},{frame.y(y):.1f}" for x, y in pts)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        for x, y in pts:
+            parts.append(
+                f'<circle cx="{frame.x(x):.1f}" cy="{frame.y(y):.1f}" r="2.5" fill="{colour}">'
+                f"<title>{escape(name)}: ({_fmt(x)}, {_fmt(y)})</title></circle>"
+            )
+    parts += _legend(list(clean))
+    return _svg(parts, title)
