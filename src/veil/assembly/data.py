@@ -15,6 +15,8 @@ from veil.federation.training import (
     as_tensors,
     classification_summary,
     evaluate,
+    logit_metrics,
+    predict_logits,
     train_epochs,
 )
 from veil.models import set_parameters
@@ -75,9 +77,12 @@ def final_evaluation(
     model = build_run_model(config, fed)
     set_parameters(model, parameters)
     x, y = as_tensors(fed.x_test, fed.y_test)
-    metrics = evaluate(model, x, y, fed.n_classes)
+    if x.shape[0] == 0:
+        return {}, None
+    logits = predict_logits(model, x)  # one forward pass for the metrics and the summary
+    metrics = logit_metrics(logits, y, fed.n_classes)
     # Fewer than two classes: no per-class section (a task without classes, e.g. regression).
-    summary = classification_summary(model, x, y, _class_names(fed)) if fed.n_classes >= 2 else None
+    summary = classification_summary(logits, y, _class_names(fed)) if fed.n_classes >= 2 else None
     if summary is None:
         return metrics, None
     metrics |= {"macro_f1": summary["macro_f1"], "weighted_f1": summary["weighted_f1"]}

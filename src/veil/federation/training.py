@@ -134,8 +134,20 @@ def evaluate(
     """
     if x.shape[0] == 0:
         return {}
-    model.train(False)  # evaluation mode (dropout off)
-    logits = torch.cat([model(chunk) for chunk in torch.split(x, 8192)])
+    return logit_metrics(predict_logits(model, x), y, n_classes)
+
+
+def predict_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`model`'s logits on `x`, in evaluation mode (dropout off, no gradients), in chunks of
+    8192 rows."""
+    model.train(False)
+    with torch.no_grad():  # evaluation only: no graph to keep
+        return torch.cat([model(chunk) for chunk in torch.split(x, 8192)])
+
+
+def logit_metrics(logits: torch.Tensor, y: torch.Tensor, n_classes: int) -> dict[str, float]:
+    """`evaluate`'s metrics from logits already computed (one forward pass serves several
+    summaries)."""
     metrics = {
         "loss": float(F.cross_entropy(logits, y)),
         "accuracy": float((logits.argmax(dim=1) == y).float().mean()),
@@ -157,9 +169,10 @@ CALIBRATION_BINS = 10
 
 @torch.no_grad()
 def classification_summary(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, class_names: Sequence[str]
+    logits: torch.Tensor, y: torch.Tensor, class_names: Sequence[str]
 ) -> dict[str, Any] | None:
-    """The classification section of `result.json` for `model` on (x, y).
+    """The classification section of `result.json` for a model's `logits` on labels `y`
+    (`predict_logits`).
 
     Returns macro and weighted F1 (over the classes present in the labels or the predictions,
     as scikit-learn's default), per class the precision, recall, F1, support and one-vs-rest
@@ -176,11 +189,9 @@ def classification_summary(
         roc_curve,
     )
 
-    if x.shape[0] == 0:
+    if logits.shape[0] == 0:
         return None
     n_classes = len(class_names)
-    model.train(False)
-    logits = torch.cat([model(chunk) for chunk in torch.split(x, 8192)])
     probs = torch.softmax(logits, dim=1).numpy().astype(np.float64)
     labels = y.numpy()
     predicted = logits.argmax(dim=1).numpy()
