@@ -38,16 +38,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import numpy as np
 
 from veil.assembly.data import federated_data
 from veil.assembly.federation import ServerSide
-from veil.assembly.model import training_plan
+from veil.assembly.model import objective, training_plan
 from veil.assembly.privacy import client_privacy, member_privacy
 from veil.assembly.secure_aggregation import registry as secure_aggregation
 from veil.assembly.secure_aggregation.base import MemberInputs, ServerTls
@@ -61,14 +61,22 @@ from veil.crypto.keyfile import read_private
 from veil.crypto.revocation import CRL_FILE
 from veil.crypto.trust import TRUST_FILE, TrustStore
 from veil.data import ClientData, FederatedData
+from veil.data.contract import DataSchema, feature_names, schema_hash
+from veil.data.organisations import (
+    coordinator_data,
+    declared_member,
+    load_encoded,
+    member_data,
+)
 from veil.errors import Aborted, UserError
-from veil.federation.fingerprint import Fingerprint, fingerprint
+from veil.federation.fingerprint import Declared, Fingerprint, fingerprint
 from veil.federation.pipeline import UpdatePipeline
 from veil.federation.training import torch_threads
 from veil.lifecycle import StopRequest
 from veil.models import build_model, get_parameters
 from veil.result import RESULT_FILE, Result
 from veil.runtime import run_federation
+from veil.seeding import Purpose, derive_seed
 from veil.store.lock import run_directory
 from veil.tensors import NamedArrays
 from veil.transport.grpc.client import ClientCredentials, PinnedChannel, open_channel, run_client
@@ -140,7 +148,23 @@ def _shape_meta(fed: FederatedData) -> dict[str, Any]:
         "n_features": fed.n_features,
         "n_classes": fed.n_classes,
         "image_shape": list(fed.image_shape) if fed.image_shape else None,
+        # Regression: a float32 target, the model's output scale fixed by the declared target
+        # bounds (`veil.federation.objective`).
+        "task": fed.task,
+        "target_bounds": list(fed.target_bounds) if fed.target_bounds else None,
     }
+
+
+def _task(
+    meta: dict[str, Any],
+) -> tuple[Literal["classification", "regression"], tuple[float, float] | None]:
+    """(task, target bounds) of a data file's metadata; metadata written before regression
+    existed is classification."""
+    bounds = meta.get("target_bounds")
+    task: Literal["classification", "regression"] = (
+        "regression" if meta.get("task") == "regression" else "classification"
+    )
+    return task, (float(bounds[0]), float(bounds[1])) if bounds else None
 
 
 def _load_npz(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -165,7 +189,7 @@ def serve(
     *,
     run_dir: Path,
     pki_dir: Path,
-    test_data: Path,
+    test_data: Path | None = None,
     address: str | None = None,
     insecure: bool = False,
     port_file: Path | None = None,
@@ -183,8 +207,7 @@ def serve(
     """
     key_path = checkpoint_key or config.checkpoint.key_file
     key = load_key_file(key_path) if key_path else None
-    arrays, meta = _load_npz(test_data)
-    fed = _server_data(config, arrays, meta)
+    fed, meta = coordinator_data_of(config, test_data)
     identities = member_identities(pki_dir, [c.name for c in fed.clients])
     backend = secure_aggregation.backend(config.secure_aggregation)
     # A TLS key the backend makes in this process (under TEE: inside the attested process,
@@ -195,12 +218,15 @@ def serve(
         identities=identities,
         credentials=None if insecure else _server_credentials(pki_dir, tls),
         revocations=None if insecure else _revocations_reader(pki_dir),
-        fingerprint=lambda initial: fingerprint(config, initial, arrays["x_test"], meta),
+        fingerprint=lambda initial: fingerprint(config, initial, fed.x_test, meta),
         address=address or config.deployment.address,
         port_file=port_file,
     )
     side = ServerSide(
-        gateways.start, pki_dir, tls_public_key=tls.tls_public_key if tls is not None else None
+        gateways.start,
+        pki_dir,
+        tls_public_key=tls.tls_public_key if tls is not None else None,
+        members=gateways.declared_members,
     )
     try:
         with torch_threads(config.federation.torch_threads):
@@ -218,6 +244,51 @@ def serve(
         gateways.close()
 
 
+def coordinator_data_of(
+    config: RunConfig, test_data: Path | None
+) -> tuple[FederatedData, dict[str, Any]]:
+    """The coordinator's `FederatedData` and the data's metadata for its fingerprint. With a
+    data contract: the layout from the schema, the members from `[data] organisations`, the
+    held-out file `test_data` (else `[data] test_file`, else none): no member's data. Without
+    one: the prepared test file (`veil run`'s loopback deployment)."""
+    schema = config.data.contract()
+    if schema is None or (test_data is not None and test_data.suffix == ".npz"):
+        if test_data is None:
+            raise DeploymentError(
+                "this config has no data contract ([data] schema_file), so the coordinator "
+                "needs its prepared test set: pass --test-data FILE.npz"
+            )
+        arrays, meta = _load_npz(test_data)
+        return _server_data(config, arrays, meta), _with_hash(meta, schema)
+    names = list(config.data.organisations or {})
+    if not names:
+        raise DeploymentError(
+            "the coordinator needs the members' names: list them in [data] organisations "
+            "= {NAME = 'FILE.csv', ...} (the coordinator reads none of the files)"
+        )
+    width = len(feature_names(schema))
+    fed = coordinator_data(
+        schema,
+        [declared_member(n, width, 0) for n in names],
+        test=test_data or config.data.test_file,
+        dataset_name=config.data.schema_file.stem if config.data.schema_file else "csv",
+    )
+    return fed, _contract_meta(schema, fed)
+
+
+def _with_hash(meta: dict[str, Any], schema: DataSchema | None) -> dict[str, Any]:
+    """A prepared file's metadata, with the hash of the contract that encoded it (if any)."""
+    return meta | {"schema_hash": schema_hash(schema)} if schema is not None else meta
+
+
+def _contract_meta(schema: DataSchema, fed: FederatedData) -> dict[str, Any]:
+    """The metadata a data contract gives every process alike (for the fingerprint)."""
+    return _shape_meta(fed) | {
+        "feature_names": list(fed.feature_names),
+        "schema_hash": schema_hash(schema),
+    }
+
+
 def _server_data(
     config: RunConfig, arrays: dict[str, np.ndarray], meta: dict[str, Any]
 ) -> FederatedData:
@@ -225,6 +296,7 @@ def _server_data(
     names = list(meta["clients"])
     examples = {str(k): int(v) for k, v in dict(meta.get("examples", {})).items()}
     empty = np.zeros((0, int(meta["n_features"])), np.float32)
+    task, target_bounds = _task(meta)
     return FederatedData(
         dataset_name=meta["dataset"],
         synthetic=bool(meta["synthetic"]),
@@ -243,6 +315,8 @@ def _server_data(
         x_test=arrays["x_test"],
         y_test=arrays["y_test"],
         scaling=config.data.scaling,
+        task=task,
+        target_bounds=target_bounds,
     )
 
 
@@ -297,6 +371,31 @@ class _Gateways:
                 json.dumps({"event": "starting without", "clients": missing})
             )
         return gateway
+
+    def declared_members(self, fed: FederatedData) -> FederatedData:
+        """`fed` with each member's row counts and file name as it declared them when it joined
+        (a member that has not joined keeps what `fed` says). Under record-level DP every
+        member's training-set size must be known: the coordinator accounts each one with it."""
+        declared = self.gateway.declarations() if self.gateway is not None else {}
+        clients = []
+        for c in fed.clients:
+            d = declared.get(c.name)
+            if d is None:
+                clients.append(c)
+                continue
+            width = c.x_train.shape[1]
+            clients.append(
+                declared_member(c.name, width, d.examples, validation=d.validation, file=d.file)
+            )
+        unknown = [c.name for c in clients if c.n_train == 0]
+        privacy = self.config.privacy
+        if unknown and privacy is not None and privacy.unit == "record":
+            raise DeploymentError(
+                f"record-level DP needs each member's training-set size, declared when it "
+                f"joins; {', '.join(unknown)} did not join within [deployment] "
+                "connect_timeout_s: start every member, or raise the timeout"
+            )
+        return replace(fed, clients=clients)
 
     def close(self) -> None:
         """Tell the members the run is over and stop serving (if the gateway started)."""
@@ -371,11 +470,10 @@ def serve_client(
     server: str,
     insecure: bool = False,
 ) -> int:
-    """Run one organisation until the server ends the run; returns the number of tasks done."""
-    arrays, meta = _load_npz(data)
-    client = ClientData(
-        name, arrays["x_train"], arrays["y_train"], arrays["x_val"], arrays["y_val"]
-    )
+    """Run one organisation until the server ends the run; returns the number of tasks done.
+    Its data file is checked against the data contract before anything else: a file that
+    breaks it raises `SchemaViolations` (every violation listed) and nothing is trained."""
+    client, meta = member_data_of(config, name, data)
     model = build_model(
         config.model,
         n_features=int(meta["n_features"]),
@@ -400,6 +498,7 @@ def serve_client(
         pipeline=UpdatePipeline(client_stages=client_stages(config, privacy)),
         privacy=privacy,
         protocol=member.participant,
+        objective=objective(config, *_task(meta)),
     )
     channel = _member_channel(server, files, insecure, member.accept_server)
     try:
@@ -411,7 +510,13 @@ def serve_client(
                 IdentityKey.load(files.identity_key),
                 reconnect_timeout_s=config.deployment.reconnect_timeout_s,
                 on_revocations=None if trust is None else trust.accept_revocations,
-                fingerprint=fingerprint(config, get_parameters(model), client.x_train, meta),
+                fingerprint=fingerprint(
+                    config,
+                    get_parameters(model),
+                    client.x_train,
+                    meta,
+                    Declared(client.n_train, int(client.y_val.shape[0]), client.file),
+                ),
                 heartbeat_s=config.deployment.heartbeat_s,
                 endpoint=Endpoint(
                     server,
@@ -421,6 +526,36 @@ def serve_client(
             )
     finally:
         channel.close()
+
+
+def member_data_of(config: RunConfig, name: str, data: Path) -> tuple[ClientData, dict[str, Any]]:
+    """Member `name`'s data and its metadata: with a data contract, its own CSV or Parquet
+    file checked and encoded by the schema and split as a simulation splits it; else the
+    prepared `.npz` of `veil run`'s loopback deployment."""
+    schema = config.data.contract()
+    if schema is None or data.suffix == ".npz":
+        arrays, meta = _load_npz(data)
+        client = ClientData(
+            name, arrays["x_train"], arrays["y_train"], arrays["x_val"], arrays["y_val"]
+        )
+        return client, _with_hash(meta, schema)
+    names = list(config.data.organisations or {})
+    if names and name not in names:
+        raise DeploymentError(
+            f"'{name}' is not one of the organisations in [data] organisations "
+            f"({', '.join(names)}); use the name in this organisation's certificate"
+        )
+    client = member_data(
+        schema,
+        name,
+        data,
+        validation_fraction=config.data.validation_fraction,
+        seed=derive_seed(config.seed, Purpose.PARTITION),
+    )
+    width = len(feature_names(schema))
+    fed = coordinator_data(schema, [declared_member(name, width, 0)], test=None)
+    meta = _contract_meta(schema, fed) | {"index": names.index(name) if names else 0}
+    return client, meta
 
 
 def _member_channel(
@@ -466,6 +601,12 @@ class DeploymentFiles:
     #: The run's `secure_aggregation` when it is not the config file's (`veil run
     #: --secure-aggregation`): every process is told, so that all of them run the same backend.
     secure_aggregation: str | None = None
+    #: Each organisation's own data file (`[data] organisations`), given to its process as it
+    #: is; an organisation not named here gets a prepared `data.npz` in its folder.
+    data: dict[str, Path] = field(default_factory=dict)
+    #: Whether the coordinator gets a prepared test set (no: a data contract gives it the
+    #: layout, and `[data] test_file` the optional held-out file).
+    server_test: bool = True
 
     def org_dir(self, name: str) -> Path:
         """Organisation `name`'s own folder (the coordinator's is `SERVER_NAME`'s)."""
@@ -481,9 +622,9 @@ class DeploymentFiles:
         own = self.org_dir(SERVER_NAME)
         return [
             "server", str(self.config_path), "--run-dir", str(self.run_dir),
-            "--pki", str(own), "--test-data", str(own / TEST_FILE),
-            "--address", address, "--port-file", str(self.port_file),
+            "--pki", str(own), "--address", address, "--port-file", str(self.port_file),
             "--checkpoint-key", str(self.key_file), *self._overrides(),
+            *(["--test-data", str(own / TEST_FILE)] if self.server_test else []),
         ]  # fmt: skip
 
     def client_args(self, name: str, server: str) -> list[str]:
@@ -491,7 +632,8 @@ class DeploymentFiles:
         own = self.org_dir(name)
         return [
             "client", str(self.config_path), "--name", name,
-            "--data", str(own / DATA_FILE), "--pki", str(own), "--server", server,
+            "--data", str(self.data.get(name, own / DATA_FILE)), "--pki", str(own),
+            "--server", server,
             *self._overrides(),
         ]  # fmt: skip
 
@@ -518,14 +660,14 @@ def prepare_deployment(config: RunConfig, out: Path, *, config_path: Path) -> De
         key_file=config.checkpoint.key_file or server_dir / "checkpoint.key",
         port_file=out / "server.port",
         clients=[],
+        server_test=config.data.organisations is None,
         secure_aggregation=(
             config.secure_aggregation
             if config.secure_aggregation != load_config(config_path).secure_aggregation
             else None
         ),
     )
-    fed = federated_data(config)
-    files.clients.extend(c.name for c in fed.clients)
+    fed = _deployment_data(config, files)
     _private_dir(files.ca_dir)
     _private_dir(files.orgs_dir)
     if not (files.ca_dir / pki.CA_CERT).is_file():
@@ -547,12 +689,31 @@ def prepare_deployment(config: RunConfig, out: Path, *, config_path: Path) -> De
         generate_key_file(files.key_file)
     # A backend's own preparation: under CKKS the key ceremony, run by the CA operator.
     secure_aggregation.backend(config.secure_aggregation).prepare_deployment(config, files)
-    for index, client in enumerate(fed.clients):
-        write_client_data(files.org_dir(client.name) / DATA_FILE, client, index=index, fed=fed)
-    write_server_data(server_dir / TEST_FILE, fed)
+    if fed is not None:
+        for index, client in enumerate(fed.clients):
+            write_client_data(files.org_dir(client.name) / DATA_FILE, client, index=index, fed=fed)
+        write_server_data(server_dir / TEST_FILE, fed)
     files.logs.mkdir(exist_ok=True)
     files.port_file.unlink(missing_ok=True)
     return files
+
+
+def _deployment_data(config: RunConfig, files: DeploymentFiles) -> FederatedData | None:
+    """The members' names into `files`, and the data to prepare for them: with `[data]
+    organisations` none (each process is given its own file, checked here first so that a
+    broken file is reported before any process starts); else the data set split as a
+    simulation splits it, to be written as each organisation's `.npz`."""
+    schema = config.data.contract()
+    organisations = config.data.organisations
+    if schema is None or organisations is None:
+        fed = federated_data(config)
+        files.clients.extend(c.name for c in fed.clients)
+        return fed
+    for path in organisations.values():
+        load_encoded(schema, path)
+    files.clients.extend(organisations)
+    files.data.update(organisations)
+    return None
 
 
 def _enrol(files: DeploymentFiles, name: str, role: pki.Role) -> None:

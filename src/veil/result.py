@@ -114,7 +114,11 @@ class Timing(_Open):
 
 
 class Baseline(_Open):
-    accuracy: float
+    """The pooled-data baseline's metrics on the held-out test set: `accuracy` (and loss, AUC)
+    for classification; `loss`, `mse`, `mae` and `r2` for regression (extra fields), where
+    `accuracy` is None. A result.json written before regression always has `accuracy`."""
+
+    accuracy: float | None = Field(default=None, exclude_if=_absent)
 
 
 class ClassMetrics(_Open):
@@ -160,6 +164,32 @@ class Classification(_Open):
     calibration: list[CalibrationBin] | None = None
 
 
+class OrganisationData(_Open):
+    """One organisation's data as the run saw it: its training and validation row counts and,
+    where the run read a file for it, the file's name (never its path or contents)."""
+
+    name: str
+    rows: int
+    validation_rows: int = 0
+    file: str | None = None
+
+
+class DataRecord(_Open):
+    """Which data a run trained on (docs/results.md): the data set, the data contract's hash
+    (`veil schema`), each organisation's rows and file, and the held-out test set."""
+
+    dataset: str
+    synthetic: bool = False
+    #: "classification" or "regression".
+    task: str = "classification"
+    #: SHA-256 of the data contract every organisation encoded its file with (None: no schema).
+    schema_hash: str | None = None
+    schema_file: str | None = None
+    organisations: list[OrganisationData] = []
+    test_rows: int = 0
+    test_file: str | None = None
+
+
 class Result(_Open):
     """What `veil.run` returns and `veil run` writes to `OUT/result.json`.
 
@@ -190,6 +220,8 @@ class Result(_Open):
     #: Per-class results of the final model (None in a result.json written before it existed,
     #: and for a run without a held-out test set).
     classification: Classification | None = Field(default=None, exclude_if=_absent)
+    #: The data the run trained on (None in a result.json written before it existed).
+    data: DataRecord | None = Field(default=None, exclude_if=_absent)
 
     def to_json(self) -> str:
         """The JSON text of `result.json`."""

@@ -30,6 +30,7 @@ from torch import nn
 from veil.assembly.data import (
     baseline_record,
     centralized_baseline,
+    data_record,
     federated_data,
     final_evaluation,
 )
@@ -203,6 +204,14 @@ def _run_rounds(
     interrupted = last < config.federation.rounds
     rounds = [*earlier, *(round_result(r) for r in records)]
     final, classification = final_evaluation(config, f.fed, f.server.parameters)
+    if not final and rounds:
+        # No held-out test set (a coordinator without data): the members' own evaluation of
+        # the last evaluated model, named as such.
+        evaluated = [
+            r.metrics for r in rounds if any(k.startswith("federated_") for k in r.metrics)
+        ]
+        if evaluated:
+            final = {k: v for k, v in evaluated[-1].items() if k.startswith("federated_")}
     baseline = (
         centralized_baseline(config, f.fed, f.initial)
         if config.federation.centralized_baseline and in_process and not interrupted
@@ -226,6 +235,7 @@ def _run_rounds(
         strategy=f.server.strategy.name,
         clients=len(f.fed.clients),
         dataset={"name": f.fed.dataset_name, "synthetic": f.fed.synthetic},
+        data=data_record(config, f.fed),
         classification=classification,
         **({"attack": f.attack.describe()} if f.attack else {}),
     )

@@ -37,7 +37,7 @@ def test_a_continuous_target_is_refused_with_the_hint(diabetes_csv: tuple[Path, 
     assert f"target column 'progression' of data file '{path}' has {distinct} distinct" in message
     assert "more than max_classes = 100" in message
     assert "may be a regression target" in message
-    assert "regression is not supported yet" in message
+    assert "[data] task = 'regression'" in message
 
 
 def test_max_classes_is_the_declared_limit(diabetes_csv: tuple[Path, int]) -> None:

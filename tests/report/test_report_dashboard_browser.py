@@ -1,8 +1,10 @@
 """End to end in a real browser: a run, `veil dashboard` as its own process, headless Chromium.
 
-The page must show the round counter advancing while the federation runs and the ε figure once
-the first round is accounted. A screenshot is saved as a test artifact (in $VEIL_TEST_ARTIFACTS
-when set, else in the test's temporary folder).
+The dashboard starts on a folder that does not exist yet; the page must list the run once it
+starts, show the round counter advancing while the federation runs, the ε figure once the first
+round is accounted, and the report's curves (accuracy, loss, ε) as inline SVG. A screenshot is
+saved as a test artifact (in $VEIL_TEST_ARTIFACTS when set, else in the test's temporary
+folder).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import veil
 from veil.config import RunConfig
 from veil.federation import RoundRecord, Strategy
 from veil.result import Result
-from veil.store import DB_NAME, RunStore
 from veil.tensors import NamedArrays
 
 ROUNDS = 4
@@ -82,7 +83,8 @@ def test_dashboard_follows_a_running_federation(
 ) -> None:
     from playwright.sync_api import sync_playwright
 
-    out = tmp_path / "run"
+    where = tmp_path / "runs"  # does not exist when the dashboard starts
+    out = where / "live"
     results: list[Result] = []
     errors: list[BaseException] = []
     pace = _Pace()
@@ -93,24 +95,20 @@ def test_dashboard_follows_a_running_federation(
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
-    # An empty run store first, so that `veil dashboard` (a process of its own, slow to import)
-    # starts while the run loads its data; the run then records into this store.
-    out.mkdir()
-    RunStore(out / DB_NAME).close()
     dashboard = subprocess.Popen(
-        [sys.executable, "-m", "veil.cli", "dashboard", str(out), "--port", "0"],
+        [sys.executable, "-m", "veil.cli", "dashboard", str(where), "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     runner = threading.Thread(target=run, daemon=True)
-    runner.start()
     try:
         assert dashboard.stdout is not None
         line = dashboard.stdout.readline()
         match = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
         assert match, f"no address from `veil dashboard`: {line!r} {dashboard.stderr!r}"
         url = match.group(1)
+        assert "no runs in" in dashboard.stdout.readline()
         artifacts = Path(os.environ.get("VEIL_TEST_ARTIFACTS", tmp_path))
         artifacts.mkdir(parents=True, exist_ok=True)
         with sync_playwright() as p:
@@ -121,6 +119,8 @@ def test_dashboard_follows_a_running_federation(
             try:
                 page = browser.new_page()
                 page.goto(url)
+                _wait_until(lambda: page.is_visible("#empty"), "no 'no runs yet' on the page")
+                runner.start()
                 _wait_until(lambda: _round(page) >= 1, "the page never showed round 1")
                 first = _round(page)
                 assert first == 1 and page.inner_text("#status") == "running"
@@ -130,7 +130,12 @@ def test_dashboard_follows_a_running_federation(
                 assert page.inner_text("#status") in ("running", "finished")
                 epsilon = page.inner_text("#epsilon")
                 assert re.match(r"\d+\.\d{3} of 4", epsilon), epsilon
-                assert page.inner_text("#accuracy") != "-"
+                assert page.inner_text("#metric-label") == "accuracy"
+                assert page.inner_text("#metric") != "-"
+                assert not page.is_visible("#empty")
+                charts = page.inner_text("#charts")
+                for title in ("Accuracy per round", "Loss per round", "ε spent per round"):
+                    assert title in charts, charts
                 assert "browser-live" in page.inner_text("#runs")
                 page.screenshot(path=str(artifacts / "dashboard.png"), full_page=True)
             finally:
@@ -139,7 +144,8 @@ def test_dashboard_follows_a_running_federation(
         pace.watching.set()
         dashboard.terminate()
         dashboard.wait(timeout=10)
-        runner.join(timeout=60)
+        if runner.ident is not None:  # started
+            runner.join(timeout=60)
     assert not errors, errors
     assert results and len(results[0].rounds) == ROUNDS
     assert (artifacts / "dashboard.png").stat().st_size > 0

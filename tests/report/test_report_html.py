@@ -19,6 +19,7 @@ from veil.report.svg import bar_chart, line_chart
 
 SECTIONS = (
     "summary",
+    "data",
     "performance",
     "budget",
     "participation",

@@ -14,7 +14,7 @@ from veil.assembly.data import federated_data
 from veil.assembly.model import model, training_plan
 from veil.config import RunConfig
 from veil.crypto.envelope import load_key_file
-from veil.errors import StoreError
+from veil.errors import ConfigError, StoreError
 from veil.models import get_parameters
 from veil.privacy.audit.target import AuditedRun
 from veil.result import RESULT_FILE, Result
@@ -42,6 +42,12 @@ def load_run(run_dir: str | Path, *, key_file: Path | None = None) -> AuditedRun
     with RunStore.locate(path) as store:
         _, raw_config, _ = store.get_run(result.run_id)
     config = RunConfig.from_dict(raw_config, source=str(path))
+    if config.data.resolved_task == "regression":
+        raise ConfigError(
+            f"veil audit measures classifiers (its canaries are mislabelled records and its "
+            f"attacks score class probabilities), and run '{result.run_id}' is a regression; "
+            "audit a classification run"
+        )
     key_path = key_file or config.checkpoint.key_file
     key = load_key_file(key_path) if key_path is not None else None
     checkpoint = load_checkpoint(path / CHECKPOINT_FILE, key=key)

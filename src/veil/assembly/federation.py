@@ -18,7 +18,7 @@ from torch import nn
 from veil.assembly import privacy as privacy_builder
 from veil.assembly.data import held_out_evaluator
 from veil.assembly.model import model as build_run_model
-from veil.assembly.model import training_plan
+from veil.assembly.model import run_objective, training_plan
 from veil.assembly.secure_aggregation.base import SecureAggregation, ServerInputs, Session
 from veil.assembly.secure_aggregation.registry import backend as find_backend
 from veil.assembly.stages import client_runner, client_stages, server_stages, update_compressor
@@ -55,6 +55,9 @@ class ServerSide:
     gateway_factory: GatewayFactory
     pki_dir: Path | None = None
     tls_public_key: bytes | None = None
+    #: The run's data with each member's row counts as it declared them when it joined
+    #: (called once the gateway has waited for the members); None: as given.
+    members: Callable[[FederatedData], FederatedData] | None = None
 
 
 @dataclass
@@ -90,7 +93,7 @@ def assemble(
     data and the members' declared sizes only). With `checkpoint` the parameters, the strategy
     state and the privacy account continue from it (`checkpoint_path` names it in errors).
     The privacy policy observes the rounds first, then `observers`. ConfigError for a run that
-    cannot work (a DP target, an encoding that could overflow) before any process is reached."""
+    cannot work (a DP target, an encoding that could overflow) before any round."""
     backend = find_backend(config.secure_aggregation)
     backend.check(config)
     plan = training_plan(config)
@@ -98,6 +101,9 @@ def assemble(
     initial = get_parameters(model)
     plan = replace(plan, base_model=frozen_fingerprint(model))
     names = [c.name for c in fed.clients]
+    start = checkpoint.parameters if checkpoint is not None else initial
+    # A deployment's members join first: the privacy policy accounts each with its declared size.
+    gateway, fed = _join(deployment, run_id, start, fed)
     privacy = privacy_builder.privacy_policy(
         config, [(c.name, c.n_train) for c in fed.clients], plan
     )
@@ -115,10 +121,7 @@ def assemble(
     )
     adversary = attack(config, names)
     pipeline = update_pipeline(config, privacy, adversary, session)
-    start = checkpoint.parameters if checkpoint is not None else initial
-    if deployment is not None:
-        gateway = deployment.gateway_factory(run_id, start)
-    else:
+    if gateway is None:
         runners = _runners(config, fed, pipeline, privacy, adversary, session)
         gateway = in_process_gateway(config, fed, runners)
     chosen = strategy(
@@ -158,6 +161,17 @@ def assemble(
     )
 
 
+def _join(
+    deployment: ServerSide | None, run_id: str, start: NamedArrays, fed: FederatedData
+) -> tuple[ClientGateway | None, FederatedData]:
+    """A deployment's gateway, once the members have joined, and `fed` with the row counts
+    they declared; (None, `fed`) for members in this process."""
+    if deployment is None:
+        return None, fed
+    gateway = deployment.gateway_factory(run_id, start)
+    return gateway, deployment.members(fed) if deployment.members is not None else fed
+
+
 def update_pipeline(
     config: RunConfig, privacy: PrivacyPolicy | None, adversary: Attack | None, session: Session
 ) -> UpdatePipeline:
@@ -189,6 +203,7 @@ def _runners(
             privacy=privacy,
             attack=adversary,
             protocol=session.participant(client.name),
+            objective=run_objective(config, fed),
         )
         for index, client in enumerate(fed.clients)
     ]

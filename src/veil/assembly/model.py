@@ -1,4 +1,5 @@
-"""A run's model and training plan, from `[model]` and `[federation]`."""
+"""A run's model, its objective and training plan, from `[model]`, `[data]` and
+`[federation]`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from torch import nn
 from veil.config import RunConfig
 from veil.data import FederatedData
 from veil.federation import TrainingPlan
+from veil.federation.objective import Objective
 from veil.models import build_model
 
 
@@ -21,6 +23,30 @@ def model(config: RunConfig, fed: FederatedData, seed: int | None = None) -> nn.
         image_shape=fed.image_shape,
         seed=seed,
     )
+
+
+def objective(
+    config: RunConfig, task: str, target_bounds: tuple[float, float] | None = None
+) -> Objective:
+    """The loss every member trains with and every evaluation scores by: cross-entropy for
+    classification; for regression `[model] loss` (squared by default, or Huber with
+    `huber_delta`) on the target mapped by its declared `target_bounds`, ``(y - centre) /
+    ((upper - lower) / 6)``, or on the raw target without bounds (docs/regression.md)."""
+    loss = config.model.resolved_loss(task)
+    if task != "regression":
+        return Objective(loss)
+    delta = config.model.huber_delta if config.model.huber_delta is not None else 1.0
+    if target_bounds is None:
+        return Objective(loss, huber_delta=delta)
+    lower, upper = target_bounds
+    return Objective(
+        loss, huber_delta=delta, centre=(lower + upper) / 2.0, scale=(upper - lower) / 6.0
+    )
+
+
+def run_objective(config: RunConfig, fed: FederatedData) -> Objective:
+    """`objective` for the data `fed` holds (its task and declared target bounds)."""
+    return objective(config, fed.task, fed.target_bounds)
 
 
 def training_plan(config: RunConfig) -> TrainingPlan:

@@ -21,6 +21,7 @@ from veil.federation.compression import (
     Int8Compressor,
     TopKCompressor,
 )
+from veil.federation.objective import CROSS_ENTROPY, Objective
 from veil.federation.pipeline import ClientProtocol, ClientStage, ServerStage
 from veil.federation.training import LocalTrainer
 from veil.privacy.dp.policy import ClientLevelPrivacy, PrivacyPolicy, RecordLevelPrivacy
@@ -75,10 +76,13 @@ def trainer(
     name: str,
     index: int,
     n_classes: int,
+    objective: Objective = CROSS_ENTROPY,
 ) -> LocalTrainer | None:
-    """Member `name`'s local trainer: DP-SGD under record-level DP, wrapped by label flipping
-    for a simulated attacker; None for plain SGD."""
-    honest = privacy.trainer(name, index) if isinstance(privacy, RecordLevelPrivacy) else None
+    """Member `name`'s local trainer: DP-SGD under record-level DP (clipping the gradients of
+    `objective`'s per-example loss), wrapped by label flipping for a simulated attacker; None
+    for plain SGD (the `ClientRunner` then minimises `objective` itself)."""
+    loss = objective.per_example if objective.regression else None
+    honest = privacy.trainer(name, index, loss) if isinstance(privacy, RecordLevelPrivacy) else None
     return attack.trainer(name, honest, n_classes) if attack else honest
 
 
@@ -92,15 +96,19 @@ def client_runner(
     privacy: PrivacyPolicy | None,
     attack: Attack | None = None,
     protocol: ClientProtocol | None = None,
+    objective: Objective = CROSS_ENTROPY,
 ) -> ClientRunner:
     """Member number `index` (`client.name`), training on `client`'s data with the run's
-    seed for it, its trainer, `pipeline`'s client stages and the participant `protocol`."""
+    seed for it, its trainer, `pipeline`'s client stages and the participant `protocol`,
+    minimising `objective` (`veil.assembly.model.objective`: the run's loss; `n_classes` is 1
+    for regression)."""
     return ClientRunner(
         client.name,
         client,
         n_classes=n_classes,
         pipeline=pipeline,
         seed=derive_seed(config.seed, Purpose.LOCAL_TRAINING, index),
-        trainer=trainer(privacy, attack, client.name, index, n_classes),
+        trainer=trainer(privacy, attack, client.name, index, n_classes, objective),
         protocol=protocol,
+        objective=objective,
     )

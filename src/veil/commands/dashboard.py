@@ -21,15 +21,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "dashboard",
         help=help_of("dashboard"),
         description="Serve a read-only web page that lists the runs of a run store and follows "
-        "a running federation round by round (round, organisations, metrics, ε). It shows no "
-        "raw data, paths or keys. Bound to 127.0.0.1 unless --host says otherwise.",
+        "a running federation round by round (round, organisations, metrics, ε, and the "
+        "report's quality, loss and ε curves). WHERE may be empty or not exist yet: runs "
+        "appear as they start. It shows no raw data, paths or keys. Bound to 127.0.0.1 "
+        "unless --host says otherwise.",
     )
     p.add_argument(
         "where",
         nargs="?",
         type=Path,
         default=Path("runs"),
-        help="a run folder, a folder of run folders, or a veil.db file (default: runs)",
+        help="a run folder, a folder of run folders, or a veil.db file, which may not exist "
+        "yet (default: runs)",
     )
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
     p.add_argument(
@@ -39,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from veil.report.dashboard import make_server, url_of
+    from veil.report.dashboard import RunSource, make_server, url_of
 
     server = make_server(args.where, host=args.host, port=args.port)
     try:
@@ -53,6 +56,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(f"dashboard: {url_of(server)} (read-only; Ctrl-C to stop)", flush=True)
+    if not RunSource(args.where).stores():
+        print(f"dashboard: no runs in '{args.where}' yet; the page lists them as they start")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

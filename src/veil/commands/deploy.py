@@ -24,7 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="the coordinator's own folder: ca.crt, crl.pem, nodes/server/ (its keys) and each "
         "member's public certificate nodes/NAME/node.crt; never the CA's key",
     )
-    p.add_argument("--test-data", type=Path, required=True, help="the server's test set (.npz)")
+    p.add_argument(
+        "--test-data",
+        type=Path,
+        help="an optional held-out evaluation file (CSV or Parquet, checked against [data] "
+        "schema_file; default [data] test_file); without a data contract, the prepared .npz",
+    )
     p.add_argument("--address", help="host:port to listen on (default from [deployment])")
     p.add_argument("--port-file", type=Path, help="write the chosen port here once listening")
     p.add_argument("--insecure-dev", action="store_true", help="plaintext: development only")
@@ -36,7 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("client", help=help_of("client"))
     p.add_argument("config", type=Path)
     p.add_argument("--name", required=True, help="this node's name, as in its certificate")
-    p.add_argument("--data", type=Path, required=True, help="this organisation's data (.npz)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="this organisation's own data file (CSV or Parquet), checked against [data] "
+        "schema_file before anything is sent: each violation is listed and nothing is trained",
+    )
     p.add_argument(
         "--pki",
         type=Path,

@@ -186,21 +186,25 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
             summaries += store.list_runs()
     summaries.sort(key=lambda s: (s.started_at, s.run_id), reverse=True)
     table = Table(title=f"Runs in {args.where}", title_justify="left")
-    for column in ("run id", "name", "mode", "status", "rounds", "accuracy", "started"):
+    for column in ("run id", "name", "mode", "status", "rounds", "accuracy / R²", "started"):
         table.add_column(column)
     for s in summaries:
-        acc = (s.final or {}).get("accuracy")
         table.add_row(
-            s.run_id,
-            s.name,
-            s.mode,
-            s.status,
-            str(s.rounds),
-            f"{acc:.4f}" if acc is not None else "-",
-            s.started_at,
+            s.run_id, s.name, s.mode, s.status, str(s.rounds), _score(s.final), s.started_at
         )
     _stdout_console().print(table)
     return 0
+
+
+def _score(final: dict[str, Any] | None) -> str:
+    """A run's headline metric for `veil runs list`: the final accuracy of a classifier, the
+    final R² of a regression ("R² 0.4812"), else "-"."""
+    final = final or {}
+    if "accuracy" in final:
+        return f"{final['accuracy']:.4f}"
+    if "r2" in final:
+        return f"R² {final['r2']:.4f}"
+    return "-"
 
 
 def cmd_runs_show(args: argparse.Namespace) -> int:

@@ -13,11 +13,13 @@ Importing this package loads pydantic and nothing heavy (no torch, scikit-learn 
 
 from veil.config.compression import CompressionConfig
 from veil.config.data import (
+    REGRESSION_DATASETS,
     TEXT_DATASETS,
     DataConfig,
     DatasetName,
     FeatureBoundsConfig,
     PartitionConfig,
+    TargetBoundsConfig,
 )
 from veil.config.deployment import CheckpointConfig, DeploymentConfig
 from veil.config.federation import (
@@ -56,6 +58,7 @@ __all__ = [
     "BACKEND_SECTIONS",
     "CKKS_MAX_MODULUS_BITS",
     "IMPLEMENTED_MODES",
+    "REGRESSION_DATASETS",
     "STRATEGY_NAMES",
     "TEXT_DATASETS",
     "Aggregation",
@@ -83,6 +86,7 @@ __all__ = [
     "Section",
     "StragglerConfig",
     "StrategyConfig",
+    "TargetBoundsConfig",
     "TeeConfig",
     "load_config",
 ]

@@ -45,6 +45,8 @@ class ModelConfig(Section):
         owners = {"hidden": ("mlp",), "channels": ("cnn",), "dropout": ("mlp", "cnn")}
         for key in ("model_dir", "max_length", "lora", "gradient_checkpointing"):
             owners[key] = ("transformer",)
+        if self.huber_delta is not None and self.loss != "huber":
+            raise ValueError("huber_delta applies to loss = 'huber'; remove it or set that loss")
         for key, names in owners.items():
             if self.name not in names and getattr(self, key) != getattr(defaults, key):
                 hint = "; use [model.lora].dropout" if key == "dropout" else ""
@@ -94,7 +96,9 @@ class ModelConfig(Section):
                 )
             )
 
-    name: Literal["logistic", "mlp", "cnn", "transformer"] = "mlp"
+    #: "linear" is linear regression (one linear layer, one output) and needs a regression task;
+    #: "logistic" classifies; "mlp" does either.
+    name: Literal["logistic", "linear", "mlp", "cnn", "transformer"] = "mlp"
     #: Hidden layer widths of the MLP.
     hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [64])
     #: Output channels of the CNN's convolutions.
@@ -109,13 +113,55 @@ class ModelConfig(Section):
     lora: LoRAConfig = LoRAConfig()
     #: Transformer: recompute activations in the backward pass (less memory, more time).
     gradient_checkpointing: bool = False
+    #: The training loss: "cross_entropy" (classification, the default there), "squared" (the
+    #: default for regression) or "huber" (regression; robust to outlying targets).
+    loss: Literal["cross_entropy", "squared", "huber"] | None = None
+    #: loss = "huber": where the loss turns from quadratic to linear, in the target's units
+    #: (default 1.0).
+    huber_delta: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+    def resolved_loss(self, task: str) -> Literal["cross_entropy", "squared", "huber"]:
+        """The loss of a run of `task`: `loss` if given, else the task's default."""
+        if self.loss is not None:
+            return self.loss
+        return "squared" if task == "regression" else "cross_entropy"
 
     def check_in(self, run: RunConfig) -> None:
-        """The CNN reads images and the transformer texts: each needs a data set of its kind."""
+        """The CNN reads images and the transformer texts: each needs a data set of its kind;
+        the model and the loss fit the task (regression: "linear" or "mlp", squared or Huber
+        loss; classification: cross-entropy, no "linear")."""
+        self._fits_the_task(run.data.resolved_task)
         if self.name == "cnn" and run.data.dataset != "digits":
             raise ValueError("model name = 'cnn' needs image data: use dataset = 'digits'")
         if self.name == "transformer" and run.data.dataset not in TEXT_DATASETS:
             raise ValueError(
                 "[model] name = 'transformer' classifies texts: use dataset = "
                 f"{' or '.join(repr(n) for n in TEXT_DATASETS)}"
+            )
+
+    def _fits_the_task(self, task: str) -> None:
+        if task == "regression":
+            if self.name not in ("linear", "mlp"):
+                hint = " (linear regression)" if self.name == "logistic" else ""
+                raise ValueError(
+                    f"[model] name = '{self.name}' does not fit a regression task: use name = "
+                    f"'linear'{hint} or 'mlp'"
+                )
+            if self.loss == "cross_entropy":
+                raise ValueError(
+                    "loss = 'cross_entropy' is for classification; a regression task uses "
+                    "loss = 'squared' or 'huber'"
+                )
+            return
+        if self.name == "linear":
+            raise ValueError(
+                "[model] name = 'linear' is linear regression, and this data set has classes: "
+                "use name = 'logistic' (or set [data] task = 'regression' for a numeric CSV "
+                "target)"
+            )
+        if self.loss in ("squared", "huber"):
+            raise ValueError(
+                f"loss = '{self.loss}' is a regression loss, and this data set has classes: "
+                "remove it (classification trains with cross_entropy), or set [data] task = "
+                "'regression' for a numeric CSV target"
             )

@@ -109,6 +109,11 @@ class AttackConfig(Section):
         """Attackers are simulated clients, and the fraction must make at least one of them."""
         if run.mode not in SIMULATED_MODES:
             raise ValueError("[attack] simulates malicious clients in mode = 'simulation' or 'ray'")
+        if self.kind == "label_flip" and run.data.resolved_task == "regression":
+            raise ValueError(
+                "attack kind = 'label_flip' flips class labels, and a regression target has "
+                "none; use kind = 'sign_flip', 'scale' or 'gaussian'"
+            )
         if count_of(self.fraction, run.federation.clients) < 1:
             raise ValueError(
                 f"attack.fraction = {self.fraction} of {run.federation.clients} clients "

@@ -54,6 +54,8 @@ IMPLEMENTED_MODES: tuple[str, ...] = ("simulation", "deployment", "ray")
 #: The keys of `load_config`'s tables that hold paths relative to the config file.
 _RELATIVE_PATHS: tuple[tuple[str, str], ...] = (
     ("data", "path"),
+    ("data", "schema_file"),
+    ("data", "test_file"),
     ("privacy", "ledger"),
     ("checkpoint", "key_file"),
     ("model", "model_dir"),
@@ -180,4 +182,12 @@ def load_config(path: str | Path) -> RunConfig:
         table = raw.get(section)
         if isinstance(table, dict) and isinstance(table.get(key), str):
             table[key] = str((path.parent / Path(table[key]).expanduser()).resolve())
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("organisations"), dict):
+        data["organisations"] = {
+            name: str((path.parent / Path(file).expanduser()).resolve())
+            if isinstance(file, str)
+            else file
+            for name, file in data["organisations"].items()
+        }
     return RunConfig.from_dict(raw, source=str(path))

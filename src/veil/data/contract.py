@@ -286,20 +286,53 @@ def save_schema(schema: DataSchema, path: Path, *, comment: str = "") -> None:
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """A CSV file with every cell as the string written in it (no NA guessing, no types), so
-    that a typo such as ``thirty`` in a numeric column is seen as written.
+    """A CSV or Parquet file (by its suffix: ``.parquet`` / ``.pq``) with every cell as the
+    string written in it (no NA guessing, no types), so that a typo such as ``thirty`` in a
+    numeric column is seen as written. A Parquet null, like an empty CSV cell, is a missing
+    value.
 
     Raises:
-        DataError: If the file is missing or not a readable CSV.
+        DataError: If the file is missing or not a readable CSV or Parquet file.
     """
     import pandas as pd
 
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file '{path}' not found")
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        return _read_parquet(path)
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise DataError(f"data file '{path}' not found") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"data file '{path}' is not a readable CSV: {exc}") from None
+
+
+#: File suffixes read as Parquet; any other file is read as CSV.
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(
+            f"reading '{path}' needs pyarrow: pip install 'veil[parquet]' (or give a CSV file)"
+        ) from None
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"data file '{path}' is not a readable Parquet file: {exc}") from None
+    frame = table.to_pandas()
+    # Cells as text, as a CSV's would be: nulls become empty (missing) cells.
+    return frame.apply(lambda col: [_parquet_text(v) for v in col]).astype(str)
+
+
+def _parquet_text(value: object) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _cells(frame: pd.DataFrame, column: str) -> list[str | None]:

@@ -21,7 +21,7 @@ import pandas as pd
 
 # The default of `[data] max_classes`: a target column with more distinct values is refused, as
 # it is likely a continuous (regression) target, not a set of classes.
-from veil.config.data import DEFAULT_MAX_CLASSES
+from veil.config.data import DEFAULT_MAX_CLASSES, REGRESSION_DATASETS
 from veil.data import synthetic_industry
 from veil.data.dataset import Dataset
 from veil.data.scaling import FeatureBounds
@@ -42,6 +42,7 @@ DATASET_NAMES: Final[tuple[str, ...]] = (
     "synthetic_logistic",
     "synthetic_vehicle_faults",
     "synthetic_machine_failures",
+    "diabetes",
 )
 """The names that `load_dataset` accepts."""
 
@@ -95,6 +96,7 @@ def load_dataset(
     path: Path | None = None,
     target: str | None = None,
     max_classes: int = DEFAULT_MAX_CLASSES,
+    task: str | None = None,
 ) -> Dataset:
     """Load a data set by name.
 
@@ -115,6 +117,9 @@ def load_dataset(
               (`veil.data.synthetic_industry.make_vehicle_faults`).
             - ``"synthetic_machine_failures"``: SYNTHETIC milling-machine readings, 5000 x 8
               (`veil.data.synthetic_industry.make_machine_failures`).
+            - ``"diabetes"``: scikit-learn's diabetes data (Efron et al. 2004), 442 patients x
+              10 raw (unscaled) baseline measurements, REGRESSION target: disease progression
+              one year after baseline (25..346); declared feature and target bounds.
 
             For tables (``german_credit``, ``csv``), numeric columns are kept as they are and
             every other column is one-hot encoded with its categories sorted; a missing value in
@@ -124,6 +129,9 @@ def load_dataset(
         path: The CSV file, for ``name == "csv"`` only.
         target: The label column, for ``"csv"`` (required) and ``"german_credit"`` (optional).
         max_classes: The most distinct values the target column of a table may have.
+        task: ``"classification"`` or ``"regression"``; None: the data set's own (regression
+            for `REGRESSION_DATASETS`, else classification). Only ``"csv"`` may choose:
+            ``"regression"`` keeps its numeric target column as float32 values.
 
     Raises:
         DataError: Unknown name; `path`/`target` given where they mean nothing or missing where
@@ -132,6 +140,28 @@ def load_dataset(
             rows); fewer than 2 classes; more than `max_classes` classes (the message says the
             column may be a regression target).
     """
+    _check_arguments(name, path, target, task)
+    if name == "diabetes":
+        return _load_diabetes()
+    if name == "csv" and task == "regression":
+        return _load_csv(path, target, max_classes, regression=True)
+    if name == "breast_cancer":
+        return _load_breast_cancer()
+    if name == "digits":
+        return _load_digits()
+    if name == "german_credit":
+        return _load_german_credit(target, max_classes)
+    if name == "csv":
+        return _load_csv(path, target, max_classes)
+    if name in ("synthetic_vehicle_faults", "synthetic_machine_failures"):
+        if name == "synthetic_vehicle_faults":
+            return synthetic_industry.make_vehicle_faults()
+        return synthetic_industry.make_machine_failures()
+    return make_synthetic_logistic(2000, 20, seed=0)
+
+
+def _check_arguments(name: str, path: Path | None, target: str | None, task: str | None) -> None:
+    """DataError for an unknown name, or a path, target or task the data set does not take."""
     if name not in DATASET_NAMES:
         raise DataError(
             f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)} "
@@ -147,19 +177,51 @@ def load_dataset(
             f"a target column ({target!r}) is only used with datasets 'csv' and 'german_credit', "
             f"not {name!r}; remove it"
         )
-    if name == "breast_cancer":
-        return _load_breast_cancer()
-    if name == "digits":
-        return _load_digits()
-    if name == "german_credit":
-        return _load_german_credit(target, max_classes)
-    if name == "csv":
-        return _load_csv(path, target, max_classes)
-    if name in ("synthetic_vehicle_faults", "synthetic_machine_failures"):
-        if name == "synthetic_vehicle_faults":
-            return synthetic_industry.make_vehicle_faults()
-        return synthetic_industry.make_machine_failures()
-    return make_synthetic_logistic(2000, 20, seed=0)
+    _check_task(name, task)
+
+
+def _check_task(name: str, task: str | None) -> None:
+    own = "regression" if name in REGRESSION_DATASETS else "classification"
+    if task is None or task == own or (name == "csv" and task in ("classification", "regression")):
+        return
+    raise DataError(
+        f"dataset {name!r} is a {own} data set, not {task}; remove [data] task (only "
+        "dataset = 'csv' chooses its task)"
+    )
+
+
+#: Declared ranges of the diabetes features (scikit-learn's raw values, `scaled=False`), in its
+#: column order: age (years), sex (coded 1 or 2), body mass index (kg/m²), mean blood pressure
+#: (mm Hg), total cholesterol, LDL, HDL (mg/dL), total cholesterol / HDL, log of serum
+#: triglycerides, blood glucose (mg/dL). Source: clinically plausible ranges of these
+#: measurements in adults (domain knowledge), chosen without the records; each is wider than
+#: the values in the data.
+DIABETES_LOWER: Final[tuple[float, ...]] = (0, 1, 10, 40, 50, 0, 10, 1, 2, 40)
+DIABETES_UPPER: Final[tuple[float, ...]] = (100, 2, 60, 200, 400, 300, 150, 15, 8, 300)
+#: Declared range of the diabetes target: the range of the response published with the data
+#: (Efron et al. 2004, "Least Angle Regression": 25 to 346), rounded outward.
+DIABETES_TARGET_BOUNDS: Final[tuple[float, float]] = (0.0, 400.0)
+
+
+def _load_diabetes() -> Dataset:
+    from sklearn.datasets import load_diabetes
+
+    bunch = load_diabetes(scaled=False)
+    return Dataset(
+        name="diabetes",
+        features=np.asarray(bunch.data, dtype=np.float32),
+        labels=np.asarray(bunch.target, dtype=np.float32),
+        feature_names=tuple(str(f) for f in bunch.feature_names),
+        class_names=(),
+        feature_bounds=FeatureBounds.from_values(
+            DIABETES_LOWER,
+            DIABETES_UPPER,
+            len(DIABETES_UPPER),
+            source="clinically plausible ranges of the ten measurements (domain knowledge)",
+        ),
+        task="regression",
+        target_bounds=DIABETES_TARGET_BOUNDS,
+    )
 
 
 def make_synthetic_logistic(n_examples: int, n_features: int, seed: int) -> Dataset:
@@ -291,7 +353,9 @@ def _german_credit_path() -> Path:
     )
 
 
-def _load_csv(path: Path | None, target: str | None, max_classes: int) -> Dataset:
+def _load_csv(
+    path: Path | None, target: str | None, max_classes: int, *, regression: bool = False
+) -> Dataset:
     if path is None or target is None:
         missing = " and ".join(
             what for what, value in (("[data].path", path), ("[data].target", target)) if not value
@@ -310,7 +374,12 @@ def _load_csv(path: Path | None, target: str | None, max_classes: int) -> Datase
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot parse data file {str(path)!r} as CSV: {exc}") from exc
     return _dataset_from_frame(
-        frame, target, name="csv", source=f"data file {str(path)!r}", max_classes=max_classes
+        frame,
+        target,
+        name="csv",
+        source=f"data file {str(path)!r}",
+        max_classes=max_classes,
+        regression=regression,
     )
 
 
@@ -321,8 +390,10 @@ def _dataset_from_frame(
     name: str,
     source: str,
     max_classes: int = DEFAULT_MAX_CLASSES,
+    regression: bool = False,
 ) -> Dataset:
-    """Encode a table: numeric columns kept, others one-hot, target mapped to ``0..k-1``."""
+    """Encode a table: numeric columns kept, others one-hot, target mapped to ``0..k-1`` (kept
+    as float32 values with `regression`)."""
     columns = [str(c) for c in frame.columns]
     frame = frame.set_axis(columns, axis=1)
     if target not in columns:
@@ -336,7 +407,11 @@ def _dataset_from_frame(
     if not feature_columns:
         raise DataError(f"{source} has no feature columns besides the target {target!r}")
 
-    labels, class_names = _encode_target(frame[target], target, source, max_classes)
+    class_names: tuple[str, ...] = ()
+    if regression:
+        labels = _numeric_target(frame[target], target, source)
+    else:
+        labels, class_names = _encode_target(frame[target], target, source, max_classes)
 
     blocks: list[np.ndarray] = []
     names: list[str] = []
@@ -367,7 +442,31 @@ def _dataset_from_frame(
         labels=labels,
         feature_names=tuple(names),
         class_names=class_names,
+        task="regression" if regression else "classification",
     )
+
+
+def _numeric_target(values: pd.Series, target: str, source: str) -> np.ndarray:
+    """A regression target column as float32 values; DataError naming the first row (counted
+    from 1, after the header) that is missing, not a number or not finite."""
+    numeric = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = np.flatnonzero(~np.isfinite(numeric))
+    if bad.size:
+        row = int(bad[0])
+        value = values.iloc[row]
+        what = (
+            "the value is missing" if pd.isna(value) else f"{str(value)!r} is not a finite number"
+        )
+        raise DataError(
+            f"regression target column {target!r} of {source}, row {row + 1}: {what} "
+            f"({bad.size} such row(s)); fix or drop them"
+        )
+    labels: np.ndarray = numeric.astype(np.float32)
+    if not np.isfinite(labels).all():
+        raise DataError(f"target column {target!r} of {source} has values too large for float32")
+    if np.unique(labels).size < 2:
+        raise DataError(f"regression target column {target!r} of {source} is constant")
+    return labels
 
 
 def _encode_target(
@@ -392,9 +491,9 @@ def _encode_target(
     if len(distinct) > max_classes:
         raise DataError(
             f"target column {target!r} of {source} has {len(distinct)} distinct values, more "
-            f"than max_classes = {max_classes}: it may be a regression target, and regression "
-            "is not supported yet; choose a class column, or raise [data] max_classes if these "
-            "really are classes"
+            f"than max_classes = {max_classes}: it may be a regression target (set [data] task = "
+            "'regression'); choose a class column, or raise [data] max_classes if these really "
+            "are classes"
         )
     index = {value: k for k, value in enumerate(distinct)}
     labels = np.fromiter((index[v] for v in values.tolist()), dtype=np.int64, count=len(values))

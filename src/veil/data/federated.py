@@ -26,6 +26,13 @@
 Each client keeps its `Preprocessing` (clamp, then its scaler), so that anything that later
 trains as the run did (the privacy audit's canaries) goes through the same transform.
 
+A regression data set (``Dataset.task == "regression"``) splits the same way, its float32
+target kept as it is (never scaled here: the model's fixed target map is
+`veil.federation.objective`'s). "Stratified" then means stratified by the target's quantile bins
+(at most `TARGET_BINS`, fewer for few examples), so the test set and each validation set span
+the target's range; a Dirichlet partition deals each quantile bin among the clients as it would
+a class (target skew: some clients hold mostly high values, others low).
+
 The same arguments and seed give identical arrays.
 """
 
@@ -37,7 +44,7 @@ from typing import Final, Literal, get_args
 
 import numpy as np
 
-from veil.data.dataset import Dataset
+from veil.data.dataset import Dataset, Task
 from veil.data.partition import partition_dirichlet, partition_iid, partition_quantity_skew
 from veil.data.scaling import (
     FeatureBounds,
@@ -56,6 +63,7 @@ __all__ = [
     "ScalingKind",
     "build_federated_data",
     "declared_bounds",
+    "validation_split",
 ]
 
 PartitionKind = Literal["iid", "dirichlet", "quantity"]
@@ -63,11 +71,16 @@ ScalingKind = Literal["federated", "local", "none", "bounds"]
 
 PARTITIONS: Final[tuple[str, ...]] = get_args(PartitionKind)
 SCALINGS: Final[tuple[str, ...]] = get_args(ScalingKind)
+#: The most quantile bins of a regression target that splits stratify by (module docstring).
+TARGET_BINS: Final[int] = 10
+#: Examples per quantile bin at least, when a regression target has few examples.
+_EXAMPLES_PER_BIN: Final[int] = 5
 
 
 @dataclass(eq=False)
 class ClientData:
-    """One client's private data: float32 features ``(n, d)`` and int64 labels ``(n,)``.
+    """One client's private data: float32 features ``(n, d)`` and int64 labels ``(n,)``
+    (float32 target values ``(n,)`` for regression).
 
     The validation arrays may be empty (shape ``(0, d)`` and ``(0,)``). `preprocessing` is the
     transform that turned the client's raw records into `x_train` and `x_val` (identity for
@@ -80,6 +93,9 @@ class ClientData:
     x_val: np.ndarray
     y_val: np.ndarray
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    #: The name (not the path) of the file the organisation's rows came from, when one was
+    #: read for it (`veil.data.organisations`); shown in result.json and the report.
+    file: str | None = None
 
     @property
     def n_train(self) -> int:
@@ -91,17 +107,21 @@ class ClientData:
 class FederatedData:
     """A data set split for a simulated federation.
 
+    For regression (``task == "regression"``) the label arrays hold the float32 target in its
+    original units, `class_names` is empty and `n_classes` is 1 (the model's one output), as in
+    `Dataset`.
+
     Attributes:
         dataset_name: Name of the source `Dataset`.
         synthetic: Whether the source data is synthetic.
         n_features: Feature columns.
-        n_classes: Number of classes.
+        n_classes: Number of classes (1 for regression: the model's one output).
         image_shape: ``(channels, height, width)`` for image data, else ``None``.
         feature_names: One name per feature.
         class_names: One name per class.
         clients: Per-client train/validation data, in client order.
         x_test: The held-out test features (float32), seen by no client.
-        y_test: The held-out test labels (int64).
+        y_test: The held-out test labels (int64; float32 target values for regression).
         scaling: ``"bounds"``, ``"federated"``, ``"local"`` or ``"none"``: how the features
             were scaled.
         scaler: The shared scaler when ``scaling`` is ``"federated"`` (combined from the
@@ -111,6 +131,9 @@ class FederatedData:
         x_test_raw: The held-out test features as loaded, before clamping and scaling (None for
             data built elsewhere). The privacy audit draws its input canaries from them and
             passes them through a client's `preprocessing`, as the run's records were.
+        task: ``"classification"`` or ``"regression"``.
+        target_bounds: Regression: the declared public ``(lower, upper)`` range of the target
+            that fixes the model's output scale (`veil.federation.objective`), or None.
     """
 
     dataset_name: str
@@ -127,11 +150,14 @@ class FederatedData:
     scaler: StandardScaler | None = None
     bounds: FeatureBounds | None = None
     x_test_raw: np.ndarray | None = None
+    task: Task = "classification"
+    target_bounds: tuple[float, float] | None = None
 
     def pooled_train(self) -> tuple[np.ndarray, np.ndarray]:
         """All clients' training data concatenated (client order), for the centralized baseline."""
         x = np.concatenate([c.x_train for c in self.clients], axis=0).astype(np.float32)
-        y = np.concatenate([c.y_train for c in self.clients], axis=0).astype(np.int64)
+        label_type = np.float32 if self.task == "regression" else np.int64
+        y = np.concatenate([c.y_train for c in self.clients], axis=0).astype(label_type)
         return x, y
 
 
@@ -174,6 +200,7 @@ def build_federated_data(
     min_examples: int = 2,
     client_names: Sequence[str] | None = None,
     bounds: FeatureBounds | None = None,
+    target_bounds: tuple[float, float] | None = None,
 ) -> FederatedData:
     """Split `dataset` into a held-out test set and `n_clients` clients' train/validation data.
 
@@ -195,6 +222,8 @@ def build_federated_data(
         client_names: One unique name per client; default ``client-0, client-1, ...``.
         bounds: Declared public feature bounds (`declared_bounds` resolves the config's and the
             schema's); every value is clamped into them before scaling. None: no clamping.
+        target_bounds: Declared public range of a regression target (the config's); default
+            the data set's own (`Dataset.target_bounds`).
 
     Raises:
         DataError: For invalid arguments or a split that cannot satisfy them (the message names
@@ -234,7 +263,37 @@ def build_federated_data(
         scaler=scaler,
         bounds=bounds,
         x_test_raw=np.array(dataset.features[test_index], dtype=np.float32),
+        task=dataset.task,
+        target_bounds=_target_bounds(dataset, target_bounds),
     )
+
+
+def _target_bounds(
+    dataset: Dataset, declared: tuple[float, float] | None
+) -> tuple[float, float] | None:
+    if declared is None:
+        return dataset.target_bounds
+    if dataset.task != "regression":
+        raise DataError(
+            f"target bounds apply to a regression target; data set {dataset.name!r} has classes"
+        )
+    if not declared[0] < declared[1]:
+        raise DataError(f"target bounds need lower < upper, got {declared}")
+    return (float(declared[0]), float(declared[1]))
+
+
+def _strata(labels: np.ndarray) -> np.ndarray:
+    """What splits stratify by: the class labels themselves, or for a regression target
+    (floating point) its quantile bin, ``0..k-1`` with k = min(`TARGET_BINS`, n // 5), at
+    least 1."""
+    if not np.issubdtype(labels.dtype, np.floating):
+        return labels
+    n = int(labels.shape[0])
+    bins = max(1, min(TARGET_BINS, n // _EXAMPLES_PER_BIN))
+    if bins == 1:
+        return np.zeros(n, dtype=np.int64)
+    edges = np.quantile(labels.astype(np.float64), np.linspace(0, 1, bins + 1)[1:-1])
+    return np.searchsorted(edges, labels, side="right").astype(np.int64)
 
 
 def _check_bounds(dataset: Dataset, scaling: str, bounds: FeatureBounds | None) -> None:
@@ -288,7 +347,7 @@ def _partition(
             )
         return partition_iid(n_remaining, n_clients, rng)
     if partition == "dirichlet":
-        return partition_dirichlet(labels, n_clients, alpha, rng, min_examples)
+        return partition_dirichlet(_strata(labels), n_clients, alpha, rng, min_examples)
     return partition_quantity_skew(n_remaining, n_clients, alpha, rng, min_examples)
 
 
@@ -369,10 +428,12 @@ def _stratified_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split positions ``0..n-1`` into (kept, held out), holding out ``round(fraction * n)``.
 
-    The held-out count is apportioned among classes by largest remainder, so each class is held
-    out in proportion to its size. At least `keep_at_least` positions are kept (if there are
-    that many). Both results are sorted int64 arrays.
+    The held-out count is apportioned among classes (a regression target's quantile bins,
+    `_strata`) by largest remainder, so each class is held out in proportion to its size. At
+    least `keep_at_least` positions are kept (if there are that many). Both results are sorted
+    int64 arrays.
     """
+    labels = _strata(labels)
     n = int(labels.shape[0])
     n_held = min(round(fraction * n), max(n - keep_at_least, 0))
     if n_held <= 0:
@@ -430,3 +491,12 @@ def _client_names(n_clients: int, client_names: Sequence[str] | None) -> list[st
     if len(set(names)) != len(names):
         raise DataError(f"client names must be unique, got {names}")
     return names
+
+
+def validation_split(
+    labels: np.ndarray, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One organisation's own split of its rows into (training, validation) positions, the
+    validation share `fraction` of them, stratified as the simulated clients' splits are; at
+    least one row is kept for training."""
+    return _stratified_split(labels, fraction, rng, keep_at_least=1)

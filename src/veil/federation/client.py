@@ -15,6 +15,7 @@ from veil.federation.messages import (
     ProtocolInstruction,
     ProtocolReply,
 )
+from veil.federation.objective import CROSS_ENTROPY, Objective
 from veil.federation.pipeline import ClientProtocol, ProtocolMismatch, RoundContext, UpdatePipeline
 from veil.federation.training import LocalTrainer, SGDTrainer, as_tensors, evaluate
 from veil.models import get_parameters, set_parameters
@@ -26,7 +27,9 @@ class ClientRunner:
     """One organisation: holds its data, trains locally, runs the client half of the pipeline.
 
     The model is passed in rather than owned, so that a simulation can run thousands of clients
-    through one model instance. `seed` drives the client's own shuffling only.
+    through one model instance. `seed` drives the client's own shuffling only. `objective` is
+    the run's loss (cross-entropy; squared or Huber for regression): plain SGD minimises it and
+    the validation metrics use it (a given `trainer` brings its own).
     """
 
     def __init__(
@@ -39,10 +42,12 @@ class ClientRunner:
         seed: int,
         trainer: LocalTrainer | None = None,
         protocol: ClientProtocol | None = None,
+        objective: Objective = CROSS_ENTROPY,
     ) -> None:
         self.name = name
         self.protocol = protocol
-        self.trainer: LocalTrainer = trainer or SGDTrainer()
+        self.objective = objective
+        self.trainer: LocalTrainer = trainer or SGDTrainer(objective)
         self.n_classes = n_classes
         self.pipeline = pipeline
         self.seed = seed
@@ -97,7 +102,7 @@ class ClientRunner:
         """Evaluate the global parameters on the client's own validation split."""
         set_parameters(model, instruction.parameters)
         with torch.no_grad():
-            metrics = evaluate(model, self._x_val, self._y_val, self.n_classes)
+            metrics = evaluate(model, self._x_val, self._y_val, self.n_classes, self.objective)
         return EvaluateResult(
             client=self.name,
             round=instruction.round,

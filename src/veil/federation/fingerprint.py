@@ -2,12 +2,13 @@
 
 `fingerprint` computes, from one process's own config, model and data, three parts: the model
 layout (every trainable parameter's name, shape and dtype), the data schema (feature columns,
-classes, image shape, feature names when the data file names them) and a hash of every config
-key, by section, leaving out the keys that legitimately differ per process (addresses and
-timeouts under [deployment], local paths, thread counts). A member sends its fingerprint when it
-joins (`Join` RPC); the coordinator computes its own with the same function and refuses a member
-whose fingerprint differs, with one line that names what differs (`describe`), worded for each
-side: "data schema differs: n_features 19 here, 22 at the coordinator".
+classes, image shape, feature names when the data file names them, the data contract's hash) and
+a hash of every config key, by section, leaving out the keys that legitimately differ per process
+(addresses and timeouts under [deployment], local paths, thread counts). A member sends its
+fingerprint when it joins (`Join` RPC), with its `Declared` row counts (never compared); the
+coordinator computes its own with the same function and refuses a member whose fingerprint
+differs, with one line that names what differs (`describe`), worded for each side: "data schema
+differs: n_features 19 here, 22 at the coordinator".
 
 Config values travel as hashes only; the layout and the schema travel as they are (they are no
 more private than the config that determines them).
@@ -36,7 +37,8 @@ PER_PROCESS: dict[str, frozenset[str] | None] = {
     ),
     "checkpoint": None,  # the coordinator's key file
     "ray": None,  # another mode's cluster settings
-    "data": frozenset({"path"}),  # where this machine keeps the raw file
+    # Where this machine keeps its files (the schema's hash and the layout are compared).
+    "data": frozenset({"path", "schema_file", "organisations", "test_file"}),
     "model": frozenset({"model_dir"}),  # where it keeps the model's files (the layout is compared)
     "privacy": frozenset({"ledger"}),  # the coordinator's ledger file
     "federation": frozenset({"torch_threads"}),  # this machine's cores
@@ -51,6 +53,8 @@ MAX_DIMS = 32
 MAX_SECTIONS = 64
 MAX_KEYS = 256
 MAX_FEATURE_NAMES = 100_000
+#: The most rows a member may declare (a sanity bound, far above any organisation's table).
+MAX_DECLARED_ROWS = 10**12
 #: At most this many differences are named in one line.
 MAX_NAMED = 4
 
@@ -59,6 +63,39 @@ Layout = tuple[tuple[str, tuple[int, ...], str], ...]
 
 class MalformedFingerprint(VeilError, ValueError):
     """A fingerprint (from a member) that does not have the expected structure."""
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A member's declaration about its own data at join: its training-set size (with which
+    the coordinator accounts record-level DP for it; result.json publishes it), its validation
+    rows, and its data file's name (no path). Checked for type and range, not for truth: a
+    member that lies about its size misstates its own records' guarantee only."""
+
+    examples: int
+    validation: int = 0
+    file: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object `from_json` reads back."""
+        return {"examples": self.examples, "validation": self.validation, "file": self.file}
+
+    @classmethod
+    def from_json(cls, raw: object) -> Declared:
+        """Read a member's declaration; `MalformedFingerprint` for anything unexpected."""
+        if not isinstance(raw, dict) or set(raw) != {"examples", "validation", "file"}:
+            raise MalformedFingerprint("declared: expected examples, validation and file")
+        examples, validation, file = raw["examples"], raw["validation"], raw["file"]
+        if not (
+            _count(examples)
+            and _count(validation)
+            and max(examples, validation) <= MAX_DECLARED_ROWS
+            and (file is None or _short_text(file, MAX_NAME))
+        ):
+            raise MalformedFingerprint(
+                f"declared: row counts up to {MAX_DECLARED_ROWS:,} and a file name expected"
+            )
+        return cls(int(examples), int(validation), file)
 
 
 @dataclass(frozen=True)
@@ -71,20 +108,28 @@ class Fingerprint:
     data: dict[str, Any]
     #: section -> key -> hash of the key's value.
     config: dict[str, dict[str, str]]
+    #: What a member declares about its own data, never compared: its training and validation
+    #: row counts and its data file's name (`Declared`); None for the coordinator's.
+    declared: Declared | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready mapping that `from_json` reads back."""
-        return {
+        out: dict[str, Any] = {
             "model": [[name, list(shape), dtype] for name, shape, dtype in self.model],
             "data": self.data,
             "config": self.config,
         }
+        if self.declared is not None:
+            out["declared"] = self.declared.to_json()
+        return out
 
     @classmethod
     def from_json(cls, raw: object) -> Fingerprint:
         """Read a fingerprint sent by a member; `MalformedFingerprint` for anything unexpected
         (wrong types, or more entries than `MAX_PARAMETERS`, `MAX_SECTIONS`, ...)."""
-        if not isinstance(raw, dict) or set(raw) != {"model", "data", "config"}:
+        if not isinstance(raw, dict) or not (
+            {"model", "data", "config"} <= set(raw) <= {"model", "data", "config", "declared"}
+        ):
             raise MalformedFingerprint("expected an object with model, data and config")
         model = raw["model"]
         if not isinstance(model, list) or len(model) > MAX_PARAMETERS:
@@ -100,7 +145,8 @@ class Fingerprint:
             ):
                 raise MalformedFingerprint("model: each parameter is [name, shape, dtype]")
             layout.append((entry[0], tuple(entry[1]), entry[2]))
-        return cls(tuple(layout), _data(raw["data"]), _config(raw["config"]))
+        declared = Declared.from_json(raw["declared"]) if "declared" in raw else None
+        return cls(tuple(layout), _data(raw["data"]), _config(raw["config"]), declared)
 
 
 def fingerprint(
@@ -108,13 +154,15 @@ def fingerprint(
     parameters: Mapping[str, np.ndarray],
     features: np.ndarray,
     meta: Mapping[str, Any],
+    declared: Declared | None = None,
 ) -> Fingerprint:
     """This process's fingerprint: the one function both sides use.
 
     `parameters` are the model's trainable parameters (`veil.models.get_parameters`);
     `features` the process's own feature matrix (a member's training set, the coordinator's
     test set): its column count is the schema's n_features, whatever the data file's metadata
-    says; `meta` the data file's metadata (n_classes, image_shape, optional feature_names).
+    says; `meta` the data's metadata (n_classes, image_shape, optional feature_names, and
+    schema_hash when a data contract encoded the data); `declared` a member's declaration.
     """
     layout = tuple(
         (str(name), tuple(int(d) for d in arr.shape), np.dtype(arr.dtype).str)
@@ -127,8 +175,9 @@ def fingerprint(
         "n_classes": int(meta["n_classes"]),
         "image_shape": [int(d) for d in image_shape] if image_shape else None,
         "feature_names": [str(n) for n in names] if names else None,
+        "schema_hash": str(meta["schema_hash"]) if meta.get("schema_hash") else None,
     }
-    return Fingerprint(layout, data, config_hashes(config))
+    return Fingerprint(layout, data, config_hashes(config), declared)
 
 
 def config_hashes(config: RunConfig) -> dict[str, dict[str, str]]:
@@ -169,7 +218,7 @@ def differences(member: Fingerprint, coordinator: Fingerprint) -> list[Differenc
     """Everything the two fingerprints disagree on: data schema first, then the model layout,
     then the configuration (by section, naming the keys)."""
     out: list[Difference] = []
-    for key in ("n_features", "n_classes", "image_shape", "feature_names"):
+    for key in ("schema_hash", "n_features", "n_classes", "image_shape", "feature_names"):
         mine, theirs = member.data.get(key), coordinator.data.get(key)
         if key == "feature_names" and (mine is None or theirs is None):
             continue  # only compared when both data files name their features
@@ -258,10 +307,12 @@ def _count(value: object) -> bool:
 
 
 def _data(raw: object) -> dict[str, Any]:
-    keys = {"n_features", "n_classes", "image_shape", "feature_names"}
+    keys = {"n_features", "n_classes", "image_shape", "feature_names", "schema_hash"}
     if not isinstance(raw, dict) or set(raw) != keys:
         raise MalformedFingerprint(f"data: expected exactly {sorted(keys)}")
     names = raw["feature_names"]
+    if not (raw["schema_hash"] is None or _short_text(raw["schema_hash"], 64)):
+        raise MalformedFingerprint("data: schema_hash must be a hex digest or null")
     if not (
         _count(raw["n_features"])
         and _count(raw["n_classes"])

@@ -93,6 +93,11 @@ class _RoundChannel:
         return replies
 
 
+#: The clients' validation metrics the server averages into ``federated_<name>``:
+#: classification's loss and accuracy, regression's loss, MSE, MAE and R².
+FEDERATED_METRICS: tuple[str, ...] = ("loss", "accuracy", "mse", "mae", "r2")
+
+
 @dataclass
 class RoundRecord:
     """What happened in one round."""
@@ -336,16 +341,18 @@ class FederatedServer:
             return metrics, 0
         instruction = EvaluateInstruction(self.run_id, rnd, self.parameters)
         sums: dict[str, float] = {}
-        weight = 0
+        weights: dict[str, int] = {}
         for reply in self.gateway.evaluate(chosen, instruction):
             if isinstance(reply, ClientFailure) or reply.num_examples == 0:
                 continue
-            weight += reply.num_examples
-            for key in ("loss", "accuracy"):
+            # Example-weighted means over the clients that report the metric; for regression
+            # federated_r2 is the weighted mean of the clients' own R² (each against its own
+            # validation mean), not the R² of the pooled validation data.
+            for key in FEDERATED_METRICS:
                 if key in reply.metrics:
                     sums[key] = sums.get(key, 0.0) + reply.metrics[key] * reply.num_examples
-        if weight:
-            metrics.update({f"federated_{k}": v / weight for k, v in sums.items()})
+                    weights[key] = weights.get(key, 0) + reply.num_examples
+        metrics.update({f"federated_{k}": v / weights[k] for k, v in sums.items()})
         return metrics, instruction.nbytes * len(chosen)
 
 

@@ -19,6 +19,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from veil.federation.messages import TrainingPlan
+from veil.federation.objective import CROSS_ENTROPY, Objective, regression_metrics
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,15 @@ class LocalTrainer(Protocol):
 
 
 class SGDTrainer:
-    """Plain mini-batch SGD through `train_epochs`: no privacy protection of the records."""
+    """Plain mini-batch SGD through `train_epochs`: no privacy protection of the records.
+
+    `objective` is the loss it minimises (default cross-entropy; squared or Huber for
+    regression, `veil.federation.objective`)."""
 
     name = "sgd"
+
+    def __init__(self, objective: Objective = CROSS_ENTROPY) -> None:
+        self.objective = objective
 
     def train(
         self,
@@ -59,7 +66,7 @@ class SGDTrainer:
         plan: TrainingPlan,
         generator: torch.Generator,
     ) -> TrainStats:
-        loss = train_epochs(model, x, y, plan, generator)
+        loss = train_epochs(model, x, y, plan, generator, self.objective)
         steps = plan.epochs * math.ceil(int(x.shape[0]) / plan.batch_size)
         return TrainStats(loss=loss, steps=steps)
 
@@ -70,8 +77,10 @@ def train_epochs(
     y: torch.Tensor,
     plan: TrainingPlan,
     generator: torch.Generator,
+    objective: Objective = CROSS_ENTROPY,
 ) -> float:
-    """Train `model` in place with mini-batch SGD on (x, y); return the mean training loss.
+    """Train `model` in place with mini-batch SGD on (x, y) to minimise `objective` (default
+    cross-entropy); return the mean training loss.
 
     Each epoch visits the examples in a fresh random order from `generator`. With
     `plan.proximal_mu > 0` the loss gets FedProx's proximal term (Li et al. 2020) around the
@@ -89,7 +98,7 @@ def train_epochs(
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, plan.batch_size):
             idx = order[start : start + plan.batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = objective(model(x[idx]), y[idx])
             total += float(loss.detach())
             batches += 1
             if anchor:
@@ -125,16 +134,21 @@ def sgd_step(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_classes: int
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    objective: Objective = CROSS_ENTROPY,
 ) -> dict[str, float]:
     """Accuracy and cross-entropy loss of `model` on (x, y); ROC AUC too for two classes.
+    For a regression `objective`: its loss, MSE, MAE and R² (`regression_metrics`).
 
     The AUC is omitted when only one class is present, since it is undefined then, and when
     the model's scores are not finite (a diverged model, e.g. under attack).
     """
     if x.shape[0] == 0:
         return {}
-    return logit_metrics(predict_logits(model, x), y, n_classes)
+    return logit_metrics(predict_logits(model, x), y, n_classes, objective)
 
 
 def predict_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -145,9 +159,16 @@ def predict_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([model(chunk) for chunk in torch.split(x, 8192)])
 
 
-def logit_metrics(logits: torch.Tensor, y: torch.Tensor, n_classes: int) -> dict[str, float]:
-    """`evaluate`'s metrics from logits already computed (one forward pass serves several
-    summaries)."""
+def logit_metrics(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    objective: Objective = CROSS_ENTROPY,
+) -> dict[str, float]:
+    """`evaluate`'s metrics from logits (a regression model's outputs) already computed (one
+    forward pass serves several summaries)."""
+    if objective.regression:
+        return regression_metrics(logits, y, objective)
     metrics = {
         "loss": float(F.cross_entropy(logits, y)),
         "accuracy": float((logits.argmax(dim=1) == y).float().mean()),
@@ -253,10 +274,12 @@ def _calibration(scores: np.ndarray, positive: np.ndarray) -> list[dict[str, flo
 
 
 def as_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features as float32 and labels as int64 torch tensors (sharing memory where possible)."""
+    """Features as float32 torch tensors; labels as int64 (class labels), or as float32 when
+    `y` holds floating-point values (a regression target). Memory is shared where possible."""
+    label_type = np.float32 if np.issubdtype(y.dtype, np.floating) else np.int64
     return (
         torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
-        torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)),
+        torch.from_numpy(np.ascontiguousarray(y, dtype=label_type)),
     )
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from veil.config import ModelConfig
 from veil.models.cnn import SmallCNN
-from veil.models.tabular import MLP, LogisticRegression
+from veil.models.tabular import MLP, LinearRegression, LogisticRegression
 
 
 def build_model(
@@ -18,8 +18,9 @@ def build_model(
     image_shape: tuple[int, int, int] | None = None,
     seed: int | None = None,
 ) -> nn.Module:
-    """A fresh model; with `seed`, its initial weights depend only on the seed (for a
-    transformer: the head and adapters; the pretrained base comes from its files)."""
+    """A fresh model with `n_classes` outputs (1 for regression); with `seed`, its initial
+    weights depend only on the seed (for a transformer: the head and adapters; the pretrained
+    base comes from its files)."""
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -43,6 +44,8 @@ def build_model(
         )
     if config.name == "logistic":
         return LogisticRegression(n_features, n_classes)
+    if config.name == "linear":
+        return LinearRegression(n_features, n_classes)
     if config.name == "mlp":
         return MLP(n_features, config.hidden, n_classes, config.dropout)
     if image_shape is None:

@@ -1,4 +1,5 @@
-"""Models for tabular data: multinomial logistic regression and a multilayer perceptron."""
+"""Models for tabular data: multinomial logistic regression, linear regression and a multilayer
+perceptron (with one output, a regression model)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,14 @@ class LogisticRegression(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.flatten(1))  # type: ignore[no-any-return]
+
+
+class LinearRegression(LogisticRegression):
+    """Linear regression: one linear layer with one output, the prediction of the target (on
+    the scale of `veil.federation.objective`), trained with a squared or Huber loss."""
+
+    def __init__(self, n_features: int, n_outputs: int = 1) -> None:
+        super().__init__(n_features, n_outputs)
 
 
 class MLP(nn.Module):

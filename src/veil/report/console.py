@@ -54,8 +54,10 @@ class ProgressDisplay:
     def on_round_end(
         self, record: RoundRecord, parameters: NamedArrays, strategy: Strategy
     ) -> None:
-        acc = record.metrics.get("accuracy")
+        acc, r2 = record.metrics.get("accuracy"), record.metrics.get("r2")
         info = f"accuracy {acc:.3f}" if acc is not None else ""
+        if acc is None and r2 is not None:  # a regression's headline
+            info = f"R² {r2:.3f}"
         self._progress.update(self._rounds, advance=1, info=info)
 
 
@@ -81,7 +83,11 @@ def rounds_table(result: Result) -> Table:
         "loss": "test loss",
         "accuracy": "test acc",
         "auc": "test AUC",
+        "mse": "test MSE",
+        "mae": "test MAE",
+        "r2": "test R²",
         "federated_accuracy": "fed acc",
+        "federated_r2": "fed R²",
     }
     keys = [k for k in columns if any(k in r.metrics for r in result.rounds)]
     headers = ["round", "clients", "dropped", *(columns[k] for k in keys), "ε", "kB up", "kB down"]
@@ -89,7 +95,7 @@ def rounds_table(result: Result) -> Table:
         table.add_column(column, justify="right")
     for r in result.rounds:
         cells = [str(r.round), str(r.clients), str(r.dropped)]
-        cells += [f"{r.metrics[k]:.4f}" if k in r.metrics else "" for k in keys]
+        cells += [_metric(k, r.metrics[k]) if k in r.metrics else "" for k in keys]
         cells += [
             f"{r.epsilon:.3f}" if r.epsilon is not None else "-",
             f"{r.bytes_up / 1e3:.1f}",
@@ -107,11 +113,15 @@ def summary_table(result: Result) -> Table:
     table.add_column("value")
     for key, value in result.final.items():
         table.add_row(f"final {key}", f"{value:.4f}")
-    if result.centralized_baseline is not None:
-        outside = getattr(result.centralized_baseline, "outside_guarantee", False)
+    baseline = result.centralized_baseline
+    if baseline is not None:
+        outside = getattr(baseline, "outside_guarantee", False)
+        # A classifier's headline is its accuracy, a regression's its R².
+        r2 = getattr(baseline, "r2", None)
+        label, headline = ("accuracy", baseline.accuracy) if r2 is None else ("R²", r2)
         table.add_row(
-            "centralized baseline accuracy",
-            f"{result.centralized_baseline.accuracy:.4f}"
+            f"centralized baseline {label}",
+            (f"{headline:.4f}" if isinstance(headline, float) else "-")
             + (f" ({BASELINE_NOTE})" if outside else ""),
         )
         probe = getattr(result.centralized_baseline, "linear_probe_accuracy", None)
@@ -198,6 +208,12 @@ def privacy_table(result: Result) -> Table:
             f"q = {mech['sampling_rate']:.3f}, steps = {mech['steps']})",
         )
     return table
+
+
+def _metric(key: str, value: float) -> str:
+    """A round's metric as a table cell: errors in the target's units (MSE, MAE, which may be
+    large) with 1 decimal, everything else with 4."""
+    return f"{value:.1f}" if key in ("mse", "mae") else f"{value:.4f}"
 
 
 def _size(n: int) -> str:

@@ -3,14 +3,18 @@
 A standard-library HTTP server (bound to 127.0.0.1 by default) answers three GET requests:
 
 - ``/``: one HTML page with a few lines of JavaScript that polls the two endpoints below;
-- ``/api/runs``: the runs, newest first (id, name, mode, status, rounds, final metrics);
+- ``/api/runs``: the runs, newest first (id, name, mode, status, rounds, final metrics and
+  the one that sums the run up, e.g. accuracy or R²);
 - ``/api/runs/RUN_ID``: one run's progress: each round's participants, dropouts, metrics, ε
-  and traffic, and a short, fixed set of configuration facts (the privacy budget, the number of
-  organisations and rounds, the aggregation).
+  and traffic, a short, fixed set of configuration facts (the privacy budget, the number of
+  organisations and rounds, the aggregation), and the report's charts of quality, error, loss
+  and ε per round as SVG text (drawn by `veil.report.curves`, the report's own code).
 
 The run store (`veil.db`) is committed after every round, so a running federation shows up
-round by round. Nothing here writes, and nothing here shows raw data, file paths, keys or
-failure messages: only what `result.json` would publish anyway. Every other method is 405.
+round by round, and the stores are looked for again on every request: the dashboard starts on
+an empty or not yet existing folder and shows runs as they appear in it. Nothing here writes,
+and nothing here shows raw data, file paths, keys or failure messages: only what `result.json`
+would publish anyway. Every other method is 405.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from veil.errors import StoreError
+from veil.report.curves import epsilon_chart, headline, metric_charts, metric_label
+from veil.report.svg import CHART_STYLE
 from veil.store import RunStore, find_stores
 
 DEFAULT_HOST = "127.0.0.1"
@@ -44,18 +50,43 @@ def _clean(value: Any) -> Any:
     return value
 
 
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _headline(metrics: Any) -> dict[str, Any] | None:
+    found = headline(metrics) if isinstance(metrics, dict) else None
+    if found is None:
+        return None
+    return {"key": found[0], "label": metric_label(found[0]), "value": found[1]}
+
+
 class RunSource:
-    """Reads runs from the stores found at `where` (re-scanned on every request, so that run
-    folders created after the dashboard started appear)."""
+    """Reads runs from the stores found at `where`, looked for again on every request: `where`
+    may be empty or not exist yet, and run folders created after the dashboard started appear.
+
+    Raises `StoreError` at once only when `where` is a file that is not a SQLite database."""
 
     def __init__(self, where: str | Path) -> None:
         self.where = Path(where)
-        find_stores(self.where)  # fail now, with the message that says what to pass
+        if self.where.is_file():
+            with self.where.open("rb") as f:
+                if f.read(len(_SQLITE_HEADER)) != _SQLITE_HEADER:
+                    raise StoreError(
+                        f"'{self.where}' is not a Veil run store: pass a run folder, a folder "
+                        "of run folders, or a veil.db file"
+                    )
+
+    def stores(self) -> list[Path]:
+        """The run stores at `where` now (none yet is not an error)."""
+        try:
+            return find_stores(self.where)
+        except StoreError:
+            return []
 
     def runs(self) -> list[dict[str, Any]]:
-        """Every run, newest first."""
+        """Every run, newest first (an empty list while `where` holds none)."""
         found: list[dict[str, Any]] = []
-        for db in find_stores(self.where):
+        for db in self.stores():
             with RunStore.locate(db) as store:
                 for s in store.list_runs():
                     found.append(
@@ -68,14 +99,15 @@ class RunSource:
                             "finished_at": s.finished_at,
                             "rounds": s.rounds,
                             "final": s.final,
+                            "headline": _headline(s.final),
                         }
                     )
         found.sort(key=lambda r: (r["started_at"], r["run_id"]), reverse=True)
         return _clean(found)  # type: ignore[no-any-return]
 
     def run(self, run_id: str) -> dict[str, Any] | None:
-        """One run's progress, or ``None`` if no store holds it."""
-        for db in find_stores(self.where):
+        """One run's progress with its charts, or ``None`` if no store holds it."""
+        for db in self.stores():
             with RunStore.locate(db) as store:
                 try:
                     summary, config, rounds = store.get_run(run_id)
@@ -92,6 +124,8 @@ class RunSource:
                     "final": summary.final,
                     "facts": _facts(config),
                     "rounds": [_round(r) for r in rounds],
+                    "headline": _headline(rounds[-1]["metrics"] if rounds else summary.final),
+                    "charts": _charts(rounds, config),
                 }
             )
         return None
@@ -111,6 +145,14 @@ def _facts(config: dict[str, Any]) -> dict[str, Any]:
         "epsilon_budget": privacy.get("epsilon"),
         "delta": privacy.get("delta"),
     }
+
+
+def _charts(rounds: list[dict[str, Any]], config: dict[str, Any]) -> list[str]:
+    """The report's per-round charts (quality, error, loss, and ε where the run has DP)."""
+    charts = metric_charts(rounds)
+    budget = (config.get("privacy") or {}).get("epsilon")
+    eps = epsilon_chart(rounds, budget)
+    return charts if eps is None else [*charts, eps]
 
 
 def _round(r: dict[str, Any]) -> dict[str, Any]:
@@ -184,7 +226,8 @@ def make_server(
 ) -> ThreadingHTTPServer:
     """A dashboard server for the stores at `where` (not yet serving; port 0 picks a free one).
 
-    Raises `StoreError` when `where` holds no run store.
+    `where` may be empty or not exist yet: the page lists runs as they appear. Raises
+    `StoreError` when `where` is a file that is not a run store.
     """
     source = RunSource(where)
     handler = type("DashboardHandler", (_Handler,), {"source": source})
@@ -206,39 +249,52 @@ def url_of(server: ThreadingHTTPServer) -> str:
     return f"http://{host!s}:{port}/"
 
 
-PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Veil dashboard</title>
-<style>
-body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:16px 24px;
+_PAGE_STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1180px;padding:16px 24px;
 color:#1b1f24}h1{font-size:20px}h2{font-size:16px;margin-top:24px}
 table{border-collapse:collapse}td,th{border:1px solid #d0d7de;padding:3px 8px;text-align:left}
 th{background:#f6f8fa}tr.sel{background:#ddf4ff}tr.run{cursor:pointer}
 .cards{display:flex;gap:12px;flex-wrap:wrap}.card{border:1px solid #d0d7de;border-radius:6px;
 padding:8px 14px;min-width:130px}.card b{display:block;font-size:22px}
 .muted{color:#57606a}
-</style></head><body>
+"""
+
+#: The page: inline style and script, nothing loaded from elsewhere. The charts arrive as SVG
+#: text in `/api/runs/RUN_ID` (every label in them is escaped where they are drawn).
+PAGE = (
+    """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Veil dashboard</title>
+<style>"""
+    + _PAGE_STYLE
+    + CHART_STYLE
+    + """</style></head><body>
 <h1>Veil dashboard <span class="muted" id="updated"></span></h1>
 <h2>Runs</h2>
+<p id="empty" class="muted">No runs yet. This page checks every second and lists each run as
+it starts.</p>
 <table id="runs"><thead><tr><th>run id</th><th>name</th><th>mode</th><th>status</th>
-<th>rounds</th><th>accuracy</th><th>started</th></tr></thead><tbody></tbody></table>
+<th>rounds</th><th>final</th><th>started</th></tr></thead><tbody></tbody></table>
 <h2 id="title">No run selected</h2>
 <div class="cards">
 <div class="card">status<b id="status">-</b></div>
 <div class="card">round<b id="round">-</b></div>
 <div class="card">organisations in the last round<b id="clients">-</b></div>
-<div class="card">accuracy<b id="accuracy">-</b></div>
+<div class="card"><span id="metric-label">accuracy</span><b id="metric">-</b></div>
 <div class="card">loss<b id="loss">-</b></div>
 <div class="card">&epsilon; spent<b id="epsilon">-</b></div>
 </div>
+<h2>Curves</h2>
+<div class="charts" id="charts"></div>
 <h2>Rounds</h2>
 <table id="rounds"><thead></thead><tbody></tbody></table>
 <script>
 "use strict";
-let selected = null;
+let selected = null, drawn = null;
 function text(v, d) {
   if (v === null || v === undefined) return "-";
   return typeof v === "number" ? (Number.isInteger(v) ? String(v) : v.toFixed(d || 4)) : String(v);
 }
+function headline(h) { return h ? h.label + " " + text(h.value) : "-"; }
 function cell(row, value) { const td = document.createElement("td"); td.textContent = value;
   row.appendChild(td); }
 async function get(path) { const r = await fetch(path, {cache: "no-store"});
@@ -246,6 +302,7 @@ async function get(path) { const r = await fetch(path, {cache: "no-store"});
 async function refresh() {
   try {
     const runs = (await get("/api/runs")).runs;
+    document.getElementById("empty").hidden = runs.length > 0;
     if (!selected && runs.length) {
       const running = runs.find(r => r.status === "running");
       selected = (running || runs[0]).run_id;
@@ -258,7 +315,7 @@ async function refresh() {
       row.dataset.run = r.run_id;
       row.onclick = () => { selected = r.run_id; refresh(); };
       for (const v of [r.run_id, r.name, r.mode, r.status, r.rounds,
-                       text((r.final || {}).accuracy), r.started_at]) cell(row, text(v));
+                       headline(r.headline), r.started_at]) cell(row, text(v));
       body.appendChild(row);
     }
     if (selected) show(await get("/api/runs/" + encodeURIComponent(selected)));
@@ -266,6 +323,11 @@ async function refresh() {
   } catch (e) {
     document.getElementById("updated").textContent = "(" + e.message + ")";
   }
+}
+function charts(run) {
+  // SVG text drawn and escaped by the server (veil.report.curves); redrawn only on change.
+  const svg = run.charts.join("");
+  if (svg !== drawn) { document.getElementById("charts").innerHTML = svg; drawn = svg; }
 }
 function show(run) {
   const f = run.facts, rounds = run.rounds, last = rounds[rounds.length - 1];
@@ -276,12 +338,15 @@ function show(run) {
   document.getElementById("clients").textContent =
     last ? last.clients + " of " + (f.organisations || last.selected) : "-";
   const m = last ? last.metrics : {};
-  document.getElementById("accuracy").textContent = text(m.accuracy);
+  const h = run.headline;
+  document.getElementById("metric-label").textContent = h ? h.label : "metric";
+  document.getElementById("metric").textContent = text(h ? h.value : null);
   document.getElementById("loss").textContent = text(m.loss);
   const eps = last ? last.epsilon : null;
   document.getElementById("epsilon").textContent = eps === null || eps === undefined
     ? (f.epsilon_budget ? "0 of " + f.epsilon_budget : "no DP")
     : text(eps, 3) + (f.epsilon_budget ? " of " + f.epsilon_budget : "");
+  charts(run);
   const keys = [];
   for (const r of rounds) {
     for (const k of Object.keys(r.metrics)) if (!keys.includes(k)) keys.push(k);
@@ -306,3 +371,4 @@ refresh();
 setInterval(refresh, 1000);
 </script></body></html>
 """
+)

@@ -20,13 +20,22 @@ from typing import Any
 from veil.atomic import atomic_write_text
 from veil.errors import StoreError, UserError
 from veil.report.console import BASELINE_NOTE, NEIGHBOURING
-from veil.report.svg import Line, bar_chart, finite, line_chart, unit_curve
+from veil.report.curves import (
+    epsilon_chart,
+    epsilon_series,
+    headline,
+    metric_charts,
+    metric_label,
+    round_numbers,
+)
+from veil.report.svg import CHART_STYLE, bar_chart, finite, unit_curve
 from veil.result import RESULT_FILE
 from veil.store import DB_NAME, RunStore
 
 REPORT_FILE = "report.html"
 
-_STYLE = """
+_STYLE = (
+    """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;
 max-width:1180px;padding:16px 24px;color:#1b1f24}
 h1{font-size:22px;margin:8px 0}h2{font-size:18px;border-bottom:1px solid #d0d7de;
@@ -34,12 +43,6 @@ padding-bottom:4px;margin-top:28px}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #d0d7de;padding:3px 8px;
 text-align:left;vertical-align:top}th{background:#f6f8fa}td.n{text-align:right;
 font-variant-numeric:tabular-nums}
-.charts{display:flex;flex-wrap:wrap;gap:12px}.chart{width:560px;max-width:100%;
-border:1px solid #d0d7de;border-radius:6px;background:#fff}
-.chart text{font-size:11px;fill:#1b1f24}.chart .t{font-size:13px;font-weight:600}
-.chart .ax{stroke:#57606a}.chart .g{stroke:#eaeef2}.chart .ref{stroke:#cf222e;
-stroke-dasharray:6 4;stroke-width:1.5}.chart .reft{fill:#cf222e}
-.chart .diag{stroke:#8c959f;stroke-dasharray:4 4}.chart .diagt{fill:#57606a}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600}
 .warn{background:#fff1e5;color:#953800;border:1px solid #ffb77c}
 .ok{background:#dafbe1;color:#116329;border:1px solid #4ac26b}
@@ -47,7 +50,10 @@ stroke-dasharray:6 4;stroke-width:1.5}.chart .reft{fill:#cf222e}
 dl.answers dt{font-weight:600;margin-top:6px}dl.answers dd{margin-left:16px}
 pre{background:#f6f8fa;padding:8px;overflow:auto}
 section{overflow-x:auto}td{overflow-wrap:break-word}
+code.hash{font-size:12px}
 """
+    + CHART_STYLE
+)
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -98,6 +104,7 @@ def render_report(
     sections = [
         _header(result, name, status),
         _answers(result, rounds, privacy, config),
+        _data(result),
         _performance(result, rounds),
         _classification(_dict(result.get("classification"))),
         _privacy_budget(rounds, privacy),
@@ -178,17 +185,6 @@ def _section(anchor: str, title: str, body: str) -> str:
     return f'<section id="{anchor}"><h2>{escape(title)}</h2>{body}</section>'
 
 
-def _series(rounds: Sequence[dict[str, Any]], key: str) -> list[tuple[float, float | None]]:
-    return [
-        (float(r.get("round", i + 1)), finite(_dict(r.get("metrics")).get(key)))
-        for i, r in enumerate(rounds)
-    ]
-
-
-def _round_numbers(rounds: Sequence[dict[str, Any]]) -> list[float]:
-    return [float(finite(r.get("round")) or i + 1) for i, r in enumerate(rounds)]
-
-
 def _aggregation_note(aggregation: str) -> str:
     return {
         "plain": "plain: the server sees every organisation's update",
@@ -244,11 +240,13 @@ def _answers(
         shown = ", ".join(escape(n) for n in names[:12])
         who += f": {shown}{', ...' if len(names) > 12 else ''}"
     final = _dict(result.get("final"))
-    how = ", ".join(f"{escape(k)} {_num(v)}" for k, v in final.items()) or "no final metrics"
+    how = ", ".join(f"{escape(metric_label(k))} {_num(v)}" for k, v in final.items())
+    how = how or "no final metrics"
     baseline = _dict(result.get("centralized_baseline"))
-    if baseline:
+    pooled = headline(baseline)
+    if pooled is not None:
         note = f"; {BASELINE_NOTE}" if baseline.get("outside_guarantee") else ""
-        how += f" (pooled-data baseline: accuracy {_num(baseline.get('accuracy'))}{note})"
+        how += f" (pooled-data baseline: {escape(metric_label(pooled[0]))} {_num(pooled[1])}{note})"
     eps, delta = privacy.get("epsilon"), privacy.get("delta")
     if finite(eps) is not None:
         unit = "record of an organisation" if privacy.get("unit") == "record" else "organisation"
@@ -277,7 +275,9 @@ def _answers(
 def _client_names(
     result: Mapping[str, Any], rounds: Sequence[dict[str, Any]], privacy: Mapping[str, Any]
 ) -> list[str]:
-    names = [str(_dict(o).get("name")) for o in _list(privacy.get("per_organisation"))]
+    organisations = _list(_dict(result.get("data")).get("organisations"))
+    organisations = organisations or _list(privacy.get("per_organisation"))
+    names = [str(_dict(o).get("name")) for o in organisations]
     for r in rounds:
         for f in _list(r.get("failures")):
             client = str(_dict(f).get("client", ""))
@@ -287,34 +287,99 @@ def _client_names(
     return [str(n) for n in listed] if listed else names
 
 
-def _performance(result: Mapping[str, Any], rounds: Sequence[dict[str, Any]]) -> str:
-    keys = sorted({k for r in rounds for k in _dict(r.get("metrics"))})
-    accuracy = [k for k in keys if "acc" in k or k == "auc"]
-    loss = [k for k in keys if "loss" in k]
-    charts = [
-        line_chart(
-            {k: _series(rounds, k) for k in accuracy},
-            title="Accuracy per round",
-            y_label="accuracy / AUC",
-        ),
-        line_chart({k: _series(rounds, k) for k in loss}, title="Loss per round", y_label="loss"),
+def _short_hash(value: Any) -> str:
+    """A hash as ``sha256:0123456789ab…`` with the full value in its tooltip."""
+    full = str(value)
+    digest = full.split(":", 1)[-1]
+    shown = full if len(digest) <= 16 else f"{full[: len(full) - len(digest) + 12]}…"
+    return f'<code class="hash" title="{escape(full)}">{escape(shown)}</code>'
+
+
+def _file(name: Any) -> str:
+    return f"<code>{escape(str(name))}</code>" if name else "-"
+
+
+def _data(result: Mapping[str, Any]) -> str:
+    """What the run trained on: the data set, the data contract's hash, each organisation's
+    rows and file, and the test set (from result.json's `data`). A result.json written before
+    `data` existed gets what its `dataset` and `clients` say; one with neither, nothing."""
+    data = _dict(result.get("data"))
+    if not data:
+        return _data_fallback(result)
+    synthetic = ' <span class="badge warn">SYNTHETIC DATA</span>' if data.get("synthetic") else ""
+    rows = [
+        ("data set", escape(str(data.get("dataset", "unknown"))) + synthetic),
+        ("task", _text(data.get("task", "classification"))),
     ]
+    if data.get("schema_hash"):
+        contract = _short_hash(data["schema_hash"])
+        if data.get("schema_file"):
+            contract = f"{_file(data['schema_file'])}, {contract}"
+        rows.append(("data contract (schema)", contract))
+    else:
+        rows.append(("data contract (schema)", "none: no schema was declared"))
+    test_rows = data.get("test_rows")
+    test = f"{_text(test_rows)} rows" if test_rows else "none"
+    if data.get("test_file"):
+        test += f" from {_file(data['test_file'])}"
+    rows.append(("held-out test set", test))
+    organisations = [_dict(o) for o in _list(data.get("organisations"))]
+    body = _table(rows)
+    if organisations:
+        totals = [
+            sum(int(finite(o.get(k)) or 0) for o in organisations)
+            for k in ("rows", "validation_rows")
+        ]
+        body += "<h3>Organisations</h3>" + _grid(
+            ["organisation", "file", "training rows", "validation rows"],
+            [
+                (
+                    escape(str(o.get("name", "?"))),
+                    _file(o.get("file")),
+                    _text(o.get("rows")),
+                    _text(o.get("validation_rows", 0)),
+                )
+                for o in organisations
+            ]
+            + [("all organisations", "", str(totals[0]), str(totals[1]))],
+            numeric_from=2,
+        )
+    return _section("data", "Data", body)
+
+
+def _data_fallback(result: Mapping[str, Any]) -> str:
+    dataset = _dict(result.get("dataset"))
+    if not dataset and not result.get("clients"):
+        return ""
+    rows = [
+        ("data set", escape(str(dataset.get("name", "unknown")))),
+        ("organisations", _text(result.get("clients", "unknown"))),
+    ]
+    note = (
+        "<p>This result.json predates the data record: row counts, files and the data "
+        "contract's hash were not recorded.</p>"
+    )
+    return _section("data", "Data", _table(rows) + note)
+
+
+def _performance(result: Mapping[str, Any], rounds: Sequence[dict[str, Any]]) -> str:
+    charts = metric_charts(rounds)
     final = _dict(result.get("final"))
-    rows = [(f"final {k}", _num(v)) for k, v in final.items()]
+    rows = [(f"final {metric_label(k)}", _num(v)) for k, v in final.items()]
     baseline = _dict(result.get("centralized_baseline"))
     outside = f" ({BASELINE_NOTE})" if baseline.get("outside_guarantee") else ""
     rows += [
         (
             f"linear probe of the frozen encoder, {k.removeprefix('linear_probe_')}"
             if k.startswith("linear_probe_")
-            else f"pooled-data baseline {k}",
+            else f"pooled-data baseline {metric_label(k)}",
             _num(v) + outside,
         )
         for k, v in baseline.items()
         if k != "outside_guarantee"
     ]
     body = f'<div class="charts">{"".join(charts)}</div>{_table(rows)}'
-    return _section("performance", "Accuracy and loss", body)
+    return _section("performance", "Model quality and loss", body)
 
 
 def _classification(summary: Mapping[str, Any]) -> str:
@@ -384,21 +449,14 @@ def _classification(summary: Mapping[str, Any]) -> str:
 
 def _privacy_budget(rounds: Sequence[dict[str, Any]], privacy: Mapping[str, Any]) -> str:
     target = finite(_dict(privacy.get("target")).get("epsilon"))
-    xs = _round_numbers(rounds)
-    spent = [(x, finite(r.get("epsilon"))) for x, r in zip(xs, rounds, strict=True)]
-    if all(e is None for _, e in spent) and target is None:
+    chart = epsilon_chart(rounds, target)
+    if chart is None:
         return _section(
             "budget",
             "Privacy budget",
             "<p>No differential privacy in this run: no ε is spent and none is promised.</p>",
         )
-    chart = line_chart(
-        {"ε spent (cumulative)": spent},
-        title="ε spent per round against the budget",
-        y_label="ε",
-        reference=Line(target, f"budget ε = {_num(target, 3)}") if target is not None else None,
-        y_zero=True,
-    )
+    spent = epsilon_series(rounds)
     last = next((e for _, e in reversed(spent) if e is not None), None)
     note = ""
     if last is not None and target is not None:
@@ -414,7 +472,7 @@ def _privacy_budget(rounds: Sequence[dict[str, Any]], privacy: Mapping[str, Any]
 def _participation(
     result: Mapping[str, Any], rounds: Sequence[dict[str, Any]], privacy: Mapping[str, Any]
 ) -> str:
-    xs = _round_numbers(rounds)
+    xs = round_numbers(rounds)
     chart = bar_chart(
         xs,
         {
@@ -479,7 +537,7 @@ def _participation(
 
 def _communication(result: Mapping[str, Any], rounds: Sequence[dict[str, Any]]) -> str:
     chart = bar_chart(
-        _round_numbers(rounds),
+        round_numbers(rounds),
         {
             "upload (kB)": [(finite(r.get("bytes_up")) or 0) / 1e3 for r in rounds],
             "download (kB)": [(finite(r.get("bytes_down")) or 0) / 1e3 for r in rounds],

@@ -15,6 +15,16 @@ from html import escape
 #: Colours of successive series (colour-blind-safe Okabe–Ito palette).
 PALETTE: tuple[str, ...] = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9")
 
+#: The CSS the charts need, for any page that shows them (the report and the dashboard).
+CHART_STYLE = """
+.charts{display:flex;flex-wrap:wrap;gap:12px}.chart{width:560px;max-width:100%;
+border:1px solid #d0d7de;border-radius:6px;background:#fff}
+.chart text{font-size:11px;fill:#1b1f24}.chart .t{font-size:13px;font-weight:600}
+.chart .ax{stroke:#57606a}.chart .g{stroke:#eaeef2}.chart .ref{stroke:#cf222e;
+stroke-dasharray:6 4;stroke-width:1.5}.chart .reft{fill:#cf222e}
+.chart .diag{stroke:#8c959f;stroke-dasharray:4 4}.chart .diagt{fill:#57606a}
+"""
+
 _W, _H = 560, 260
 _LEFT, _RIGHT, _TOP, _BOTTOM = 64, 16, 46, 44
 

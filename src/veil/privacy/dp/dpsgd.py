@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -104,6 +105,9 @@ class DPSGDTrainer:
 
     `source` draws the Poisson sampling and the noise. In `production` (the default) a seeded
     source is refused with a `ConfigError` (`require_secure`); tests pass ``production=False``.
+    `loss` is the per-example loss (reduction "none", shape ``(n,)``) whose gradients are
+    clipped; default cross-entropy (a regression run passes its squared or Huber loss,
+    `veil.federation.objective.Objective.per_example`).
     """
 
     name = "dp-sgd"
@@ -115,6 +119,7 @@ class DPSGDTrainer:
         clip_norm: float,
         source: RandomSource,
         production: bool = True,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         require_secure(source, production=production, what="DP-SGD trainer")
         if not noise_multiplier > 0:
@@ -124,6 +129,7 @@ class DPSGDTrainer:
         self.noise_multiplier = noise_multiplier
         self.clip_norm = clip_norm
         self.source = source
+        self.loss = loss
         self._clippers: dict[int, PerSampleClipper] = {}
         #: Sampled examples whose per-sample gradient was not finite and so contributed zero, over
         #: all of this trainer's training. Stays on the client: never sent, never in a metric.
@@ -182,7 +188,7 @@ class DPSGDTrainer:
         key = id(model)
         clipper = self._clippers.get(key)
         if clipper is None or clipper.model is not model:
-            clipper = self._clippers[key] = PerSampleClipper(model)
+            clipper = self._clippers[key] = PerSampleClipper(model, self.loss)
         return clipper
 
 

@@ -31,9 +31,9 @@ mechanisms do not know the config file.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from veil.errors import ConfigError, StoreError
 from veil.federation import ClientStage, RoundRecord, ServerStage, Strategy, TrainingPlan
@@ -51,6 +51,9 @@ from veil.privacy.secagg.distributed_dp import DistributedGaussian, tau
 from veil.privacy.secagg.quantize import FixedPoint
 from veil.seeding import Purpose, derive_seed
 from veil.tensors import NamedArrays
+
+if TYPE_CHECKING:
+    import torch
 
 #: Relative slack when checking a fixed σ against the target (floating-point noise only).
 _SLACK = 1e-9
@@ -331,9 +334,17 @@ class RecordLevelPrivacy(_Observer):
             )
         return policy
 
-    def trainer(self, name: str, index: int) -> DPSGDTrainer:
+    def trainer(
+        self,
+        name: str,
+        index: int,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> DPSGDTrainer:
+        """Organisation `name`'s DP-SGD trainer, clipping the gradients of the per-example
+        `loss` (default cross-entropy)."""
         org = self.organisations[name]
         return DPSGDTrainer(
+            loss=loss,
             noise_multiplier=org.noise_multiplier,
             clip_norm=self.config.clip_norm,
             source=random_source(

@@ -41,7 +41,13 @@ from cryptography import x509
 from veil.crypto.identity import IdentityPublicKey, SignatureRejected
 from veil.crypto.revocation import load_revocations
 from veil.errors import VeilError
-from veil.federation.fingerprint import Fingerprint, MalformedFingerprint, describe, differences
+from veil.federation.fingerprint import (
+    Declared,
+    Fingerprint,
+    MalformedFingerprint,
+    describe,
+    differences,
+)
 from veil.federation.messages import (
     ClientFailure,
     EvaluateInstruction,
@@ -133,6 +139,8 @@ class _ClientState:
     #: Whether its latest Join was accepted, and else why it was refused.
     joined: bool = False
     join_refused: str = ""
+    #: What the member declared about its data when it joined (None: not declared).
+    declared: Declared | None = None
     #: Calls open now, by `CALL_LIMITS` kind.
     calls: dict[str, int] = field(default_factory=dict)
     #: Task polls started so far: a poll still waiting when a newer one starts ends at once.
@@ -321,6 +329,11 @@ class GrpcGateway(pb_grpc.FederationServicer):
         self._watchdog.start()
         return int(port)
 
+    def declarations(self) -> dict[str, Declared]:
+        """What each member that joined declared about its data (`Declared`), by name."""
+        with self._lock:
+            return {n: s.declared for n, s in self._clients.items() if s.declared is not None}
+
     def wait_for_clients(self, timeout_s: float) -> list[str]:
         """Block until every client has polled once (joined, when fingerprints are checked),
         or `timeout_s` pass; returns the missing. A heartbeat alone does not count: a member
@@ -499,12 +512,14 @@ class GrpcGateway(pb_grpc.FederationServicer):
         name = self._authenticate(request.client, context)
         with self._call(name, "short", context):
             here, there = "", ""
+            declared = None
             if self.fingerprint is not None:
                 try:
                     member = Fingerprint.from_json(json.loads(request.json))
                 except (ValueError, MalformedFingerprint) as exc:
                     here = there = f"malformed join request: {str(exc)[:200]}"
                 else:
+                    declared = member.declared
                     found = differences(member, self.fingerprint)
                     if found:
                         here = describe(found, "coordinator", name)
@@ -512,6 +527,8 @@ class GrpcGateway(pb_grpc.FederationServicer):
             with self._lock:
                 state = self._clients[name]
                 state.joined, state.join_refused = not here, here
+                if not here and declared is not None:
+                    state.declared = declared
             if here:
                 self._event("join refused", client=name, reason=here)
                 return pb.JoinReply(accepted=False, reason=there)
