@@ -66,7 +66,14 @@ from veil.store import (
 from veil.tensors import NamedArrays, total_bytes
 from veil.transport.ray import RayTransport
 
-__all__ = ["GatewayFactory", "Recorder", "ServerSide", "new_run_id", "run_federation"]
+__all__ = [
+    "GatewayFactory",
+    "Recorder",
+    "ServerSide",
+    "new_run_id",
+    "run_federation",
+    "run_tree_federation",
+]
 
 
 def run_federation(
@@ -95,6 +102,8 @@ def run_federation(
     "interrupted" in the result and the store, the finished rounds kept, no pooled baseline,
     the ledger's charges left unreleased (a resume reuses them).
     """
+    if config.model.name == "gradient_boosting":
+        return run_tree_federation(config, out_dir, resume=resume, stop=stop)
     started = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else None
     if checkpoint_key is not None:
@@ -141,6 +150,63 @@ def run_federation(
     finally:
         if isinstance(federation.gateway, RayTransport):
             federation.gateway.close()
+        if store is not None:
+            store.close()
+    if out is not None:
+        write_report(out)
+    return result
+
+
+def run_tree_federation(
+    config: RunConfig,
+    out_dir: str | Path | None,
+    *,
+    resume: bool = False,
+    stop: Callable[[], bool] | None = None,
+) -> Result:
+    """A gradient-boosting run (`[model] name = "gradient_boosting"`, docs/trees.md): one
+    boosting round per run round, each recorded in the store as it finishes; then result.json
+    and the report. `stop` ends the run before a round (status "interrupted"). No checkpoints
+    yet: `resume` is refused."""
+    from veil.assembly.tree_result import (
+        TREE_MODEL_FILE,
+        tree_model_json,
+        tree_result,
+        tree_round_result,
+    )
+    from veil.assembly.trees import tree_federation
+
+    if resume:
+        raise StoreError("a gradient_boosting run cannot be resumed yet; start it again")
+    started = time.perf_counter()
+    out = Path(out_dir) if out_dir is not None else None
+    run_id = new_run_id()
+    trees = tree_federation(config, federated_data(config), run_id)
+    store = RunStore(out / DB_NAME) if out is not None else None
+    _open_store(store, config, run_id, None, out, 1)
+    rounds: list[RoundResult] = []
+    try:
+        for r in range(1, trees.plan.rounds + 1):
+            if stop is not None and stop():
+                break
+            rounds.append(tree_round_result(config, trees, trees.booster.grow_round(r)))
+            if store is not None:
+                store.record_round(run_id, rounds[-1].model_dump())
+        interrupted = len(rounds) < trees.plan.rounds
+        result = tree_result(
+            config, trees, run_id, rounds, interrupted=interrupted, started=started
+        )
+        model = tree_model_json(trees) if out is not None else None
+        if out is not None and model is not None:
+            atomic_write_text(out / TREE_MODEL_FILE, model)
+        _finish(config, result, out, store, [])
+    except BaseException as exc:
+        if store is not None:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            with suppress(VeilError, sqlite3.Error):
+                store.finish_run(run_id, status=status, final=None)
+        raise
+    finally:
         if store is not None:
             store.close()
     if out is not None:
@@ -238,7 +304,19 @@ def _run_rounds(
         data=data_record(config, f.fed),
         classification=classification,
         **({"attack": f.attack.describe()} if f.attack else {}),
+        **_language_model(config, f),
     )
+
+
+def _language_model(config: RunConfig, f: Federation) -> dict[str, Any]:
+    """result.json's ``language_model`` section of a causal LM's run (base model's scores,
+    generations: `veil.assembly.language_model`); nothing for other models or without a
+    held-out test set."""
+    if config.model.name != "causal_lm" or f.fed.y_test.shape[0] == 0:
+        return {}
+    from veil.assembly.language_model import language_model_record
+
+    return {"language_model": language_model_record(config, f.fed, f.server.parameters)}
 
 
 def _finish(

@@ -68,24 +68,34 @@ def test_payment_company_never_sees_labels_or_plaintext_gradients(
     for message in inbox:
         body = json.loads(message.payload)
         if message.topic == "residuals":
-            # Only Paillier ciphertexts (hex) with their fixed-point exponent: no floats.
-            for ciphertext, exponent in body["d"]:
-                assert isinstance(exponent, int)
+            # Only Paillier ciphertexts (hex) and their fixed-point scale: no floats.
+            assert set(body) == {"d", "scale_bits"} and isinstance(body["scale_bits"], int)
+            for ciphertext in body["d"]:
                 assert 0 < int(ciphertext, 16) < n * n
         else:
-            # The coordinator's answers are (gradient + uniform mask) mod n: about log2(n) bits.
+            # The coordinator's answer is (packed gradient + uniform mask) mod n: one value (all
+            # 7 slots fit one plaintext), about log2(n) bits.
             values = [int(v, 16) for v in body["values"]]
-            assert len(values) == xp.shape[1]
-            assert sum(v.bit_length() >= n.bit_length() - 16 for v in values) >= len(values) - 1
+            assert len(values) == 1
+            assert values[0].bit_length() >= n.bit_length() - 16
     # The labels, in any encoding the protocol uses, do not occur in anything it received.
     received = b"".join(m.payload for m in inbox)
     assert b"label" not in received and b"0.5" not in received
+    # The residual [[d]] = [[u_P]] · Enc(u_A - 2ỹ) carries fresh randomness: the payment
+    # company, which made [[u_P]] (and knows its randomness), cannot divide it out to read the
+    # plaintext difference (which would give the label away): [[d]] / [[u_P]] is not 1 + k·n.
+    scores = [m for m in result.transcript if m.topic == "partial_scores"]
+    residuals = [m for m in inbox if m.topic == "residuals"]
+    for sent, back in zip(scores, residuals, strict=True):
+        for u, d in zip(json.loads(sent.payload)["u"], json.loads(back.payload)["d"], strict=True):
+            ratio = int(d, 16) * pow(int(u, 16), -1, n * n) % (n * n)
+            assert (ratio - 1) % n != 0
     # The bank, for its part, receives only ciphertexts from the payment company.
     for message in result.transcript:
         if message.sender == PAYMENT and message.receiver == "bank":
             body = json.loads(message.payload)
             assert set(body) == {"u", "u2"}
-            assert all(0 < int(c, 16) < n * n for c, _ in body["u"])
+            assert all(0 < int(c, 16) < n * n for c in body["u"])
 
 
 def test_accuracy_close_to_centralised(tmp_path: Path) -> None:

@@ -71,7 +71,11 @@ def test_dp_noise_is_applied_and_accounted() -> None:
 def test_example_configs_load_and_cli_reports_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert sorted(p.name for p in VERTICAL.glob("*.toml")) == ["credit.toml", "credit_split.toml"]
+    assert sorted(p.name for p in VERTICAL.glob("*.toml")) == [
+        "credit.toml",
+        "credit_secureboost.toml",
+        "credit_split.toml",
+    ]
     for path in VERTICAL.glob("*.toml"):
         load_vertical_config(path)
     bad = tmp_path / "bad.toml"

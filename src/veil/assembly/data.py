@@ -7,7 +7,7 @@ from pathlib import Path
 
 from veil.assembly.model import model as build_run_model
 from veil.assembly.model import run_objective, training_plan
-from veil.config import TEXT_DATASETS, RunConfig
+from veil.config import INSTRUCTION_DATASETS, TEXT_DATASETS, RunConfig
 from veil.data import FederatedData, build_federated_data, declared_bounds, load_dataset
 from veil.data.contract import schema_hash
 from veil.data.organisations import contract_dataset, organisations_data
@@ -33,6 +33,10 @@ def federated_data(config: RunConfig) -> FederatedData:
     """The data set of `[data]`, cut into the clients' training and validation data and the
     server's held-out test set (the partition is seeded from the run's seed)."""
     d = config.data
+    if d.dataset in INSTRUCTION_DATASETS:
+        from veil.assembly.language_model import instruction_data
+
+        return instruction_data(config)
     schema = d.contract()
     if schema is not None and d.organisations is not None:
         return organisations_data(
@@ -128,6 +132,8 @@ def final_evaluation(
     x, y = as_tensors(fed.x_test, fed.y_test)
     if x.shape[0] == 0:
         return {}, None
+    if config.model.name == "causal_lm":  # token metrics, chunk by chunk; no classes
+        return evaluate(model, x, y, fed.n_classes, run_objective(config, fed)), None
     logits = predict_logits(model, x)  # one forward pass for the metrics and the summary
     metrics = logit_metrics(logits, y, fed.n_classes, run_objective(config, fed))
     if fed.task == "regression" or fed.n_classes < 2:

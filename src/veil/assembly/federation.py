@@ -17,8 +17,8 @@ from torch import nn
 
 from veil.assembly import privacy as privacy_builder
 from veil.assembly.data import held_out_evaluator
+from veil.assembly.model import member_model, run_objective, training_plan
 from veil.assembly.model import model as build_run_model
-from veil.assembly.model import run_objective, training_plan
 from veil.assembly.secure_aggregation.base import SecureAggregation, ServerInputs, Session
 from veil.assembly.secure_aggregation.registry import backend as find_backend
 from veil.assembly.stages import client_runner, client_stages, server_stages, update_compressor
@@ -34,7 +34,7 @@ from veil.config import RunConfig
 from veil.data import FederatedData
 from veil.federation import ClientRunner, FederatedServer, ServerObserver, UpdatePipeline
 from veil.federation.server import ClientGateway
-from veil.models import build_model, get_parameters
+from veil.models import get_parameters
 from veil.models.parameters import frozen_fingerprint
 from veil.privacy.dp.policy import ClientLevelPrivacy, PrivacyPolicy
 from veil.seeding import Purpose, derive_seed
@@ -218,8 +218,8 @@ def in_process_gateway(
         return RayTransport(
             by_name,
             partial(
-                build_model,
-                config.model,
+                member_model,
+                config,
                 n_features=fed.n_features,
                 n_classes=fed.n_classes,
                 image_shape=fed.image_shape,

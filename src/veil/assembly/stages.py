@@ -21,6 +21,7 @@ from veil.federation.compression import (
     Int8Compressor,
     TopKCompressor,
 )
+from veil.federation.lora_stacking import DropMergedStage
 from veil.federation.objective import CROSS_ENTROPY, Objective
 from veil.federation.pipeline import ClientProtocol, ClientStage, ServerStage
 from veil.federation.training import LocalTrainer
@@ -55,10 +56,11 @@ def compression_stage(config: RunConfig) -> CompressionStage | None:
 def client_stages(
     config: RunConfig, privacy: PrivacyPolicy | None, attack: Attack | None = None
 ) -> list[ClientStage]:
-    """A member's client stages, in order: client-level DP's clipping, a simulated attacker's
-    poisoning, compression."""
+    """A member's client stages, in order: LoRA stacking's dropping of the merged deltas,
+    client-level DP's clipping, a simulated attacker's poisoning, compression."""
     compress = compression_stage(config)
     return [
+        *([DropMergedStage()] if config.model.lora.aggregation == "stack" else []),
         *(privacy.client_stages if isinstance(privacy, ClientLevelPrivacy) else []),
         *(attack.client_stages() if attack else []),
         *([compress] if compress else []),
@@ -81,7 +83,7 @@ def trainer(
     """Member `name`'s local trainer: DP-SGD under record-level DP (clipping the gradients of
     `objective`'s per-example loss), wrapped by label flipping for a simulated attacker; None
     for plain SGD (the `ClientRunner` then minimises `objective` itself)."""
-    loss = objective.per_example if objective.regression else None
+    loss = objective.per_example if objective.regression or objective.tokens else None
     honest = privacy.trainer(name, index, loss) if isinstance(privacy, RecordLevelPrivacy) else None
     return attack.trainer(name, honest, n_classes) if attack else honest
 

@@ -23,6 +23,7 @@ from veil.federation.attacks import (
     malicious_clients,
 )
 from veil.federation.compression import Compressor, DecompressingAggregator
+from veil.federation.lora_stacking import StackingAggregator
 from veil.federation.pipeline import Aggregator, ClientStage
 from veil.federation.robust import REPORT_NAMES, CoordinateMedian, Krum, NormBound, TrimmedMean
 from veil.federation.strategy import PoissonSource
@@ -63,7 +64,11 @@ def strategy(config: RunConfig, *, poisson_source: PoissonSource | None = None) 
 def clear_aggregator(config: RunConfig, compressor: Compressor | None) -> Aggregator:
     """The rule the run uses on updates in the clear: the weighted sum or `[robust]`'s rule,
     each upload decompressed first when uploads are compressed. A secure-aggregation session
-    keeps, wraps or replaces it (`Session.server_aggregator`)."""
+    keeps, wraps or replaces it (`Session.server_aggregator`). Under LoRA stacking it is the
+    stacking sum (`veil.federation.lora_stacking`; the config allows no robust rule there)."""
+    lora = config.model.lora
+    if lora.aggregation == "stack":
+        return StackingAggregator(lora.alpha / lora.rank, compressor)
     aggregator = robust_aggregator(config.robust, WeightedSum())
     return aggregator if compressor is None else DecompressingAggregator(aggregator, compressor)
 

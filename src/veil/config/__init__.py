@@ -13,6 +13,7 @@ Importing this package loads pydantic and nothing heavy (no torch, scikit-learn 
 
 from veil.config.compression import CompressionConfig
 from veil.config.data import (
+    INSTRUCTION_DATASETS,
     REGRESSION_DATASETS,
     TEXT_DATASETS,
     DataConfig,
@@ -58,6 +59,7 @@ __all__ = [
     "BACKEND_SECTIONS",
     "CKKS_MAX_MODULUS_BITS",
     "IMPLEMENTED_MODES",
+    "INSTRUCTION_DATASETS",
     "REGRESSION_DATASETS",
     "STRATEGY_NAMES",
     "TEXT_DATASETS",

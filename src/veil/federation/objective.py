@@ -13,10 +13,16 @@ predicts the raw target (centre 0, scale 1).
 Scores of a regression model (`regression_metrics`) are on the target's original scale: MSE,
 MAE and R² = 1 - Σ(y - ŷ)² / Σ(y - ȳ)². ``loss`` is the training objective on the model's
 scale (for the squared loss, MSE / scale²).
+
+A causal language model (``"token_cross_entropy"``) scores next-token logits ``(n, vocab, L)``
+against token labels ``(n, L)`` in which every position that is not a response token holds
+`IGNORE_INDEX` (-100: the prompt, the padding): only response tokens count, in the loss and in
+`token_metrics` (perplexity = exp(mean token loss), token accuracy).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
@@ -25,17 +31,23 @@ import torch.nn.functional as F
 
 __all__ = [
     "CROSS_ENTROPY",
+    "IGNORE_INDEX",
     "LOSSES",
     "REGRESSION_LOSSES",
+    "TOKEN_CROSS_ENTROPY",
     "LossName",
     "Objective",
     "regression_metrics",
+    "token_metrics",
+    "token_sums",
 ]
 
-LossName = Literal["cross_entropy", "squared", "huber"]
+LossName = Literal["cross_entropy", "squared", "huber", "token_cross_entropy"]
 LOSSES: Final[tuple[str, ...]] = get_args(LossName)
 #: The losses of a regression model (one output, a real-valued target).
 REGRESSION_LOSSES: Final[tuple[str, ...]] = ("squared", "huber")
+#: The label of a position that no loss or metric counts (torch's default `ignore_index`).
+IGNORE_INDEX: Final[int] = -100
 
 
 @dataclass(frozen=True)
@@ -67,8 +79,19 @@ class Objective:
         """True for a regression loss (one output, a float32 target)."""
         return self.loss in REGRESSION_LOSSES
 
+    @property
+    def tokens(self) -> bool:
+        """True for a causal LM's token-level loss (labels ``(n, L)``)."""
+        return self.loss == "token_cross_entropy"
+
     def per_example(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The loss of each example, shape ``(n,)`` (DP-SGD clips each one's gradient)."""
+        """The loss of each example, shape ``(n,)`` (DP-SGD clips each one's gradient). For
+        tokens: the mean over the example's own response tokens (0 for an example without one),
+        so that one record (one instruction pair) is one example whatever its length."""
+        if self.tokens:
+            losses = F.cross_entropy(output, y, reduction="none", ignore_index=IGNORE_INDEX)
+            counted = (y != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+            return losses.sum(dim=1) / counted.to(losses.dtype)
         if not self.regression:
             return F.cross_entropy(output, y, reduction="none")
         residual = output.reshape(-1) - (y.to(output.dtype) - self.centre) / self.scale
@@ -78,7 +101,11 @@ class Objective:
         return F.huber_loss(residual, torch.zeros_like(residual), reduction="none", delta=delta)
 
     def __call__(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The mean loss over the batch (what local training minimises)."""
+        """The mean loss over the batch (what local training minimises); for tokens the mean
+        over the batch's response tokens (0 for a batch without one)."""
+        if self.tokens:
+            losses = F.cross_entropy(output, y, reduction="none", ignore_index=IGNORE_INDEX)
+            return losses.sum() / (y != IGNORE_INDEX).sum().clamp(min=1).to(losses.dtype)
         if not self.regression:
             return F.cross_entropy(output, y)
         return self.per_example(output, y).mean()
@@ -90,6 +117,31 @@ class Objective:
 
 #: Classification's objective (the default everywhere).
 CROSS_ENTROPY: Final[Objective] = Objective()
+#: A causal language model's objective: next-token cross-entropy on response tokens only.
+TOKEN_CROSS_ENTROPY: Final[Objective] = Objective("token_cross_entropy")
+
+
+def token_metrics(loss_sum: float, correct: int, counted: int) -> dict[str, float]:
+    """``loss`` (mean cross-entropy per counted token, nats), ``perplexity`` (exp of it) and
+    ``token_accuracy`` (greedy next token right) from sums over a set's response tokens;
+    ``{}`` when no token counted."""
+    if counted == 0:
+        return {}
+    loss = loss_sum / counted
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),  # exp(709) is float64's ceiling
+        "token_accuracy": correct / counted,
+    }
+
+
+def token_sums(output: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
+    """(summed cross-entropy, correct greedy predictions, counted tokens) of logits
+    ``(n, vocab, L)`` on labels ``(n, L)``, response tokens only: `token_metrics`' inputs."""
+    keep = y != IGNORE_INDEX
+    losses = F.cross_entropy(output.float(), y, reduction="sum", ignore_index=IGNORE_INDEX)
+    correct = ((output.argmax(dim=1) == y) & keep).sum()
+    return float(losses), int(correct), int(keep.sum())
 
 
 def regression_metrics(

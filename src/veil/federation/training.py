@@ -18,8 +18,15 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from veil.devices import model_device
 from veil.federation.messages import TrainingPlan
-from veil.federation.objective import CROSS_ENTROPY, Objective, regression_metrics
+from veil.federation.objective import (
+    CROSS_ENTROPY,
+    Objective,
+    regression_metrics,
+    token_metrics,
+    token_sums,
+)
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,8 @@ def train_epochs(
     objective: Objective = CROSS_ENTROPY,
 ) -> float:
     """Train `model` in place with mini-batch SGD on (x, y) to minimise `objective` (default
-    cross-entropy); return the mean training loss.
+    cross-entropy); return the mean training loss. `x` and `y` may stay in host memory: each
+    batch is moved to the model's device (`veil.devices`).
 
     Each epoch visits the examples in a fresh random order from `generator`. With
     `plan.proximal_mu > 0` the loss gets FedProx's proximal term (Li et al. 2020) around the
@@ -92,13 +100,15 @@ def train_epochs(
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if plan.proximal_mu > 0 else []
     velocity = [torch.zeros_like(p) for p in params] if plan.momentum > 0 else []
+    device = model_device(model)
     model.train()
     total, batches = 0.0, 0
     for _ in range(plan.epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, plan.batch_size):
             idx = order[start : start + plan.batch_size]
-            loss = objective(model(x[idx]), y[idx])
+            # The data stays in host memory; one batch at a time moves to the model's device.
+            loss = objective(model(x[idx].to(device)), y[idx].to(device))
             total += float(loss.detach())
             batches += 1
             if anchor:
@@ -141,22 +151,46 @@ def evaluate(
     objective: Objective = CROSS_ENTROPY,
 ) -> dict[str, float]:
     """Accuracy and cross-entropy loss of `model` on (x, y); ROC AUC too for two classes.
-    For a regression `objective`: its loss, MSE, MAE and R² (`regression_metrics`).
+    For a regression `objective`: its loss, MSE, MAE and R² (`regression_metrics`); for a causal
+    LM's token objective: loss, perplexity and token accuracy (`evaluate_tokens`).
 
     The AUC is omitted when only one class is present, since it is undefined then, and when
     the model's scores are not finite (a diverged model, e.g. under attack).
     """
     if x.shape[0] == 0:
         return {}
+    if objective.tokens:
+        return evaluate_tokens(model, x, y)
     return logit_metrics(predict_logits(model, x), y, n_classes, objective)
+
+
+#: Rows per forward pass when a causal LM is evaluated: its logits are (rows, vocab, L), far
+#: larger than a classifier's, so they are reduced chunk by chunk and never concatenated.
+TOKEN_EVAL_ROWS = 16
+
+
+@torch.no_grad()
+def evaluate_tokens(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """A causal LM's `loss`, `perplexity` and `token_accuracy` on token labels `y` (n, L),
+    response tokens only (`veil.federation.objective.token_metrics`), in chunks of
+    `TOKEN_EVAL_ROWS` rows moved to the model's device."""
+    device = model_device(model)
+    model.train(False)
+    loss_sum, correct, counted = 0.0, 0, 0
+    chunks = zip(torch.split(x, TOKEN_EVAL_ROWS), torch.split(y, TOKEN_EVAL_ROWS), strict=True)
+    for xb, yb in chunks:
+        part = token_sums(model(xb.to(device)), yb.to(device))
+        loss_sum, correct, counted = loss_sum + part[0], correct + part[1], counted + part[2]
+    return token_metrics(loss_sum, correct, counted)
 
 
 def predict_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`model`'s logits on `x`, in evaluation mode (dropout off, no gradients), in chunks of
-    8192 rows."""
+    8192 rows moved to the model's device; returned in host memory."""
+    device = model_device(model)
     model.train(False)
     with torch.no_grad():  # evaluation only: no graph to keep
-        return torch.cat([model(chunk) for chunk in torch.split(x, 8192)])
+        return torch.cat([model(chunk.to(device)).cpu() for chunk in torch.split(x, 8192)])
 
 
 def logit_metrics(
@@ -169,6 +203,8 @@ def logit_metrics(
     forward pass serves several summaries)."""
     if objective.regression:
         return regression_metrics(logits, y, objective)
+    if objective.tokens:
+        return token_metrics(*token_sums(logits, y))
     metrics = {
         "loss": float(F.cross_entropy(logits, y)),
         "accuracy": float((logits.argmax(dim=1) == y).float().mean()),

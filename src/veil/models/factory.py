@@ -27,6 +27,8 @@ def build_model(
             return build_model(
                 config, n_features=n_features, n_classes=n_classes, image_shape=image_shape
             )
+    if config.name == "causal_lm":
+        return _causal_lm(config)
     if config.name == "transformer":
         from veil.models.transformer import LoRASettings, build_sequence_classifier
 
@@ -51,3 +53,22 @@ def build_model(
     if image_shape is None:
         raise ValueError("the CNN needs image data (a data set with an image shape)")
     return SmallCNN(image_shape, n_classes, config.channels, config.dropout)
+
+
+def _causal_lm(config: ModelConfig) -> nn.Module:
+    """`[model] name = "causal_lm"`: the causal LM in `model_dir` (default: the tiny GPT-2 of
+    `veil.models.tiny_lm`, built on first use) with LoRA adapters."""
+    from veil.models.tiny_lm import default_causal_lm_dir
+    from veil.models.transformer import LoRASettings, build_causal_lm
+
+    lora = config.lora
+    return build_causal_lm(
+        model_dir=config.model_dir if config.model_dir is not None else default_causal_lm_dir(),
+        lora=LoRASettings(
+            rank=lora.rank,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            target_modules=tuple(lora.target_modules) if lora.target_modules else None,
+        ),
+        gradient_checkpointing=config.gradient_checkpointing,
+    )

@@ -35,8 +35,10 @@ __all__ = [
     "build_causal_lm",
     "build_sequence_classifier",
     "default_model_dir",
+    "greedy_generate",
     "load_tokenizer",
     "parameter_counts",
+    "quietly",
     "tiny_gpt2_config",
     "tokenize",
 ]
@@ -178,8 +180,40 @@ class CausalLM(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.model(input_ids=x.long()).logits
-        return logits.transpose(1, 2)
+        # No attention mask: padding comes after the text (right padding), and a causal model's
+        # position t sees positions <= t only, so padding changes no logit that a label counts.
+        ids = x.long()
+        # An all-ones mask says so explicitly (and keeps transformers from warning about it).
+        # No key/value cache: one full forward per call, nothing kept between calls.
+        logits: torch.Tensor = self.model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False
+        ).logits
+        return logits.float().transpose(1, 2)  # float32 logits, also from a bfloat16 base
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: CausalLM, tokenizer: Any, prompt: str, *, max_new_tokens: int, max_length: int
+) -> str:
+    """The text `model` continues `prompt` with, greedily (the most likely token each step),
+    until the tokenizer's end-of-text token, `max_new_tokens` tokens, or `max_length` tokens in
+    all (the prompt is cut from the left to leave room). Runs on the model's device."""
+    from veil.devices import model_device
+
+    model.train(False)
+    ids = list(tokenizer(prompt)["input_ids"])
+    budget = max(1, min(max_new_tokens, max_length - 1))
+    ids = ids[-(max_length - budget) :] if len(ids) > max_length - budget else ids
+    eos = tokenizer.eos_token_id
+    device = model_device(model)
+    new: list[int] = []
+    for _ in range(budget):
+        window = torch.tensor([ids + new], dtype=torch.long, device=device)
+        token = int(model(window)[0, :, -1].argmax())
+        if token == eos:
+            break
+        new.append(token)
+    return str(tokenizer.decode(new, skip_special_tokens=True))
 
 
 def _with_lora(model: nn.Module, lora: LoRASettings, task_type: str) -> Any:
@@ -253,10 +287,10 @@ def _load_base(load: Callable[[], Any]) -> Any:
     the same frozen base (`frozen_fingerprint`) from the same files."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return _quietly(load)
+        return quietly(load)
 
 
-def _quietly(load: Callable[[], Any]) -> Any:
+def quietly(load: Callable[[], Any]) -> Any:
     """Run a `from_pretrained` without transformers' load report and progress bar."""
     from transformers.utils import logging as hf_logging
 
@@ -277,8 +311,15 @@ def tiny_gpt2_config(vocab_size: int = 256, n_positions: int = 64) -> Any:
     offline); for tests and examples."""
     from transformers import GPT2Config
 
+    last = vocab_size - 1  # end-of-text within the vocabulary (GPT-2's default 50256 is not)
     return GPT2Config(
-        vocab_size=vocab_size, n_positions=n_positions, n_layer=2, n_head=2, n_embd=64
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        bos_token_id=last,
+        eos_token_id=last,
     )
 
 
@@ -287,16 +328,29 @@ def build_causal_lm(
     model_dir: str | Path | None = None,
     config: Any = None,
     lora: LoRASettings | None = None,
+    gradient_checkpointing: bool = False,
+    base_dtype: torch.dtype = torch.float32,
     seed: int | None = None,
 ) -> CausalLM:
-    """A causal LM with LoRA adapters: pretrained from `model_dir`, or initialised from `config`
-    (a `transformers` config, e.g. `tiny_gpt2_config()`); exactly one of the two."""
+    """A causal LM with LoRA adapters: pretrained from `model_dir` (any Hugging Face causal LM
+    that `AutoModelForCausalLM` loads: GPT-2, Llama, Qwen, Mistral, ...), or initialised from
+    `config` (a `transformers` config, e.g. `tiny_gpt2_config()`); exactly one of the two.
+
+    `base_dtype` is the frozen base's dtype (bfloat16 halves its memory on a GPU that supports
+    it, `veil.devices.frozen_base_dtype`); the adapters are float32 whatever it is.
+    `gradient_checkpointing` recomputes activations in the backward pass (less memory)."""
     if (model_dir is None) == (config is None):
         raise UserError("build_causal_lm needs exactly one of model_dir and config")
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return build_causal_lm(model_dir=model_dir, config=config, lora=lora)
+            return build_causal_lm(
+                model_dir=model_dir,
+                config=config,
+                lora=lora,
+                gradient_checkpointing=gradient_checkpointing,
+                base_dtype=base_dtype,
+            )
     _offline()
     from transformers import AutoModelForCausalLM
 
@@ -305,4 +359,21 @@ def build_causal_lm(
     else:
         path = _model_dir(model_dir)
         base = _load_base(lambda: AutoModelForCausalLM.from_pretrained(path, local_files_only=True))
+    if base_dtype != torch.float32:
+        base = base.to(base_dtype)
+    if gradient_checkpointing:
+        _checkpoint(base)
     return CausalLM(_with_lora(base, lora or LoRASettings(), "CAUSAL_LM"))
+
+
+def _checkpoint(base: Any) -> None:
+    """Recompute activations in the backward pass: less memory, about one more forward.
+    transformers 5 renamed the method and its argument; 4.x only has the old names.
+    Non-reentrant checkpointing lets gradients reach adapters whose inputs (the frozen
+    embeddings) need no gradient."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(base, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -107,6 +107,7 @@ def render_report(
         _data(result),
         _performance(result, rounds),
         _classification(_dict(result.get("classification"))),
+        _language_model(_dict(result.get("language_model")), _dict(result.get("final"))),
         _privacy_budget(rounds, privacy),
         _participation(result, rounds, privacy),
         _communication(result, rounds),
@@ -380,6 +381,30 @@ def _performance(result: Mapping[str, Any], rounds: Sequence[dict[str, Any]]) ->
     ]
     body = f'<div class="charts">{"".join(charts)}</div>{_table(rows)}'
     return _section("performance", "Model quality and loss", body)
+
+
+def _language_model(section: Mapping[str, Any], final: Mapping[str, Any]) -> str:
+    """A causal LM's run: the base model's perplexity and token accuracy beside the final
+    model's, and the final model's greedy answers to fixed prompts; nothing for other runs."""
+    if not section:
+        return ""
+    base = _dict(section.get("base"))
+    rows = [
+        (
+            name,
+            f"{_num(base.get(key))} (base model) → {_num(final.get(key))} (tuned)",
+        )
+        for name, key in (("perplexity", "perplexity"), ("token accuracy", "token_accuracy"))
+    ]
+    rows.append(("model", _text(section.get("model_dir"))))
+    generations = [_dict(g) for g in _list(section.get("generations"))]
+    grid = _grid(
+        ["prompt", "greedy output"],
+        [(_text(g.get("prompt")), _text(g.get("output"))) for g in generations],
+        numeric_from=2,
+    )
+    note = "<p>Perplexity and token accuracy count the response tokens of the held-out set.</p>"
+    return _section("language-model", "Language model", _table(rows) + note + grid)
 
 
 def _classification(summary: Mapping[str, Any]) -> str:

@@ -2,7 +2,7 @@
 `RunConfig`, because a vertical run has parties with different columns instead of clients.
 
     name = "vertical-credit"
-    model = "logistic"            # or "split"
+    model = "logistic"            # or "split", "secureboost"
     [data]                        # German credit split between a bank and a payment company
     bank_fraction = 0.85
     payment_fraction = 0.8
@@ -14,6 +14,8 @@
     epochs = 5
     [split]                       # split learning, optional DP
     epochs = 30
+    [secureboost]                 # SecureBoost trees (Cheng et al. 2021) under Paillier
+    trees = 10
 """
 
 from __future__ import annotations
@@ -76,15 +78,31 @@ class VerticalSplit(_Section):
     delta: float = Field(1e-5, gt=0, lt=1)
 
 
+class VerticalSecureBoost(_Section):
+    """`veil.vertical.boosting.BoostSettings` (binary objective), plus the bank's Paillier key
+    size (>= 2048 bits)."""
+
+    trees: int = Field(10, ge=1)
+    max_depth: int = Field(3, ge=1)
+    bins: int = Field(32, ge=2, le=256)
+    learning_rate: float = Field(0.3, gt=0, le=1)
+    reg_lambda: float = Field(1.0, ge=0)
+    min_child_weight: float = Field(1.0, ge=0)
+    gamma: float = Field(0.0, ge=0)
+    first_tree_active_only: bool = False
+    key_bits: int = Field(2048, ge=2048)
+
+
 class VerticalConfig(_Section):
     """A vertical run: PSI, then one model trained across the two parties."""
 
     name: str = "vertical"
-    model: Literal["logistic", "split"] = "logistic"
+    model: Literal["logistic", "split", "secureboost"] = "logistic"
     data: VerticalData = VerticalData()
     psi: VerticalPsi = VerticalPsi()
     logistic: VerticalLogistic = VerticalLogistic()
     split: VerticalSplit = VerticalSplit()
+    secureboost: VerticalSecureBoost = VerticalSecureBoost()
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str = "config") -> VerticalConfig:

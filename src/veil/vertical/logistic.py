@@ -15,9 +15,10 @@ of Hardy et al.: for u = u_A + u_P and ỹ = 2y - 1, loss ≈ log 2 - ỹu/2 + u
 d = u/4 - ỹ/2, so the gradient of party k is X_k^T d / m (+ l2 · w_k):
 
 1. payment -> bank: [[u_P]] = Enc(X_P w_P) row by row, and [[Σ u_P²]] (for the loss).
-2. bank: [[d]] = ([[u_P]] + u_A)/4 - ỹ/2 and [[loss]] homomorphically;
-   bank -> payment: [[d]]; bank -> coordinator: [[loss]].
-3. each party k: [[X_k^T d]], masked by r_k uniform in Z_n (Enc(m + r) mod n) -> coordinator.
+2. bank: [[4d]] = [[u_P]] · Enc(u_A - 2ỹ) and [[loss]] homomorphically;
+   bank -> payment: [[4d]]; bank -> coordinator: [[loss]].
+3. each party k: [[X_k^T d]] packed, masked by r_k uniform in Z_n (Enc(m + r) mod n) ->
+   coordinator.
 4. coordinator -> each party: (m + r_k) mod n, uniform, so it learns nothing; the party removes
    r_k and decodes its own gradient.
 
@@ -27,7 +28,17 @@ its own gradient; the coordinator sees the batch losses (it decides convergence)
 masked values. A coordinator colluding with either party breaks this (it holds the key).
 Prediction for a new customer needs both partial scores: the bank adds u_P, sent in the clear by
 the payment company for that customer (so the bank learns that one score).
-Masks and Paillier randomness come from `secrets` / `random.SystemRandom` (os.urandom).
+Masks and Paillier randomness come from `secrets` (os.urandom).
+
+Arithmetic: `veil.privacy.he.paillier_fast` (textbook Paillier on gmpy2, g = n + 1). Each
+party precomputes its encryption randomness r^n mod n² in a background `RandomnessPool`, so an
+encryption on the critical path is one multiplication mod n². Fixed point: scores u at 2^-24,
+features and loss coefficients at 2^-16. The bank sends [[4d · 2^24]] = [[u_P]] · Enc(u_A - 2ỹ)
+under fresh randomness: the payment company made [[u_P]] and knows its randomness, so without
+a fresh factor it could strip it and read the residual, hence the label. Each party packs its
+encrypted gradient into as few plaintexts as the key allows (slots of `_slot_bits`: value bits
++ log2(batch size) + sign) before masking, so the coordinator decrypts one value per party and
+batch (two under a 1024-bit test key) instead of one per feature.
 """
 
 from __future__ import annotations
@@ -42,12 +53,24 @@ from typing import Any
 import gmpy2
 import numpy as np
 import numpy.typing as npt
-from phe import EncodedNumber, EncryptedNumber
 from phe import PaillierPrivateKey as PrivateKey
 from phe import PaillierPublicKey as PublicKey
 
-from veil.errors import ConfigError, VeilError
-from veil.privacy.he.paillier import generate_keypair
+from veil.errors import ConfigError, DataError, VeilError
+from veil.privacy.he.paillier_fast import (
+    FastPrivateKey,
+    FastPublicKey,
+    Mpz,
+    PackError,
+    RandomnessPool,
+    Slots,
+    encrypted_dot,
+    pack,
+    private_key_for,
+    quantise,
+    slot_bits,
+    unpack_signed,
+)
 
 __all__ = [
     "BANK",
@@ -58,12 +81,17 @@ __all__ = [
     "LRSettings",
     "Message",
     "PaymentCompany",
+    "ProtocolError",
     "VerticalLRResult",
+    "randomness_per_epoch",
     "train_vertical_lr",
 ]
 
 BANK, PAYMENT, COORDINATOR = "bank", "payment", "coordinator"
-_PRECISION = 2.0**-24  # fixed-point step: equal exponents, so encrypted sums need no alignment
+SCORE_BITS = 24  # fractional bits of scores and residuals
+FEATURE_BITS = 16  # fractional bits of features and of the loss coefficients
+_FEATURE_LIMIT = 32.0  # |x| of a (standardised) feature must stay below this
+_RESIDUAL_BITS = 10  # |4d| = |u - 2ỹ| below 2^10
 
 
 class ProtocolError(VeilError):
@@ -99,55 +127,25 @@ class Message:
     payload: bytes
 
 
-def _encode(public: PublicKey, value: float, *, power: int = 1) -> EncodedNumber:
-    # power = 2 encodes at the exponent of a product of two fixed-point values.
-    return EncodedNumber.encode(public, float(value), precision=_PRECISION**power)
+def _slot_bits(batch_size: int) -> int:
+    """Budget of one gradient slot: |x·2^16| < 2^21, |4d·2^24| < 2^34, batch_size summands."""
+    value_bits = FEATURE_BITS + 5 + SCORE_BITS + _RESIDUAL_BITS
+    return slot_bits(value_bits, batch_size)
 
 
-def _encrypt(public: PublicKey, value: float) -> EncryptedNumber:
-    return public.encrypt(float(value), precision=_PRECISION)
+def _hex(values: list[Mpz]) -> list[str]:
+    return [format(int(v), "x") for v in values]
 
 
-def _dump(values: list[EncryptedNumber]) -> list[list[Any]]:
-    # No re-randomisation here: values for a party without the key need none, and whatever
-    # reaches the key holder is re-randomised first (a fresh mask encryption, or obfuscate()).
-    return [[format(v.ciphertext(be_secure=False), "x"), v.exponent] for v in values]
-
-
-def _load(public: PublicKey, raw: Any) -> list[EncryptedNumber]:
+def _load(public: FastPublicKey, raw: Any) -> list[Mpz]:
+    if not isinstance(raw, list):
+        raise ProtocolError("malformed encrypted vector")
     try:
-        out = [EncryptedNumber(public, int(c, 16), int(e)) for c, e in raw]
+        return [public.check(int(c, 16)) for c in raw]
     except (TypeError, ValueError):
         raise ProtocolError("malformed encrypted vector") from None
-    if any(not 0 < v.ciphertext(be_secure=False) < public.nsquare for v in out):
-        raise ProtocolError("an encrypted value is out of range for this key")
-    return out
-
-
-def _dot_products(
-    public: PublicKey, values: list[EncryptedNumber], x: npt.NDArray[np.float64]
-) -> list[tuple[int, int]]:
-    """[[Σ_i values_i · x_ik]] for each column k, as (raw ciphertext, exponent): products of
-    powers with gmpy2 (the same arithmetic as `phe`'s scalar multiplication, batched; values
-    must share one exponent, which fixed-precision encoding guarantees)."""
-    exponents = {v.exponent for v in values}
-    if len(exponents) != 1:
-        raise ProtocolError("encrypted values with mixed exponents")
-    x_exponent = _encode(public, 1.0).exponent
-    q = np.rint(np.asarray(x, np.float64) * float(EncodedNumber.BASE) ** -x_exponent)
-    nsquare = gmpy2.mpz(public.nsquare)
-    cts = [gmpy2.mpz(v.ciphertext(be_secure=False)) for v in values]
-    inverses = [gmpy2.invert(c, nsquare) for c in cts]
-    out = []
-    for k in range(q.shape[1]):
-        acc = gmpy2.mpz(1)
-        for c, c_inv, e in zip(cts, inverses, q[:, k], strict=True):
-            if e > 0:
-                acc = acc * gmpy2.powmod(c, int(e), nsquare) % nsquare
-            elif e < 0:
-                acc = acc * gmpy2.powmod(c_inv, int(-e), nsquare) % nsquare
-        out.append((int(acc), values[0].exponent + x_exponent))
-    return out
+    except PackError:
+        raise ProtocolError("an encrypted value is out of range for this key") from None
 
 
 def _body(payload: bytes) -> dict[str, Any]:
@@ -163,23 +161,39 @@ def _body(payload: bytes) -> dict[str, Any]:
 class _Learner:
     """What both data holders share: weights, masked decryption of their gradient, the step."""
 
-    def __init__(self, x: npt.NDArray[np.float64], public: PublicKey, settings: LRSettings):
+    def __init__(
+        self,
+        x: npt.NDArray[np.float64],
+        public: FastPublicKey,
+        settings: LRSettings,
+        pool: RandomnessPool,
+    ):
         self.x = np.asarray(x, np.float64)
+        if self.x.size and float(np.max(np.abs(self.x))) >= _FEATURE_LIMIT:
+            raise DataError(
+                f"a feature value reaches {_FEATURE_LIMIT:g} in absolute value: standardise "
+                "the columns (vertical LR packs fixed-point values with that bound)"
+            )
+        self.q = quantise(self.x, FEATURE_BITS)
         self.w = np.zeros(self.x.shape[1])
         self.public = public
         self.settings = settings
-        self._masks: list[tuple[int, int]] = []
+        self.pool = pool
+        self.slots = Slots.fit(public, _slot_bits(settings.batch_size))
+        self._masks: list[int] = []
 
-    def _masked_gradient(self, rows: npt.NDArray[np.int64], d: list[EncryptedNumber]) -> bytes:
-        n, nsquare = self.public.n, self.public.nsquare
+    def _masked_gradient(self, rows: npt.NDArray[np.int64], d: list[Mpz]) -> bytes:
+        """[[X_rows^T · 4d·2^(24+16)]] packed into slots, each packed value masked with a
+        uniform r in Z_n under fresh randomness."""
+        products = encrypted_dot(d, self.q[rows], self.public.nsquare)
+        per = self.slots.per_plaintext
         masked, self._masks = [], []
-        products = _dot_products(self.public, d, self.x[rows])
-        for ct, exponent in products:
-            r = secrets.randbelow(n)
-            ct = ct * self.public.raw_encrypt(r) % nsquare
-            masked.append([format(ct, "x"), exponent])
-            self._masks.append((r, exponent))
-        return json.dumps({"masked": masked}).encode()
+        for start in range(0, len(products), per):
+            packed = pack(products[start : start + per], self.slots.bits, self.public.nsquare)
+            r = secrets.randbelow(int(self.public.n))
+            masked.append(self.public.add(packed, self.public.encrypt(r, self.pool.take())))
+            self._masks.append(r)
+        return json.dumps({"masked": _hex(masked)}).encode()
 
     def _step(
         self, rows: npt.NDArray[np.int64], decrypted: bytes, penalise: npt.NDArray[np.bool_]
@@ -187,13 +201,20 @@ class _Learner:
         values = _body(decrypted).get("values")
         if not isinstance(values, list) or len(values) != len(self._masks):
             raise ProtocolError("the coordinator returned a gradient of the wrong length")
-        n = self.public.n
-        grad = np.array(
-            [
-                EncodedNumber(self.public, (int(v, 16) - r) % n, e).decode()
-                for v, (r, e) in zip(values, self._masks, strict=True)
-            ]
-        ) / len(rows)
+        n = int(self.public.n)
+        slots: list[int] = []
+        per, width = self.slots.per_plaintext, len(self.w)
+        for index, (v, r) in enumerate(zip(values, self._masks, strict=True)):
+            m = (int(v, 16) - r) % n
+            count = min(per, width - index * per)
+            try:
+                slots += unpack_signed(m - n if m > n // 2 else m, count, self.slots.bits)
+            except PackError:
+                raise ProtocolError(
+                    "a gradient slot overflowed (residuals beyond 2^10?): lower learning_rate"
+                ) from None
+        scale = 4.0 * 2.0 ** (SCORE_BITS + FEATURE_BITS) * len(rows)
+        grad = np.array(slots, np.float64) / scale
         grad = grad + self.settings.l2 * self.w * penalise
         self.w = self.w - self.settings.learning_rate * grad
 
@@ -206,10 +227,12 @@ class PaymentCompany(_Learner):
     """The feature holder: it never receives labels, residuals in the clear, or the bank's data."""
 
     def partial_scores(self, rows: npt.NDArray[np.int64]) -> bytes:
-        u = self.scores(rows)
+        """[[u_P · 2^24]] per row and [[Σ (u_P · 2^24)²]], fresh randomness each."""
+        u = quantise(self.scores(rows), SCORE_BITS).tolist()
+        enc = self.public.encrypt
         body = {
-            "u": _dump([_encrypt(self.public, v) for v in u]),
-            "u2": _dump([_encrypt(self.public, float(np.sum(u**2)))]),
+            "u": _hex([enc(v, self.pool.take()) for v in u]),
+            "u2": _hex([enc(sum(v * v for v in u), self.pool.take())]),
         }
         return json.dumps(body).encode()
 
@@ -230,37 +253,42 @@ class Bank(_Learner):
         self,
         x: npt.NDArray[np.float64],
         labels: npt.NDArray[np.int64],
-        public: PublicKey,
+        public: FastPublicKey,
         settings: LRSettings,
+        pool: RandomnessPool,
     ):
         x = np.asarray(x, np.float64)
-        super().__init__(np.hstack([x, np.ones((x.shape[0], 1))]), public, settings)
+        super().__init__(np.hstack([x, np.ones((x.shape[0], 1))]), public, settings, pool)
         self.y_signed = 2.0 * np.asarray(labels, np.float64) - 1.0
-        self._d: list[EncryptedNumber] = []
+        self._d: list[Mpz] = []
 
     def residuals(self, rows: npt.NDArray[np.int64], partial: bytes) -> tuple[bytes, bytes]:
-        """([[d]] for the payment company, [[batch loss sum]] for the coordinator)."""
+        """([[4d · 2^24]] for the payment company, [[8 · 2^48 · batch loss sum]] for the
+        coordinator), both under fresh randomness."""
         body = _body(partial)
         u_p, u2 = _load(self.public, body.get("u")), _load(self.public, body.get("u2"))
         if len(u_p) != len(rows) or len(u2) != 1:
             raise ProtocolError("the payment company sent scores for another batch")
-        u_a, y = self.scores(rows), self.y_signed[rows]
-        quarter, eighth = _encode(self.public, 0.25), _encode(self.public, 0.125)
+        pk, u_a, y = self.public, self.scores(rows), self.y_signed[rows]
+        known = quantise(u_a - 2.0 * y, SCORE_BITS).tolist()
         self._d = [
-            u * quarter + _encode(self.public, 0.25 * a - 0.5 * t, power=2)
-            for u, a, t in zip(u_p, u_a, y, strict=True)
+            pk.rerandomise(pk.add_plain(c, k), self.pool.take())
+            for c, k in zip(u_p, known, strict=True)
         ]
-        # Σ loss = m log 2 - ½ Σ ỹ(u_A + u_P) + ⅛ Σ (u_A² + 2 u_A u_P + u_P²)
-        ((ct, exponent),) = _dot_products(self.public, u_p, (0.25 * u_a - 0.5 * y)[:, None])
-        cross = EncryptedNumber(self.public, ct, exponent)
+        # 8 · 2^48 · Σ loss = 8·2^48·(m log 2 - ½Σỹu_A + ⅛Σu_A²) + 8·2^48·Σ e u_P + Σ U_P²,
+        # e = u_A/4 - ỹ/2 at 2^-16, U_P = u_P·2^24: the cross term is shifted up by 2^(24-16+3).
+        e = quantise(0.25 * u_a - 0.5 * y, FEATURE_BITS)[:, None]
+        (cross,) = encrypted_dot(u_p, e, pk.nsquare)
+        cross = gmpy2.powmod(cross, 1 << (SCORE_BITS - FEATURE_BITS + 3), pk.nsquare)
         plain = len(rows) * math.log(2) - 0.5 * float(y @ u_a) + 0.125 * float(u_a @ u_a)
-        loss = cross + u2[0] * eighth + _encode(self.public, plain, power=2)
-        # The key holder could read a ciphertext's randomness, here built from our per-row
-        # coefficients; fresh randomness hides it.
-        loss.obfuscate()
+        scaled = round(plain * 8.0 * 2.0 ** (2 * SCORE_BITS))
+        loss = pk.add(pk.add_plain(cross, scaled), u2[0])
+        # The key holder could read a ciphertext's randomness, built here from the payment
+        # company's and our per-row coefficients; fresh randomness hides it.
+        loss = pk.rerandomise(loss, self.pool.take())
         return (
-            json.dumps({"d": _dump(self._d)}).encode(),
-            json.dumps({"loss": _dump([loss]), "rows": len(rows)}).encode(),
+            json.dumps({"d": _hex(self._d), "scale_bits": SCORE_BITS}).encode(),
+            json.dumps({"loss": _hex([loss]), "rows": len(rows)}).encode(),
         )
 
     def gradient(self, rows: npt.NDArray[np.int64]) -> bytes:
@@ -275,27 +303,26 @@ class Bank(_Learner):
 class Coordinator:
     """Holds the private key; decrypts masked values and batch losses, decides convergence."""
 
-    def __init__(self, public: PublicKey, private: PrivateKey):
-        self.public, self._private = public, private
+    def __init__(self, private: FastPrivateKey):
+        self.public, self._private = private.public, private
         self.losses: list[float] = []
 
     def unmask(self, masked: bytes) -> bytes:
-        raw = _body(masked).get("masked")
-        cts = _load(self.public, raw)
-        values = [
-            format(self._private.raw_decrypt(c.ciphertext(be_secure=False)), "x") for c in cts
-        ]
+        cts = _load(self.public, _body(masked).get("masked"))
+        values = [format(self._private.decrypt(c), "x") for c in cts]
         return json.dumps({"values": values}).encode()
 
     def batch_loss(self, message: bytes) -> float:
         body = _body(message)
         (loss,) = _load(self.public, body.get("loss"))
-        return float(self._private.decrypt(loss)) / max(1, int(body.get("rows", 1)))
+        scale = 8.0 * 2.0 ** (2 * SCORE_BITS) * max(1, int(body.get("rows", 1)))
+        return self._private.decrypt_signed(loss) / scale
 
 
 @dataclass
 class VerticalLRResult:
-    """Trained parties, per-epoch mean Taylor loss, whether it converged, and the transcript."""
+    """Trained parties, per-epoch mean Taylor loss, whether it converged, and the transcript;
+    `pool_misses` counts encryptions whose randomness was not ready in the pool."""
 
     bank: Bank
     payment: PaymentCompany
@@ -304,6 +331,7 @@ class VerticalLRResult:
     epochs: int
     transcript: list[Message] = field(default_factory=list)
     key_bits: int = 0
+    pool_misses: int = 0
 
     def predict_proba(
         self, bank_rows: npt.NDArray[np.int64], payment_rows: npt.NDArray[np.int64]
@@ -314,6 +342,53 @@ class VerticalLRResult:
         return np.asarray(1.0 / (1.0 + np.exp(-z)), np.float64)
 
 
+def randomness_per_epoch(
+    rows: int,
+    bank_features: int,
+    payment_features: int,
+    settings: LRSettings,
+    public: FastPublicKey,
+) -> tuple[int, int]:
+    """How many r^n values (bank, payment company) one epoch consumes: the bank one per row
+    (residuals), one per batch (loss) and one per packed gradient; the payment company one per
+    row (scores), one per batch (Σu²) and one per packed gradient."""
+    batches = math.ceil(rows / settings.batch_size)
+    per = Slots.fit(public, _slot_bits(settings.batch_size)).per_plaintext
+    bank = rows + batches * (1 + math.ceil((bank_features + 1) / per))
+    payment = rows + batches * (1 + math.ceil(payment_features / per))
+    return bank, payment
+
+
+@dataclass
+class _Run:
+    """The three parties of one training run and its transcript."""
+
+    coordinator: Coordinator
+    bank: Bank
+    payment: PaymentCompany
+    transcript: list[Message] = field(default_factory=list)
+
+    def send(self, sender: str, receiver: str, topic: str, payload: bytes) -> bytes:
+        self.transcript.append(Message(sender, receiver, topic, payload))
+        return payload
+
+    def batch(self, rows: npt.NDArray[np.int64]) -> float:
+        """One mini-batch; returns its mean loss."""
+        payment, bank, coordinator, send = self.payment, self.bank, self.coordinator, self.send
+        partial = send(PAYMENT, BANK, "partial_scores", payment.partial_scores(rows))
+        d_msg, loss_msg = bank.residuals(rows, partial)
+        send(BANK, PAYMENT, "residuals", d_msg)
+        loss = coordinator.batch_loss(send(BANK, COORDINATOR, "loss", loss_msg))
+        for name, learner, masked in (
+            (PAYMENT, payment, payment.gradient(rows, d_msg)),
+            (BANK, bank, bank.gradient(rows)),
+        ):
+            send(name, COORDINATOR, "masked_gradient", masked)
+            reply = send(COORDINATOR, name, "unmasked", coordinator.unmask(masked))
+            learner.update(rows, reply)
+        return loss
+
+
 def train_vertical_lr(
     bank_x: npt.NDArray[np.float64],
     labels: npt.NDArray[np.int64],
@@ -321,52 +396,57 @@ def train_vertical_lr(
     settings: LRSettings,
     *,
     key_bits: int = 2048,
-    keypair: tuple[PublicKey, PrivateKey] | None = None,
+    keypair: tuple[PublicKey, PrivateKey] | FastPrivateKey | None = None,
+    pools: tuple[RandomnessPool, RandomnessPool] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> VerticalLRResult:
     """Train on aligned rows (row i of both matrices is the same customer); every message
     crosses as bytes and is recorded in the transcript. `keypair` lets tests pass a shorter
-    (weaker, faster) key; otherwise the coordinator makes a `key_bits` key."""
+    (weaker, faster) key; otherwise the coordinator makes a `key_bits` key. `pools` (bank's,
+    payment company's) are randomness pools for that key, e.g. filled ahead of time; by default
+    each party starts one background thread that keeps one epoch's randomness ahead."""
     if len(bank_x) != len(payment_x) or len(bank_x) != len(labels):
         raise ConfigError("bank and payment rows must be aligned (run PSI and `align` first)")
     if len(labels) == 0:
         raise ConfigError("the intersection is empty: there is nothing to train on")
-    public, private = keypair if keypair is not None else generate_keypair(key_bits)
-    coordinator = Coordinator(public, private)
-    bank = Bank(bank_x, labels, public, settings)
-    payment = PaymentCompany(payment_x, public, settings)
-    transcript: list[Message] = []
-
-    def send(sender: str, receiver: str, topic: str, payload: bytes) -> bytes:
-        transcript.append(Message(sender, receiver, topic, payload))
-        return payload
-
+    private = private_key_for(keypair, key_bits)
+    public = private.public
+    own_pools = pools is None
+    if pools is None:
+        need = randomness_per_epoch(
+            len(labels), bank_x.shape[1], payment_x.shape[1], settings, public
+        )
+        pools = (
+            RandomnessPool(public, workers=1, target=need[0]),
+            RandomnessPool(public, workers=1, target=need[1]),
+        )
+    run = _Run(
+        Coordinator(private),
+        Bank(bank_x, labels, public, settings, pools[0]),
+        PaymentCompany(payment_x, public, settings, pools[1]),
+    )
     rng = np.random.default_rng(settings.seed)  # batch order only; shared by both parties
     losses: list[float] = []
     converged = False
     epoch = 0
-    for epoch in range(1, settings.epochs + 1):
-        order = rng.permutation(len(labels))
-        total = 0.0
-        for start in range(0, len(order), settings.batch_size):
-            rows = order[start : start + settings.batch_size]
-            partial = send(PAYMENT, BANK, "partial_scores", payment.partial_scores(rows))
-            d_msg, loss_msg = bank.residuals(rows, partial)
-            send(BANK, PAYMENT, "residuals", d_msg)
-            total += coordinator.batch_loss(send(BANK, COORDINATOR, "loss", loss_msg)) * len(rows)
-            for name, learner, masked in (
-                (PAYMENT, payment, payment.gradient(rows, d_msg)),
-                (BANK, bank, bank.gradient(rows)),
-            ):
-                send(name, COORDINATOR, "masked_gradient", masked)
-                reply = send(COORDINATOR, name, "unmasked", coordinator.unmask(masked))
-                learner.update(rows, reply)
-        losses.append(total / len(labels))
-        if on_epoch is not None:
-            on_epoch(epoch, losses[-1])
-        if len(losses) > 1 and abs(losses[-2] - losses[-1]) < settings.tolerance:
-            converged = True
-            break
+    try:
+        for epoch in range(1, settings.epochs + 1):
+            order = rng.permutation(len(labels))
+            total = 0.0
+            for start in range(0, len(order), settings.batch_size):
+                rows = order[start : start + settings.batch_size]
+                total += run.batch(rows) * len(rows)
+            losses.append(total / len(labels))
+            if on_epoch is not None:
+                on_epoch(epoch, losses[-1])
+            if len(losses) > 1 and abs(losses[-2] - losses[-1]) < settings.tolerance:
+                converged = True
+                break
+    finally:
+        misses = pools[0].misses + pools[1].misses
+        if own_pools:
+            pools[0].close()
+            pools[1].close()
     return VerticalLRResult(
-        bank, payment, losses, converged, epoch, transcript, public.n.bit_length()
+        run.bank, run.payment, losses, converged, epoch, run.transcript, public.bits, misses
     )

@@ -200,10 +200,14 @@ class SecureAggregation(ABC):
         self, config: RunConfig, initial: NamedArrays, privacy: PrivacyPolicy | None
     ) -> Payload:
         """What each client's upload must look like (default: the parameters, or their
-        compressed form under `[compression]`)."""
+        compressed form under `[compression]`; under LoRA stacking without the merged deltas,
+        which never go up)."""
         from veil.assembly.stages import update_compressor
         from veil.federation.compression import upload_reference
+        from veil.federation.lora_aggregation import is_merged
 
+        if config.model.lora.aggregation == "stack":
+            initial = {n: a for n, a in initial.items() if not is_merged(n)}
         return upload_reference(update_compressor(config), initial)
 
     def server_tls(self, config: RunConfig, pki_dir: Path) -> ServerTls | None:

@@ -158,6 +158,7 @@ class DPSGDTrainer:
         noise = NoiseBlocks(
             self.source, params, steps, self.noise_multiplier * self.clip_norm / expected_batch
         )
+        device = params[0].device if params else torch.device("cpu")
         # Batches are sampled, and their examples gathered, several steps at a time.
         step_bytes = (expected_batch + 1) * math.prod(x.shape[1:]) * x.element_size()
         per_block = max(1, min(_BATCH_BLOCK_STEPS, int(_BATCH_BLOCK_BYTES / step_bytes)))
@@ -167,7 +168,9 @@ class DPSGDTrainer:
             batches = poisson_batches(self.source, n, q, min(per_block, steps - first))
             sizes = [int(b.size) for b in batches]
             idx = torch.from_numpy(np.concatenate(batches))
-            xs, ys = torch.split(x[idx], sizes), torch.split(y[idx], sizes)
+            # Gathered in host memory, moved to the model's device in one copy per block.
+            xs = torch.split(x[idx].to(device), sizes)
+            ys = torch.split(y[idx].to(device), sizes)
             for size, xb, yb in zip(sizes, xs, ys, strict=True):
                 grads = noise.next()
                 if size:
@@ -196,9 +199,14 @@ class NoiseBlocks:
     """Gaussian noise for every step, drawn from the source several steps at a time.
 
     `next()` returns, per parameter, a fresh tensor of i.i.d. N(0, 1)·`scale` draws (one step's
-    noise; the caller may write into it). Drawing a block of steps at once amortises the source's
-    per-call cost; the draws are i.i.d., so their grouping changes nothing about their
-    distribution. A block holds at most `_BLOCK_FLOATS` numbers, and never more steps than remain.
+    noise; the caller may write into it) on the parameters' device and in their dtype. Drawing
+    a block of steps at once amortises the source's per-call cost; the draws are i.i.d., so their
+    grouping changes nothing about their distribution. A block holds at most `_BLOCK_FLOATS`
+    numbers, and never more steps than remain.
+
+    The draws come from `source` (the host's CSPRNG) and are copied to the device one block at
+    a time: a GPU's own generator (Philox) is not cryptographically secure, and copying changes
+    no value, so the noise is exactly as unpredictable as the host source (`veil.devices`).
     """
 
     _BLOCK_FLOATS = 1 << 15
@@ -212,6 +220,7 @@ class NoiseBlocks:
         self.sizes = [p.numel() for p in params]
         self.total = sum(self.sizes)
         self.dtype = params[0].dtype if params else torch.float32
+        self.device = params[0].device if params else torch.device("cpu")
         self.scale = scale
         self.remaining = steps
         self.per_block = max(1, min(self._BLOCK_STEPS, self._BLOCK_FLOATS // max(self.total, 1)))
@@ -231,7 +240,8 @@ class NoiseBlocks:
             raise RuntimeError("all the noise of this schedule was drawn")
         self.remaining -= k
         draws = self.source.standard_normal(k * self.total)
-        block = torch.from_numpy(draws).to(self.dtype).mul_(self.scale).view(k, self.total)
+        host = torch.from_numpy(draws).to(self.dtype).mul_(self.scale)
+        block = host.to(self.device).view(k, self.total)
         self._steps = [
             chunk.view(k, *shape).unbind(0)
             for chunk, shape in zip(torch.split(block, self.sizes, dim=1), self.shapes, strict=True)

@@ -224,8 +224,13 @@ class PerSampleClipper:
         # d(Σᵢ ℓᵢ)/d logits = softmax − one-hot, for cross-entropy on class indices.
         g = torch.softmax(a, 1)
         eye = self._eye
-        if eye is None or eye.shape[0] != g.shape[1] or eye.dtype != g.dtype:
-            eye = self._eye = torch.eye(g.shape[1], dtype=g.dtype)
+        if (
+            eye is None
+            or eye.shape[0] != g.shape[1]
+            or eye.dtype != g.dtype
+            or eye.device != g.device
+        ):
+            eye = self._eye = torch.eye(g.shape[1], dtype=g.dtype, device=g.device)
         try:
             g.sub_(torch.index_select(eye, 0, y))
         except (IndexError, RuntimeError):
@@ -439,13 +444,13 @@ def _chain_norms(
     parts += [inputs[i] for i in chain.trainable if chain.layers[i].weight is not None]
     both = torch.cat(parts, 1)
     selector = chain.selector
-    if selector.dtype != both.dtype:
-        selector = selector.to(both.dtype)
+    if selector.dtype != both.dtype or selector.device != both.device:
+        selector = selector.to(both.device, both.dtype)
     sums = (both * both).mm(selector)
     width = len(chain.trainable)
     bias_flags = chain.bias_flags
-    if bias_flags.dtype != both.dtype:
-        bias_flags = bias_flags.to(both.dtype)
+    if bias_flags.dtype != both.dtype or bias_flags.device != both.device:
+        bias_flags = bias_flags.to(both.device, both.dtype)
     sq = (sums[:, :width] * sums[:, width:].add_(bias_flags)).sum(1)
     return sq.sqrt_()
 
