@@ -23,7 +23,10 @@ On one machine under one user, file permissions cannot keep processes apart: wha
 that each process is only given its own folder. Across machines each folder lives on its owner's
 machine (docs/deployment.md).
 
-Data files are NumPy `.npz` archives read with `allow_pickle=False`.
+A member's data is its own CSV or Parquet file, checked and encoded by the data contract
+(`[data] schema_file`, `member_data_of`); the coordinator then needs no data file
+(`coordinator_data_of`). Without a contract (a built-in data set), `run_deployment` prepares each
+organisation's split as a NumPy `.npz` archive in its folder, read with `allow_pickle=False`.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext, suppress
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -134,24 +134,14 @@ def run_federation(
     recorder.store = store
     earlier = _open_store(store, config, run_id, checkpoint, out, federation.start_round)
     try:
-        result = _run_rounds(
-            config, federation, earlier, stop, in_process=deployment is None, started=started
-        )
-        _finish(config, result, out, store, recorder.ledger)
-    except BaseException as exc:
-        if store is not None:
-            # Interrupted (Ctrl-C, a second signal) or failed; the checkpoint and the rows of
-            # the finished rounds stay, for --resume. The store may be what failed (disk
-            # full): then the original error is what the user needs to see.
-            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            with suppress(VeilError, sqlite3.Error):
-                store.finish_run(run_id, status=status, final=None)
-        raise
+        with _recording(store, run_id):
+            result = _run_rounds(
+                config, federation, earlier, stop, in_process=deployment is None, started=started
+            )
+            _finish(config, result, out, store, recorder.ledger)
     finally:
         if isinstance(federation.gateway, RayTransport):
             federation.gateway.close()
-        if store is not None:
-            store.close()
     if out is not None:
         write_report(out)
     return result
@@ -185,7 +175,7 @@ def run_tree_federation(
     store = RunStore(out / DB_NAME) if out is not None else None
     _open_store(store, config, run_id, None, out, 1)
     rounds: list[RoundResult] = []
-    try:
+    with _recording(store, run_id):
         for r in range(1, trees.plan.rounds + 1):
             if stop is not None and stop():
                 break
@@ -200,6 +190,19 @@ def run_tree_federation(
         if out is not None and model is not None:
             atomic_write_text(out / TREE_MODEL_FILE, model)
         _finish(config, result, out, store, [])
+    if out is not None:
+        write_report(out)
+    return result
+
+
+@contextmanager
+def _recording(store: RunStore | None, run_id: str) -> Iterator[None]:
+    """Closes `store` after the body; when the body raises, first marks the run interrupted
+    (Ctrl-C, a second signal) or failed. The checkpoint and the rows of the finished rounds
+    stay, for --resume. The store may be what failed (disk full): then the original error is
+    what the user needs to see."""
+    try:
+        yield
     except BaseException as exc:
         if store is not None:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -209,9 +212,6 @@ def run_tree_federation(
     finally:
         if store is not None:
             store.close()
-    if out is not None:
-        write_report(out)
-    return result
 
 
 def new_run_id() -> str:

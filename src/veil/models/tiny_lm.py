@@ -158,7 +158,7 @@ def _pretrain(model: torch.nn.Module, tokenizer: Any, sentences: list[str]) -> N
             optimiser.step()
     finally:
         torch.set_num_threads(threads)
-    model.eval()
+    model.train(False)
 
 
 if __name__ == "__main__":  # pragma: no cover - a command-line convenience
