@@ -30,7 +30,7 @@ What stays here is what differs from `veil.trees`:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
@@ -245,6 +245,28 @@ def split_key(key: object) -> tuple[int, float]:
     return int(feature), float(threshold)
 
 
+def tree_margins(
+    trees: Sequence[Tree],
+    n_rows: int,
+    goes_left: Callable[[Node, npt.NDArray[np.int64]], npt.NDArray[np.bool_]],
+) -> npt.NDArray[np.float64]:
+    """The sum of `trees`' leaf weights for each of `n_rows` rows, routing at each internal
+    node by `goes_left(node, rows)` (which of `rows` go to the left child): the one traversal
+    that a party holding every split and a bank asking for passive splits both use."""
+    margin: npt.NDArray[np.float64] = np.zeros(n_rows)
+    for tree in trees:
+        frontier = [(0, np.arange(n_rows))]
+        while frontier:
+            index, rows = frontier.pop()
+            node = tree.nodes[index]
+            if node.left < 0:
+                margin[rows] += node.weight
+                continue
+            left = goes_left(node, rows)
+            frontier += [(node.left, rows[left]), (node.right, rows[~left])]
+    return margin
+
+
 @dataclass
 class PlainBooster:
     """Trees on one party's (or pooled) columns; split keys are (feature, threshold)."""
@@ -254,19 +276,12 @@ class PlainBooster:
     def predict_margin(self, x: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
         """Sum of the trees' leaf values for each row of `x`."""
         x = np.asarray(x, np.float64)
-        margin = np.zeros(len(x))
-        for tree in self.trees:
-            frontier = [(0, np.arange(len(x)))]
-            while frontier:
-                index, rows = frontier.pop()
-                node = tree.nodes[index]
-                if node.left < 0:
-                    margin[rows] += node.weight
-                    continue
-                feature, threshold = split_key(node.key)
-                left = x[rows, feature] < threshold
-                frontier += [(node.left, rows[left]), (node.right, rows[~left])]
-        return margin
+
+        def goes_left(node: Node, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+            feature, threshold = split_key(node.key)
+            return np.asarray(x[rows, feature] < threshold)
+
+        return tree_margins(self.trees, len(x), goes_left)
 
 
 @dataclass

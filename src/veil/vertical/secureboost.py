@@ -66,6 +66,7 @@ from veil.privacy.he.paillier_fast import (
 from veil.vertical.boosting import (
     BoostSettings,
     Histogram,
+    Node,
     Tree,
     apply_bins,
     best_split,
@@ -73,6 +74,7 @@ from veil.vertical.boosting import (
     gradients,
     grow_tree,
     split_key,
+    tree_margins,
 )
 from veil.vertical.logistic import BANK, PAYMENT, Message
 
@@ -301,18 +303,11 @@ class SecureBoostResult:
         """Margins of rows whose bank columns are `bank_x` and whose payment company rows are
         its dataset `dataset` (same order): routing at its splits is asked for by message."""
         x = np.asarray(bank_x, np.float64)
-        margin = np.zeros(len(x))
-        for tree in self.trees:
-            frontier = [(0, np.arange(len(x)))]
-            while frontier:
-                index, rows = frontier.pop()
-                node = tree.nodes[index]
-                if node.left < 0:
-                    margin[rows] += node.weight
-                    continue
-                left = self._route(node.owner, node.key, x, rows, dataset)
-                frontier += [(node.left, rows[left]), (node.right, rows[~left])]
-        return margin
+
+        def goes_left(node: Node, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+            return np.asarray(self._route(node.owner, node.key, x, rows, dataset), bool)
+
+        return tree_margins(self.trees, len(x), goes_left)
 
     def _route(
         self,
