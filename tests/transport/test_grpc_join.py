@@ -10,6 +10,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from veil.deployment import DATA_FILE, DeploymentFiles
 from veil.errors import UserError
 from veil.federation import ClientFailure, FitInstruction, TrainingPlan
 from veil.federation.fingerprint import (
+    Declared,
     Fingerprint,
     MalformedFingerprint,
     describe,
@@ -277,3 +279,25 @@ def test_a_member_with_fewer_features_is_refused_at_join_and_secagg_rounds_compl
         assert r["applied"] and r["aggregation"]["survivors"] == 4, r
         [failure] = r["failures"]
         assert failure["client"] == "client-2" and "not joined" in failure["reason"]
+
+
+def test_the_data_contract_and_the_declared_sizes_at_join(
+    root: Path, gateway: tuple[GrpcGateway, str, list[dict[str, Any]]]
+) -> None:
+    """A member whose data contract differs is refused, naming the hash; one that declares a
+    malformed row count is refused as malformed; an accepted member's declaration is kept."""
+    gw, address, _ = gateway
+    with open_channel(address, credentials(root, "bob")) as channel:
+        stub = pb_grpc.FederationStub(channel)
+        other = print_of(config(), schema_hash="ab" * 32)
+        refused = join(stub, "bob", other)
+        assert not refused.accepted and "schema_hash" in refused.reason
+        hostile = print_of(config()).to_json() | {
+            "declared": {"examples": -5, "validation": 0, "file": "x.csv"}
+        }
+        reply = stub.Join(pb.JoinRequest(client="bob", json=json.dumps(hostile)), timeout=10)
+        assert not reply.accepted and reply.reason.startswith("malformed join request")
+        assert gw.declarations() == {}
+        honest = replace(print_of(config()), declared=Declared(560, 140, "bank_b.csv"))
+        assert join(stub, "bob", honest).accepted
+        assert gw.declarations() == {"bob": Declared(560, 140, "bank_b.csv")}
