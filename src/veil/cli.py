@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from veil import __version__
 from veil.commands import COMMANDS
 from veil.errors import Aborted, UserError
+from veil.lifecycle import die_with_parent
 
 EXIT_USAGE = 2
 
@@ -32,6 +33,7 @@ else:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `veil` command; returns the exit status."""
+    die_with_parent()
     parser = _parser()
     args = parser.parse_args(argv)
     try:

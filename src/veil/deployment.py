@@ -32,7 +32,6 @@ organisation's split as a NumPy `.npz` archive in its folder, read with `allow_p
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -43,7 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
 import numpy as np
@@ -75,7 +74,7 @@ from veil.errors import Aborted, UserError
 from veil.federation.fingerprint import Declared, Fingerprint, fingerprint
 from veil.federation.pipeline import UpdatePipeline
 from veil.federation.training import torch_threads
-from veil.lifecycle import StopRequest
+from veil.lifecycle import PARENT_ENV, StopRequest
 from veil.models import build_model, get_parameters
 from veil.result import RESULT_FILE, Result
 from veil.runtime import run_federation
@@ -85,6 +84,10 @@ from veil.tensors import NamedArrays
 from veil.transport.grpc.client import ClientCredentials, PinnedChannel, open_channel, run_client
 from veil.transport.grpc.diagnose import Endpoint, MemberTls
 from veil.transport.grpc.server import GrpcGateway, ServerCredentials
+
+if TYPE_CHECKING:
+    from veil.privacy.dp.policy import PrivacyPolicy
+    from veil.sites.policy import TaskGuard
 
 SERVER_NAME = "server"
 TEST_FILE = "server-test.npz"
@@ -219,7 +222,7 @@ def serve(
     gateways = _Gateways(
         config,
         identities=identities,
-        credentials=None if insecure else _server_credentials(pki_dir, tls),
+        credentials=None if insecure else server_credentials(pki_dir, tls),
         revocations=None if insecure else _revocations_reader(pki_dir),
         fingerprint=lambda initial: fingerprint(config, initial, fed.x_test, meta),
         address=address or config.deployment.address,
@@ -407,7 +410,7 @@ class _Gateways:
             self.gateway.stop()
 
 
-def _server_credentials(pki_dir: Path, tls: ServerTls | None = None) -> ServerCredentials:
+def server_credentials(pki_dir: Path, tls: ServerTls | None = None) -> ServerCredentials:
     files = pki.node_files(pki_dir, SERVER_NAME)
     if tls is not None:  # the in-process key and its certificate, from memory
         certificate, private_key = tls.certificate_pem, tls.private_key_pem
@@ -472,10 +475,15 @@ def serve_client(
     pki_dir: Path,
     server: str,
     insecure: bool = False,
+    policy: Path | None = None,
 ) -> int:
     """Run one organisation until the server ends the run; returns the number of tasks done.
     Its data file is checked against the data contract before anything else: a file that
-    breaks it raises `SchemaViolations` (every violation listed) and nothing is trained."""
+    breaks it raises `SchemaViolations` (every violation listed) and nothing is trained.
+
+    With `policy` (the site's policy.toml) the job is checked against it before the member
+    joins (`PolicyRefusal` listing every rule it breaks), and every task again before it is
+    done: a task the policy forbids is refused with the reason (`veil.sites.policy`)."""
     client, meta = member_data_of(config, name, data)
     model = build_model(
         config.model,
@@ -488,6 +496,7 @@ def serve_client(
     # secure-aggregation roster at once.
     trust = None if insecure else member_trust(pki_dir, name)
     privacy = member_privacy(config, name, client.n_train, training_plan(config))
+    guard = None if policy is None else _policy_guard(policy, config, data, privacy)
     # Its half of secure aggregation, from its own keys; under TEE also the check of the server
     # certificate its channel then pins (evidence binding the key of this very connection).
     member = secure_aggregation.backend(config.secure_aggregation).member(
@@ -503,6 +512,8 @@ def serve_client(
         protocol=member.participant,
         objective=objective(config, *_task(meta)),
     )
+    # A round the coordinator runs again after a restart gets the same update, not new noise.
+    runner.remember_last = True
     channel = _member_channel(server, files, insecure, member.accept_server)
     try:
         with torch_threads(config.federation.torch_threads):
@@ -526,9 +537,19 @@ def serve_client(
                     None if insecure else MemberTls(files.cert, files.key, files.ca_cert),
                     pinned=member.accept_server is not None,
                 ),
+                task_guard=guard,
             )
     finally:
         channel.close()
+
+
+def _policy_guard(
+    policy: Path, config: RunConfig, data: Path, privacy: PrivacyPolicy | None
+) -> TaskGuard:
+    """The site policy's guard of this member's tasks, once the job passed it (`member_guard`)."""
+    from veil.sites.policy import member_guard
+
+    return member_guard(policy, config, data_file=data.name, privacy=privacy)
 
 
 def member_data_of(config: RunConfig, name: str, data: Path) -> tuple[ClientData, dict[str, Any]]:
@@ -752,7 +773,7 @@ def run_deployment(
     server: at the first it stops at the next round boundary, tells the clients that the run
     is over and writes an "interrupted" result, which is returned; at the second it aborts
     and `Aborted` is raised. The children die with this process even after a kill -9
-    (`_spawn`).
+    (`spawn_child`).
     """
     with run_directory(out):
         return _run_processes(config, out, config_path=config_path, resume=resume, stop=stop)
@@ -774,14 +795,14 @@ def _run_processes(
     try:
         server_args = [*files.server_args(), *(["--resume"] if resume else [])]
         # SIGHUP: with `veil run` gone nobody waits for a round boundary; it aborts at once.
-        server = _spawn([*veil, *server_args], logs / "server.log", env, signal.SIGHUP)
+        server = spawn_child([*veil, *server_args], logs / "server.log", env, signal.SIGHUP)
         procs.append(server)
         if stop is not None:
             stop.add_listener(server.send_signal)
-        port = _wait_for_port(files.port_file, server, deadline)
+        port = wait_for_port(files.port_file, server, deadline)
         for name in files.clients:
             args = files.client_args(name, f"localhost:{port}")
-            procs.append(_spawn([*veil, *args], logs / f"{name}.log", env))
+            procs.append(spawn_child([*veil, *args], logs / f"{name}.log", env))
         code = server.wait(timeout=max(1.0, deadline - time.monotonic()))
         interrupted = _interrupted_result(out, code, since=started)
         if code != 0 and interrupted is None:
@@ -789,7 +810,7 @@ def _run_processes(
                 # The forwarded signal ended the server before it could stop at a round (while
                 # it was starting, say): an interruption, not a failure.
                 raise Aborted(f"stopped by {stop.signal_name}", signum=stop.signum)
-            raise DeploymentError(_server_failure(code, logs / "server.log"))
+            raise DeploymentError(server_failure(code, logs / "server.log"))
         for proc in procs[1:]:
             try:
                 proc.wait(timeout=max(1.0, min(30.0, deadline - time.monotonic())))
@@ -838,7 +859,7 @@ def _interrupted_result(out: Path, code: int, *, since: float) -> Result | None:
     return result if result.status == "interrupted" else None
 
 
-def _server_failure(code: int, log: Path) -> str:
+def server_failure(code: int, log: Path) -> str:
     """Why the server failed: its own one-line error (e.g. a full disk), and where its log is."""
     try:
         lines = log.read_text(errors="replace").splitlines()
@@ -849,47 +870,27 @@ def _server_failure(code: int, log: Path) -> str:
     return f"the server exited with status {code}{why}; see {log}"
 
 
-def _spawn(
+def spawn_child(
     args: list[str], log_path: Path, env: dict[str, str], death_signal: int = signal.SIGTERM
 ) -> subprocess.Popen[bytes]:
-    """Start a child of `veil run` in its own process group, so that a Ctrl-C at the terminal
-    reaches `veil run` alone (which forwards it to the server: `run_deployment`); on Linux the
-    child gets `death_signal` when `veil run` dies, even by kill -9, so none is left running."""
+    """Start a `veil` child in its own process group, so that a Ctrl-C at the terminal reaches
+    the parent alone (`veil run` forwards it to the server: `run_deployment`); on Linux the
+    child gets `death_signal` when its parent dies, even by kill -9, so none is left running
+    (`veil.lifecycle.die_with_parent`, which the child runs at start)."""
     handle = open(log_path, "ab")  # noqa: SIM115 - the child owns it
     try:
         return subprocess.Popen(
             args,
             stdout=handle,
             stderr=subprocess.STDOUT,
-            env=env,
+            env={**env, PARENT_ENV: f"{os.getpid()}:{int(death_signal)}"},
             process_group=0,
-            preexec_fn=_die_with_parent(death_signal),
         )
     finally:
         handle.close()
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(death_signal: int) -> Callable[[], None] | None:
-    """A `preexec_fn` that asks Linux to send the child `death_signal` when this process dies
-    (`prctl(PR_SET_PDEATHSIG)`); None elsewhere. Everything it needs is looked up before the
-    fork: the child only makes the call."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the call: nobody will signal
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
-
-
-def _wait_for_port(port_file: Path, server: subprocess.Popen[bytes], deadline: float) -> int:
+def wait_for_port(port_file: Path, server: subprocess.Popen[bytes], deadline: float) -> int:
     while time.monotonic() < deadline:
         if port_file.is_file() and port_file.read_text().strip():
             return int(port_file.read_text())

@@ -18,12 +18,20 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from types import FrameType
 
 from veil.errors import Aborted
 
-__all__ = ["SIGNALS", "StopRequest", "exit_status", "stop_on_signals"]
+__all__ = [
+    "PARENT_ENV",
+    "SIGNALS",
+    "StopRequest",
+    "die_with_parent",
+    "exit_status",
+    "stop_on_signals",
+]
 
 #: The signals that stop a run.
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -104,3 +112,32 @@ def stop_on_signals(
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+#: Set by `veil.deployment.spawn_child` to "PID:SIGNAL": the child asks Linux for SIGNAL when
+#: process PID (its parent) dies (`die_with_parent`).
+PARENT_ENV = "VEIL_DIE_WITH_PARENT"
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """When a Veil process started this one and asked for it (`PARENT_ENV`), ask Linux
+    (`prctl(PR_SET_PDEATHSIG)`) to send the named signal when that parent dies, even by
+    kill -9; exit at once if it died already. The variable is removed, so this process's own
+    children do not inherit it.
+
+    Why in the child and not in a `preexec_fn`: a parent with gRPC threads (a site, the
+    coordinator) cannot safely run Python between fork and exec; gRPC's fork handlers abort.
+    """
+    value = os.environ.pop(PARENT_ENV, None)
+    if value is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        parent, signum = (int(part) for part in value.split(":"))
+    except ValueError:
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the call: nobody will signal
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -39,6 +39,13 @@ COMMANDS: dict[str, Command] = {
         "veil.commands.deploy", "create a key file for encrypting checkpoints at rest"
     ),
     "status": Command("veil.commands.deploy", "show a running server's round and clients"),
+    "coordinator": Command(
+        "veil.commands.sites", "run the long-lived coordinator that runs jobs for many sites"
+    ),
+    "site": Command(
+        "veil.commands.sites", "run one organisation's long-lived agent; show its status"
+    ),
+    "job": Command("veil.commands.sites", "submit, list, inspect and cancel jobs"),
     "pki": Command(
         "veil.commands.pki", "the federation's certificate authority: init, issue, revoke, show"
     ),

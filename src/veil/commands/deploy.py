@@ -55,6 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="this organisation's own folder: ca.crt, crl.pem and nodes/NAME/ (its keys)",
     )
     p.add_argument("--server", required=True, help="the server's host:port")
+    p.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help="the site's policy.toml: every task is checked against it; a task it forbids is "
+        "refused with the reason",
+    )
     p.add_argument("--insecure-dev", action="store_true", help="plaintext: development only")
     _aggregation_option(p)
     p.set_defaults(handler=_cmd_client)
@@ -138,6 +145,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             pki_dir=args.pki,
             server=args.server,
             insecure=args.insecure_dev,
+            policy=args.policy,
         )
     except grpc.RpcError as exc:
         raise UserError(f"the server refused or cannot be reached: {exc.details()}") from None

@@ -1,11 +1,11 @@
 """`veil pki`: the federation CA, certificate requests, revocation.
 
     veil pki init CA_DIR
-    veil pki request DIR NAME --role server|client [--host H ...]   (on the member's machine)
+    veil pki request DIR NAME --role server|client|submitter [--host H ...]   (on its own machine)
     veil pki sign CA_DIR REQUEST.csr [--out CERT]                   (on the CA's machine)
     veil pki revoke CA_DIR NAME
     veil pki show CA_DIR
-    veil pki issue CA_DIR NAME --role server|client                 (single-operator test only)
+    veil pki issue CA_DIR NAME --role server|client|submitter       (single-operator test only)
 
 Every command prints file paths and serial numbers, never key material. Errors (existing CA or
 node, bad name, missing CA) are `UserError`s: one line on stderr, exit status 2.
@@ -92,7 +92,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _node_arguments(parser: argparse.ArgumentParser) -> None:
     """NAME, --role and --host, as `request` and `issue` take them."""
     parser.add_argument("name", help="the node name: 1-64 of letters, digits, '.', '_', '-'")
-    parser.add_argument("--role", required=True, choices=pki.ROLES, help="server or client")
+    parser.add_argument(
+        "--role",
+        required=True,
+        choices=pki.ROLES,
+        help="server (the coordinator), client (a member organisation) or submitter (may "
+        "submit jobs to a coordinator, nothing else)",
+    )
     parser.add_argument(
         "--host",
         action="append",

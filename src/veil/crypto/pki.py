@@ -25,15 +25,21 @@ Keys: the CA and node TLS keys are ECDSA P-256 (PKCS#8 PEM), which gRPC's TLS st
 accepts for mutual TLS; signatures are ECDSA with SHA-256. The identity key is Ed25519
 (`veil.crypto.identity`) and signs message content, not TLS.
 
-Certificates: subject CN is the node name, OU its role (``server`` or ``client``);
-ExtendedKeyUsage serverAuth or clientAuth to match; SubjectAltName the given hosts (DNS or IP) for
-a server and DNS:NAME for a client; BasicConstraints CA=false; KeyUsage digitalSignature; and a
-non-critical Veil extension (`IDENTITY_OID`, an OCTET STRING holding the raw 32-byte Ed25519
-public key) that binds the node's identity key to its name under the CA's signature, so that a
-peer can check a relayed signature (SecAgg key advertisements) without trusting the relay; and
-a second one (`ENCRYPTION_OID`, the raw 32-byte X25519 public key of the node's encryption key,
-`veil.crypto.sealed_box`) so that keys can be sealed to a node (the CKKS key ceremony) with the
-CA's word for whose key it is.
+Certificates: subject CN is the node name, OU its role (``server``, ``client`` or ``submitter``);
+ExtendedKeyUsage serverAuth for a server, clientAuth for the other two; SubjectAltName the given
+hosts (DNS or IP) for a server and DNS:NAME for the others; BasicConstraints CA=false; KeyUsage
+digitalSignature; and a non-critical Veil extension (`IDENTITY_OID`, an OCTET STRING holding the
+raw 32-byte Ed25519 public key) that binds the node's identity key to its name under the CA's
+signature, so that a peer can check a relayed signature (SecAgg key advertisements) without
+trusting the relay; and a second one (`ENCRYPTION_OID`, the raw 32-byte X25519 public key of the
+node's encryption key, `veil.crypto.sealed_box`) so that keys can be sealed to a node (the CKKS key
+ceremony) with the CA's word for whose key it is.
+
+Roles: the coordinator is a ``server``; a member organisation (or its long-lived site) a
+``client``; a ``submitter`` (a data scientist or team) may submit jobs to a coordinator and
+nothing else: its certificate is a TLS client certificate like a member's, but every check that
+requires a member (``role="client"``) refuses it, and one that requires a submitter refuses a
+member.
 
 Revocation: `revoke` appends a serial to ``revoked.txt`` and signs a new ``crl.pem`` with a
 higher number (`veil.crypto.revocation`). The TLS handshake itself does not read that list; the
@@ -80,6 +86,7 @@ __all__ = [
     "load_certificate",
     "member_certificate",
     "node_files",
+    "peer_from_pem",
     "publish_revocations",
     "request",
     "revoke",
@@ -89,8 +96,8 @@ __all__ = [
     "verify_certificate",
 ]
 
-Role = Literal["server", "client"]
-ROLES: tuple[Role, ...] = ("server", "client")
+Role = Literal["server", "client", "submitter"]
+ROLES: tuple[Role, ...] = ("server", "client", "submitter")
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -103,9 +110,14 @@ IDENTITY_PUB = "identity.pub"
 ENCRYPTION_KEY = "encryption.key"
 REQUEST = "request.csr"
 
+_ROLE_LIST = ", ".join(f"'{r}'" for r in ROLES)
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HOST = re.compile(r"[A-Za-z0-9.*_-]{1,253}")
-_EKU = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
+_EKU = {
+    "server": ExtendedKeyUsageOID.SERVER_AUTH,
+    "client": ExtendedKeyUsageOID.CLIENT_AUTH,
+    "submitter": ExtendedKeyUsageOID.CLIENT_AUTH,
+}
 #: OID of the extension that carries a node's Ed25519 identity key: a 2.25 (UUID-based, ITU-T
 #: X.667) identifier, unique without registration.
 IDENTITY_OID = x509.ObjectIdentifier("2.25.254227675962433388747850750087626402989")
@@ -210,7 +222,8 @@ def issue(
 
     Writes ``DIR/nodes/NAME/{node.crt, node.key (0600), identity.key (0600), identity.pub,
     encryption.key (0600), request.csr}``. A server's SubjectAltName lists `hosts` (IP addresses
-    as IP entries, the rest as DNS names); a client's holds DNS:NAME and `hosts` is ignored.
+    as IP entries, the rest as DNS names); a client's or submitter's holds DNS:NAME and `hosts`
+    is ignored.
     UserError if the name is not 1-64 of ``[A-Za-z0-9._-]``, the role or a host is invalid, the
     CA is missing, or the node exists and `overwrite` is false. Overwriting does not revoke the
     old certificate: `revoke` it first.
@@ -256,7 +269,7 @@ def request(
     directory = Path(directory)
     _check_name(name)
     if role not in ROLES:
-        raise UserError(f"unknown role '{role}'; use 'server' or 'client'")
+        raise UserError(f"unknown role '{role}'; use {_ROLE_LIST}")
     node_dir = directory / NODES / name
     files = _node_files(directory, name, role)
     existing = [p for p in (files.key, files.identity_key, files.encryption_key) if p.exists()]
@@ -387,9 +400,12 @@ def _checked_request(csr: x509.CertificateSigningRequest, request_path: Path) ->
     name = _request_attribute(csr, NameOID.COMMON_NAME, "a name")
     _check_name(name)
     role_value = _request_attribute(csr, NameOID.ORGANIZATIONAL_UNIT_NAME, "a role")
-    if role_value not in ROLES:
-        raise UserError(f"'{request_path}': unknown role '{role_value}'")
-    role: Role = "server" if role_value == "server" else "client"
+    role = _role_of(role_value)
+    if role is None:
+        raise UserError(
+            f"'{request_path}': unknown role '{role_value}'; make the request again with "
+            f"`veil pki request` and one of {_ROLE_LIST}"
+        )
     public_key = csr.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != (
         "secp256r1"
@@ -420,9 +436,10 @@ def _checked_request(csr: x509.CertificateSigningRequest, request_path: Path) ->
 def _check_request_hosts(
     name: str, role: Role, san: list[x509.GeneralName], request_path: Path
 ) -> None:
-    """A client names only DNS:`name`; a server names DNS names and IP addresses only."""
-    if role == "client" and san != [x509.DNSName(name)]:
-        raise UserError(f"'{request_path}': a client request names only DNS:{name}")
+    """A client or submitter names only DNS:`name`; a server names DNS names and IP addresses
+    only."""
+    if role != "server" and san != [x509.DNSName(name)]:
+        raise UserError(f"'{request_path}': a {role} request names only DNS:{name}")
     if role == "server":
         for entry in san:
             if not isinstance(entry, x509.DNSName | x509.IPAddress):
@@ -546,7 +563,7 @@ def node_files(directory: Path, name: str) -> NodeFiles:
     if missing:
         raise UserError(
             f"node '{name}' in '{directory}' is missing {', '.join(missing)}; create it with "
-            f"`veil pki issue {directory} {name} --role server|client`"
+            f"`veil pki issue {directory} {name} --role {'|'.join(ROLES)}`"
             + (" --overwrite" if len(missing) < len(paths) else "")
         )
     return _node_files(directory, name, certificate_role(load_certificate(paths[0])))
@@ -591,14 +608,23 @@ def certificate_name(cert: x509.Certificate) -> str:
 
 
 def certificate_role(cert: x509.Certificate) -> Role:
-    """The role in the subject OU; CertificateRejected if it is not 'server' or 'client'."""
+    """The role in the subject OU; CertificateRejected if it is not one of `ROLES`."""
     attrs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    values = [a.value for a in attrs]
-    if len(values) != 1 or values[0] not in ROLES:
+    role = _role_of(attrs[0].value) if len(attrs) == 1 else None
+    if role is None:
         raise CertificateRejected(
-            "certificate rejected: its subject OU is not one role ('server' or 'client')"
+            f"certificate rejected: its subject OU is not one role ({_ROLE_LIST}); have the "
+            "CA issue it again with `veil pki sign`"
         )
-    return "server" if values[0] == "server" else "client"
+    return role
+
+
+def _role_of(value: object) -> Role | None:
+    """`value` as a `Role`, or None if it is not one."""
+    for role in ROLES:
+        if value == role:
+            return role
+    return None
 
 
 def certificate_identity(cert: x509.Certificate) -> IdentityPublicKey:
@@ -689,6 +715,22 @@ def verify_certificate(
         raise CertificateRejected(
             f"certificate of '{name}' rejected: serial {cert.serial_number} is revoked"
         )
+
+
+def peer_from_pem(pem: bytes, ca: x509.Certificate, *, revoked: Collection[int], role: Role) -> str:
+    """The name of the peer whose PEM certificate is `pem` (as gRPC's auth context holds it,
+    ``x509_pem_cert``), once `verify_certificate` accepts it for `role` against `ca` and the
+    `revoked` serials. CertificateRejected if `pem` is not one PEM certificate or is refused:
+    a member's certificate where a submitter's is required, say, or the other way round."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise CertificateRejected(
+            "certificate rejected: the peer presented no PEM certificate; connect with the "
+            "certificate the CA issued (`veil pki request` and `veil pki sign`)"
+        ) from None
+    verify_certificate(cert, ca, role=role, revoked=revoked)
+    return certificate_name(cert)
 
 
 def revoke(directory: Path, name: str) -> int:

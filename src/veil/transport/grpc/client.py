@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,10 @@ from veil.transport.grpc.codec import Message, decode, digest, encode
 from veil.transport.grpc.diagnose import Endpoint, diagnose
 
 log = logging.getLogger("veil.client")
+
+#: `run_client`'s `task_guard`: called with a task's kind ("fit", "evaluate", "protocol") and
+#: metadata before the member works on it; a VeilError it raises refuses the task.
+TaskCheck = Callable[[str, Mapping[str, Any]], None]
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 # `run_client`'s waits between attempts to reach the coordinator: doubling from the first, at
@@ -492,6 +496,7 @@ def run_client(
     endpoint: Endpoint | None = None,
     fingerprint: Fingerprint | None = None,
     heartbeat_s: float | None = 2.0,
+    task_guard: TaskCheck | None = None,
 ) -> int:
     """Serve tasks until the server says the run is done; returns the number of tasks done.
 
@@ -504,6 +509,8 @@ def run_client(
     `on_revocations` receives the revocation list (PEM) that comes with each task before the
     task is done (a member's `veil.crypto.trust.TrustStore.accept_revocations`); a VeilError
     from it (a list the CA did not sign, or older than one already seen) refuses the task.
+    `task_guard` then sees each task's kind and metadata before it is done (a site's
+    `veil.sites.policy.TaskGuard`); a VeilError from it refuses the task with its message.
 
     `endpoint` (the channel's address and the member's TLS files) lets a failed connection be
     diagnosed (`Reconnection`); without it only "cannot reach" is reported, and a
@@ -523,6 +530,7 @@ def run_client(
             reconnect_timeout_s=reconnect_timeout_s,
             on_revocations=on_revocations,
             endpoint=endpoint,
+            task_guard=task_guard,
         )
     finally:
         member.stop()
@@ -539,6 +547,7 @@ def _serve_tasks(
     reconnect_timeout_s: float,
     on_revocations: Callable[[bytes], object] | None,
     endpoint: Endpoint | None,
+    task_guard: TaskCheck | None = None,
 ) -> int:
     """`run_client`'s task loop, its calls made through `stub`."""
     done = 0
@@ -566,7 +575,7 @@ def _serve_tasks(
             upload = unsent[1]
             log.info(json.dumps({"event": "resending", "client": runner.name}))
         else:
-            upload = _answer(task, runner, model, identity, on_revocations)
+            upload = _answer(task, runner, model, identity, on_revocations, task_guard)
         unsent = (nonce, upload)
         try:
             reply = stub.Upload(iter(upload))
@@ -594,6 +603,7 @@ def _answer(
     model: nn.Module,
     identity: IdentityKey,
     on_revocations: Callable[[bytes], object] | None = None,
+    task_guard: TaskCheck | None = None,
 ) -> list[pb.Chunk]:
     meta = task.meta
     base = {
@@ -606,6 +616,8 @@ def _answer(
         revocations = meta.get("revocations")
         if on_revocations is not None and isinstance(revocations, str):
             on_revocations(revocations.encode("ascii"))
+        if task_guard is not None:
+            task_guard(task.kind, meta)
         kind, out_meta, arrays = _work(task, runner, model)
     except VeilError as exc:
         # Refuse out loud (e.g. a SecAgg step that would be unsafe): the server records why at

@@ -38,6 +38,7 @@ import grpc
 import numpy as np
 from cryptography import x509
 
+from veil.crypto import pki
 from veil.crypto.identity import IdentityPublicKey, SignatureRejected
 from veil.crypto.revocation import load_revocations
 from veil.errors import VeilError
@@ -856,6 +857,10 @@ class GrpcGateway(pb_grpc.FederationServicer):
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"certificate is for '{name}', request claims '{claimed}'",
                 )
+            if not allow_any and _role(cert) != "client":
+                # A submitter's (or a server's) certificate under a member's name: never a member.
+                self._event("refused", client=name, reason="not a member certificate")
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, "a member certificate is required")
         else:
             name = claimed or ""
         if allow_any:
@@ -967,3 +972,11 @@ def _cancel(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) 
         call.cancel(code.value[0], details)  # type: ignore[union-attr]
     except Exception:  # another grpc version: the reason then stays in the server's log
         context.cancel()
+
+
+def _role(cert: x509.Certificate) -> str | None:
+    """The certificate's role (subject OU), None when it names none."""
+    try:
+        return pki.certificate_role(cert)
+    except pki.CertificateRejected:
+        return None
