@@ -21,7 +21,9 @@ from pki_nodes import (
     copy_of,
     federation,
     identity,
+    job_config,
     resigned,
+    signed_bundle,
 )
 
 from veil.config import load_config
@@ -300,3 +302,24 @@ def test_written_job_files_are_a_run_config_with_the_bundled_schema(
     assert config.federation.clients == 2
     assert config.federation.rounds == bundle.config["federation"]["rounds"]
     assert (folder / SCHEMA_FILE).stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("model", "model_dir", "/srv/models"),
+        ("privacy", "ledger", "/site/home/ledger.db"),
+        ("data", "schema_file", "/etc/passwd"),
+        ("data", "organisations", {"bank_a": "../other/bank_a.csv", "bank_b": "bank_b.csv"}),
+        ("data", "organisations", {"bank_a": "/data/bank_a.csv", "bank_b": "bank_b.csv"}),
+    ],
+)
+def test_a_signed_job_naming_a_path_on_the_site_is_refused(
+    root: Path, section: str, key: str, value: object
+) -> None:
+    """A submitter's own signature does not let it point a site at the site's own disk."""
+    config = job_config()
+    config.setdefault(section, {})[key] = value
+    hostile = signed_bundle(root, SUBMITTER, config)
+    with pytest.raises(JobRejected, match=re.escape(f"[{section}]")):
+        verify(hostile, root)

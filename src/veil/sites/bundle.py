@@ -135,9 +135,14 @@ def make_bundle(
 
     load_config(config_path)  # every ConfigError before anything is sent
     raw = tomllib.loads(config_path.read_text(encoding="utf-8"))
-    for (section, key), instead in _LOCAL_PATHS.items():
-        if isinstance(raw.get(section), dict) and key in raw[section]:
-            raise UserError(f"[{section}] {key} cannot travel with a job: {instead}")
+    problem = local_path({k: v for k, v in raw.items() if k != "data"})
+    if problem is None and isinstance(raw.get("data"), dict):
+        portable = {
+            k: v for k, v in raw["data"].items() if k not in ("schema_file", "organisations")
+        }
+        problem = local_path({"data": portable})
+    if problem is not None:
+        raise UserError(problem)
     data = raw.get("data", {})
     schema = None
     if isinstance(data, dict) and isinstance(data.get("schema_file"), str):
@@ -182,6 +187,27 @@ def verify_bundle(
             f"job {bundle.job_id}: the submitter's signature does not verify; the job was "
             "changed after it was signed"
         ) from None
+    problem = local_path(bundle.config)
+    if problem is not None:
+        raise JobRejected(f"job {bundle.job_id}: {problem}")
+
+
+def local_path(config: Mapping[str, Any]) -> str | None:
+    """What in a job's config would name a path on the machine that runs it, or None. A signed
+    job is checked again by the coordinator and by every site: `make_bundle` refuses these on
+    the submitter's side, but a site does not trust a submitter with its own disk."""
+    for (section, key), instead in _LOCAL_PATHS.items():
+        table = config.get(section)
+        if isinstance(table, dict) and key in table:
+            return f"[{section}] {key} cannot travel with a job: {instead}"
+    data = config.get("data")
+    data = data if isinstance(data, dict) else {}
+    if data.get("schema_file", SCHEMA_FILE) != SCHEMA_FILE:
+        return f"[data] schema_file must be the bundled '{SCHEMA_FILE}'"
+    for name, file in dict(data.get("organisations") or {}).items():
+        if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+            return f"[data] organisations.{name} must be a plain file name, not {file!r}"
+    return None
 
 
 def without(bundle: JobBundle, dropped: Sequence[str]) -> dict[str, Any]:
