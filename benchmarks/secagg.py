@@ -15,7 +15,14 @@ encoded to bytes and decoded again as a transport would (no network). Measured, 
 * server: the server's work (planning, routing, summing masked vectors, unmasking, decoding),
   with no dropout and with 2 clients dropping out after the key exchange;
 * round: clients and server together, all in one process: what Flower's number measures;
-* upload: bytes of a masked vector relative to the float32 update.
+* upload: bytes of a masked vector relative to the float32 update;
+* masking against its floor (issue 26), interleaved in the same run: one client's masking,
+  `apply_masks` of its self mask and one pairwise mask per neighbour (degree + 1 AES-256-CTR
+  keystreams) into its encoded vector of the round's length, on the default threads and on one
+  thread, against the floor: `cryptography`'s AES-256-CTR encrypting zeros of the same total
+  bytes on one thread (the faster of a chunked pass into a cache-sized buffer and one call per
+  keystream into a full-size buffer). "mask step" adds the copy `ClientSession.mask` makes of
+  its input.
 
 With `--flower-python PATH` (a Python with `flwr` installed, see benchmarks/peers/README.md)
 Flower's own SecAgg+ runs the same clients, size and neighbour degree in-process
@@ -23,7 +30,8 @@ Flower's own SecAgg+ runs the same clients, size and neighbour degree in-process
 
 Targets (issue 5), 10 clients x 10M: client <= 2 s, server <= 2 s without dropouts, upload
 <= 1.25x float32; Veil at least 5x faster per round than Flower's SecAgg+. Issue 17: the
-consistency round costs at most 10% of a 10 clients x 1M round.
+consistency round costs at most 10% of a 10 clients x 1M round. Issue 26: masking <= 1.3x the
+AES-CTR floor at 1M and 10M.
 
     python benchmarks/secagg.py [--quick] [--sizes 1000000 10000000] [--degree 9]
         [--flower-python /path/to/flower-venv/bin/python]
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -49,7 +58,9 @@ from veil.crypto.identity import IdentityKey
 from veil.federation.messages import FitResult, ProtocolInstruction
 from veil.federation.pipeline import RoundContext, WeightedSum
 from veil.privacy.secagg.aggregator import SecAggAggregator
+from veil.privacy.secagg.keystream import CHUNK_BYTES
 from veil.privacy.secagg.layout import UpdateLayout
+from veil.privacy.secagg.masking import apply_masks
 from veil.privacy.secagg.participant import SecAggParticipant
 from veil.privacy.secagg.roster import StaticRoster
 from veil.privacy.secagg.settings import SecAggSettings
@@ -167,6 +178,77 @@ def secure_round(
     }
 
 
+def load_average() -> float:
+    """The 1-minute load average (0.0 where /proc/loadavg does not exist)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except OSError:
+        return 0.0
+
+
+def keystream_floor(seeds: list[bytes], nbytes: int, full: np.ndarray) -> tuple[float, float]:
+    """Seconds for one thread to produce every seed's `nbytes` of AES-256-CTR keystream:
+    (chunked into a cache-sized buffer, one call per seed into the full-size `full`)."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    zeros = memoryview(bytes(CHUNK_BYTES))
+    scratch = np.empty(CHUNK_BYTES, dtype=np.uint8).data
+    start = time.perf_counter()
+    for seed in seeds:
+        encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+        for offset in range(0, nbytes, CHUNK_BYTES):
+            size = min(CHUNK_BYTES, nbytes - offset)
+            encryptor.update_into(zeros[:size], scratch[:size])
+    chunked = time.perf_counter() - start
+    plain = np.zeros(nbytes, dtype=np.uint8)
+    out = full.data
+    start = time.perf_counter()
+    for seed in seeds:
+        Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update_into(plain, out)
+    return chunked, time.perf_counter() - start
+
+
+def masking_vs_floor(length: int, n_masks: int, repeats: int) -> dict[str, float]:
+    """One client's masking of a uint32 vector of `length` with `n_masks` keystreams (its self
+    mask and one per neighbour, signs as for a client in the middle of the order) against the
+    AES-CTR floor for the same bytes, interleaved `repeats` times; medians."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 2**32, size=length, dtype=np.uint32)
+    masks = [(os.urandom(32), 1 if k == 0 or k % 2 else -1) for k in range(n_masks)]
+    seeds = [seed for seed, _ in masks]
+    y = np.empty_like(x)
+    full = np.empty(x.nbytes, dtype=np.uint8)
+    times: dict[str, list[float]] = {k: [] for k in ("chunked", "oneshot", "mask", "one", "step")}
+    apply_masks(x.copy(), masks)  # warm-up: the thread pool
+    for _ in range(repeats):
+        chunked, oneshot = keystream_floor(seeds, x.nbytes, full)
+        times["chunked"].append(chunked)
+        times["oneshot"].append(oneshot)
+        for key, threads in (("mask", None), ("one", 1)):
+            np.copyto(y, x)
+            start = time.perf_counter()
+            apply_masks(y, masks, threads=threads)
+            times[key].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        apply_masks(np.array(x, copy=True), masks)  # as ClientSession.mask: copy, then mask
+        times["step"].append(time.perf_counter() - start)
+    med = {k: float(statistics.median(v)) for k, v in times.items()}
+    floor = min(med["chunked"], med["oneshot"])
+    return {
+        "mask_keystreams": n_masks,
+        "mask_bytes": n_masks * x.nbytes,
+        "aes_floor_s": floor,
+        "aes_floor_chunked_s": med["chunked"],
+        "aes_floor_oneshot_s": med["oneshot"],
+        "masking_s": med["mask"],
+        "masking_1_thread_s": med["one"],
+        "mask_step_s": med["step"],
+        "masking_vs_floor": med["mask"] / floor,
+        "masking_1_thread_vs_floor": med["one"] / floor,
+        "mask_step_vs_floor": med["step"] / floor,
+    }
+
+
 def flower(python: str, n_clients: int, size: int, degree: int, dropouts: int) -> dict[str, Any]:
     cmd = [
         python, str(PEER), "--clients", str(n_clients), "--sizes", str(size),
@@ -195,9 +277,13 @@ def main() -> None:
     settings = SecAggSettings(neighbours=degree, round_size=args.clients)
     drops = min(2, holders - settings.round_threshold)
     results = []
+    load_start = load_average()
+    print(f"load average at the start: {load_start:.2f}", file=sys.stderr)
     for size in sizes:
         data = updates(args.clients, size)
         secure_round(updates(args.clients, 1000), degree, 0, 0)  # warm-up
+        length = UpdateLayout.of(next(iter(data.values())), settings.sum_bounds).length
+        floor = masking_vs_floor(length, (degree or args.clients - 1) + 1, 3 * args.repeats)
         plain = [plain_round(data) for _ in range(args.repeats)]
         runs: dict[int, list[dict[str, Any]]] = {
             d: [secure_round(data, degree, d, r + 1) for r in range(args.repeats)]
@@ -228,6 +314,7 @@ def main() -> None:
             "upload_vs_float32": runs[0][0]["upload_bytes"] / (4 * size),
             "max_abs_error": max(r["max_abs_error"] for rs in runs.values() for r in rs),
         }
+        entry.update(floor)
         entry["server_vs_plain"] = entry["server_s"] / entry["plain_server_s"]
         entry["consistency_share_of_round"] = entry["consistency_s"] / entry["round_s"]
         if fl is not None:
@@ -251,7 +338,19 @@ def main() -> None:
             ),
             file=sys.stderr,
         )
-    print(json.dumps({"benchmark": "secagg", "results": results}))
+        print(
+            f"{size:>10,} params: masking ({floor['mask_keystreams']} keystreams, "
+            f"{floor['mask_bytes'] / 1e6:.0f} MB) {1e3 * floor['masking_s']:.2f} ms "
+            f"({1e3 * floor['masking_1_thread_s']:.2f} ms on 1 thread), AES-CTR floor "
+            f"{1e3 * floor['aes_floor_s']:.2f} ms: {floor['masking_vs_floor']:.2f}x the floor "
+            f"({floor['masking_1_thread_vs_floor']:.2f}x on 1 thread; mask step with its copy "
+            f"{floor['mask_step_vs_floor']:.2f}x), load {load_average():.2f}",
+            file=sys.stderr,
+        )
+    load_end = load_average()
+    print(f"load average at the end: {load_end:.2f}", file=sys.stderr)
+    report = {"benchmark": "secagg", "load_start": load_start, "load_end": load_end}
+    print(json.dumps({**report, "results": results}))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ runners and the gateway that reaches them, the strategy, and the `FederatedServe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -34,6 +34,7 @@ from veil.config import RunConfig
 from veil.data import FederatedData
 from veil.federation import ClientRunner, FederatedServer, ServerObserver, UpdatePipeline
 from veil.federation.server import ClientGateway
+from veil.federation.vectorised import VectorisedTrainer, vectorisable
 from veil.models import get_parameters
 from veil.models.parameters import frozen_fingerprint
 from veil.privacy.dp.policy import ClientLevelPrivacy, PrivacyPolicy
@@ -229,10 +230,23 @@ def in_process_gateway(
             seed=config.seed,
             stragglers=stragglers(config),
         )
+    model = build_run_model(config, fed)
     return LocalTransport(
         by_name,
-        lambda: build_run_model(config, fed),
+        lambda: model,
         dropout=config.federation.simulated_dropout,
         seed=config.seed,
         stragglers=stragglers(config),
+        vectorised=vectorised_trainer(model, fed, by_name),
     )
+
+
+def vectorised_trainer(
+    model: nn.Module, fed: FederatedData, runners: Mapping[str, ClientRunner]
+) -> VectorisedTrainer | None:
+    """The simulation's batched trainer when its model and every member's trainer allow it
+    (`veil.federation.vectorised`: a Linear/ReLU chain trained by plain SGD on the
+    cross-entropy), else None: members then train one by one. The results are the same."""
+    if vectorisable(model, runners.values()) is not None:
+        return None
+    return VectorisedTrainer(model, runners, {client.name: client for client in fed.clients})

@@ -2,7 +2,9 @@
 
 Clients run one after another through a single model instance, so memory grows with the data, not
 with the number of clients. Optional simulated dropout and stragglers (`veil.transport.simulated`)
-make a selected client return nothing.
+make a selected client return nothing. With a `VectorisedTrainer` (chosen by the composition root
+for runs it supports), the round's clients train together in one batched computation, with the
+results of the per-client loop.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from veil.federation.messages import (
     ProtocolInstruction,
     ProtocolReply,
 )
+from veil.federation.vectorised import VectorisedTrainer
 from veil.transport.simulated import SimulatedFaults, Stragglers
 
 _log = logging.getLogger("veil.simulation")
@@ -39,8 +42,11 @@ class LocalTransport:
         dropout: float = 0.0,
         seed: int = 0,
         stragglers: Stragglers | None = None,
+        vectorised: VectorisedTrainer | None = None,
     ) -> None:
+        """`vectorised` trains the clients it can of each round together (None: one by one)."""
         self.runners = dict(runners)
+        self.vectorised = vectorised
         self.faults = SimulatedFaults(
             list(self.runners),
             seed=seed,
@@ -53,14 +59,24 @@ class LocalTransport:
     def fit(
         self, clients: Sequence[str], instruction: FitInstruction
     ) -> Iterator[FitResult | ClientFailure]:
-        for name in clients:
-            runner = self._runner(name)
-            reason = self.faults.failure(name, instruction.round, epochs=instruction.plan.epochs)
+        epochs = instruction.plan.epochs
+        runners = [self._runner(name) for name in clients]
+        reasons = [self.faults.failure(name, instruction.round, epochs=epochs) for name in clients]
+        trained: dict[str, FitResult] = {}
+        if self.vectorised is not None:
+            together = [
+                name
+                for name, reason in zip(clients, reasons, strict=True)
+                if reason is None and self.vectorised.eligible(name, instruction)
+            ]
+            trained = self.vectorised.fit(together, instruction)
+        for name, runner, reason in zip(clients, runners, reasons, strict=True):
             if reason is not None:
                 yield ClientFailure(name, instruction.round, reason)
                 continue
             try:
-                yield runner.fit(self._model, instruction)
+                done = trained.get(name)
+                yield runner.fit(self._model, instruction) if done is None else done
             except VeilError as exc:
                 _log.warning("client %s refused to train: %s", name, exc)
                 yield ClientFailure(name, instruction.round, f"refused fit: {exc}")

@@ -31,10 +31,10 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import x25519
-from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from veil.crypto.identity import signing_payload
+from veil.privacy.secagg.keystream import add_keystreams, fill_keystream
 from veil.privacy.secagg.quantize import UIntArray
 
 __all__ = [
@@ -61,12 +61,6 @@ _COMMITMENT_LABEL = "secagg-self-mask-commitment"
 _PAIRWISE_LABEL = "secagg-pairwise-mask"
 _SELF_LABEL = "secagg-self-mask"
 _SHARE_KEY_LABEL = "secagg-share-encryption"
-_ZERO_COUNTER = bytes(16)
-#: Keystream bytes per AES call: big enough to amortise the call, small enough for the L2 cache.
-_CHUNK_BYTES = 1 << 18
-_ZEROS = bytes(_CHUNK_BYTES)
-#: `update_into` may ask for up to one block more room than the data (cryptography < 43).
-_SLACK = 16
 
 
 def expand_mask(
@@ -86,54 +80,36 @@ def expand_mask(
     _check_seed(seed)
     if length < 0:
         raise ValueError(f"length must be non-negative, got {length}")
-    nbytes = length * dt.itemsize
-    raw = np.empty(nbytes + _SLACK, dtype=np.uint8)
-    view = raw.data
-    encryptor = _keystream(seed)
-    for offset in range(0, nbytes, _CHUNK_BYTES):
-        size = min(_CHUNK_BYTES, nbytes - offset)
-        encryptor.update_into(_ZEROS[:size], view[offset : offset + size + _SLACK])
-    out: UIntArray = raw[:nbytes].view(dt.newbyteorder("<")).astype(dt, copy=False)
+    raw = np.empty(length * dt.itemsize, dtype=np.uint8)
+    fill_keystream(seed, raw)
+    out: UIntArray = raw.view(dt.newbyteorder("<")).astype(dt, copy=False)
     if modulus_bits is not None:
         _reduce(out, modulus_bits)
     return out
 
 
-def apply_masks(acc: UIntArray, masks: Iterable[tuple[bytes, int]]) -> UIntArray:
+def apply_masks(
+    acc: UIntArray, masks: Iterable[tuple[bytes, int]], *, threads: int | None = None
+) -> UIntArray:
     """Add ``sign · PRG(seed)`` to `acc` in place, for every ``(seed, sign)`` in `masks`
     (``sign`` is +1 or -1); returns `acc`.
 
     The result is the same as adding each `expand_mask` of ``acc.size`` entries, mod 2^width
-    of `acc`'s dtype (reduce mod 2^k afterwards). It streams: the masks advance together over
-    cache-sized chunks of `acc`, so no mask is ever held whole.
+    of `acc`'s dtype (reduce mod 2^k afterwards), whatever `threads` is. It streams: the masks
+    advance together over cache-sized chunks of `acc`, so no mask is ever held whole, and a
+    large `acc` is split between `threads` threads (default: the usable CPUs, at most 4;
+    `veil.privacy.secagg.keystream`).
     """
-    dt = _uint_dtype(acc.dtype)
+    _uint_dtype(acc.dtype)
     if not acc.flags.c_contiguous:
         raise ValueError("acc must be C-contiguous")
-    flat = acc.reshape(-1)
     streams = []
     for seed, sign in masks:
         _check_seed(seed)
         if sign not in (1, -1):
             raise ValueError(f"a mask sign is +1 or -1, got {sign}")
-        streams.append((_keystream(seed), sign))
-    if not streams:
-        return acc
-    per_chunk = _CHUNK_BYTES // dt.itemsize
-    scratch = np.empty(_CHUNK_BYTES + _SLACK, dtype=np.uint8)
-    scratch_view = scratch.data
-    keystream = scratch[:_CHUNK_BYTES].view(dt.newbyteorder("<"))
-    for start in range(0, flat.size, per_chunk):
-        stop = min(start + per_chunk, flat.size)
-        size = (stop - start) * dt.itemsize
-        target = flat[start:stop]
-        words = keystream[: stop - start]
-        for encryptor, sign in streams:
-            encryptor.update_into(_ZEROS[:size], scratch_view[: size + _SLACK])
-            if sign > 0:
-                np.add(target, words, out=target)
-            else:
-                np.subtract(target, words, out=target)
+        streams.append((seed, sign))
+    add_keystreams(acc, streams, threads)
     return acc
 
 
@@ -222,10 +198,6 @@ def _derive(secret: bytes, label: str, run_id: str, round: int, i: str, j: str) 
         info=signing_payload(label, run_id, round, low, high),
     )
     return hkdf.derive(secret)
-
-
-def _keystream(seed: bytes) -> CipherContext:
-    return Cipher(algorithms.AES(seed), modes.CTR(_ZERO_COUNTER)).encryptor()
 
 
 def _check_seed(seed: bytes) -> None:
