@@ -124,7 +124,7 @@ export VEIL_COORDINATOR="$COORDINATOR" VEIL_PKI="$WORK/submitter/pki"
 
 job_id() { "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["job_id"])'; }
 state_of() {
-    # `veil job status` exits 1 for a failed or refused job; its JSON says which.
+    # `veil job status` exits 4 for a failed or refused job; its JSON says which.
     { veil job status "$1" --json || true; } | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["state"])'
 }
 wait_for() {  # wait until job $1 is in a final state (at most 300 s)
@@ -161,7 +161,7 @@ grep -E '^(name|rounds|min_clients) =' submitter/job_long.toml
 LONG="$(veil job submit submitter/job_long.toml --json | job_id)"
 echo "submitted job_long.toml: job $LONG"
 wait_for "$LONG"
-veil job status "$LONG" || true   # exits 1: the job was refused
+veil job status "$LONG" || true   # exits 4: the job was refused
 veil job list
 
 say "11. Stopping the coordinator and the sites"

@@ -14,6 +14,7 @@ it had, so its members, which keep retrying, rejoin it where its checkpoint left
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -31,7 +32,7 @@ from typing import Any
 
 from veil.crypto import pki
 from veil.crypto.envelope import generate_key_file
-from veil.errors import UserError
+from veil.errors import UserError, VeilError
 from veil.sites.bundle import JobBundle, verify_bundle, without, write_job_files
 from veil.sites.control import ControlServer, Method
 from veil.sites.jobs import FINAL, Job, JobStore
@@ -249,8 +250,20 @@ class Coordinator:
                     self._collected(job_id, run)
             for job in self.store.jobs(states=("running", "starting")):
                 if job.id not in self.running and len(self.running) < self.settings.parallel:
-                    self._launch(job)
+                    self._launch_or_fail(job)
             self._count()
+
+    def _launch_or_fail(self, job: Job) -> None:
+        """Launch a job; one that cannot be launched fails with the reason, and the coordinator
+        goes on serving the others."""
+        try:
+            self._launch(job)
+        except VeilError as exc:
+            self.store.move(job.id, "failed", reason=str(exc))
+            log_event(log, "job failed", job=job.id, reason=str(exc))
+        except OSError as exc:
+            self.store.move(job.id, "failed", reason=f"cannot start its server: {exc}")
+            log.exception(json.dumps({"event": "job failed", "job": job.id}))
 
     def _decide(self, job: Job) -> None:
         answers = self.store.answers(job.id)

@@ -49,6 +49,8 @@ log = logging.getLogger("veil.site")
 STATUS_FILE = "status.json"
 LEDGER_FILE = "ledger.db"
 JOURNAL_FILE = "journal.db"
+#: The coordinator's states in which a job is over.
+_ENDED = ("finished", "failed", "refused", "cancelled")
 #: A member process that fails is started again this many times while its job runs.
 MAX_ATTEMPTS = 3
 
@@ -112,7 +114,10 @@ class Site:
             if not self.connected:
                 log_event(log, "connected", coordinator=self.settings.coordinator)
             self.connected, self.last_contact = True, time.time()
-            self._act(reply)
+            try:
+                self._act(reply)
+            except (AttributeError, KeyError, TypeError, ValueError):
+                log.exception(json.dumps({"event": "malformed poll reply"}))
         self._write_status()
 
     def _act(self, reply: dict[str, Any]) -> None:
@@ -127,6 +132,9 @@ class Site:
             child = self.children.get(job_id)
             if state in ("cancelled", "failed") and child is not None and child.poll() is None:
                 child.send_signal(signal.SIGTERM)
+            entry = self.journal.get(job_id) if state in _ENDED else None
+            if entry is not None and entry.state == "accepted":  # it ended before this site joined
+                self.journal.update(job_id, "cancelled", reason=f"the job was {state} first")
 
     def _guarded(
         self, job_id: str, action: Callable[[dict[str, Any]], None], item: dict[str, Any]
@@ -138,6 +146,10 @@ class Site:
             log_event(log, "coordinator refused", job=job_id, reason=str(exc), level="WARNING")
         except VeilError as exc:
             log_event(log, "job error", job=job_id, reason=str(exc), level="ERROR")
+        except Exception as exc:  # a malformed reply or a local fault: the site keeps running
+            log.exception(json.dumps({"event": "internal error", "job": job_id}))
+            self._report(job_id, f"error: {type(exc).__name__}; see the site's log")
+            return
             self._report(job_id, f"error: {exc}")
 
     # -- offers ----------------------------------------------------------------------------
