@@ -132,9 +132,29 @@ class Site:
             child = self.children.get(job_id)
             if state in ("cancelled", "failed") and child is not None and child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-            entry = self.journal.get(job_id) if state in _ENDED else None
-            if entry is not None and entry.state == "accepted":  # it ended before this site joined
-                self.journal.update(job_id, "cancelled", reason=f"the job was {state} first")
+            if state in _ENDED and child is None:
+                self._close(job_id, state)
+
+    def _close(self, job_id: str, state: str) -> None:
+        """Journal the end of a job whose member is not running here: one that ended before
+        this site joined it, or whose member ended while this site was down."""
+        from veil.privacy.dp.ledger import PrivacyLedger
+
+        entry = self.journal.get(job_id)
+        if entry is None or entry.state in FINAL_ENTRIES:
+            return
+        if entry.state == "accepted":
+            self.journal.update(job_id, "cancelled", reason=f"the job was {state} first")
+            return
+        ended: Entry = (
+            "finished" if state == "finished" else "cancelled" if state == "cancelled" else "failed"
+        )
+        self.journal.update(job_id, ended)
+        if ended == "finished":
+            with PrivacyLedger(self.ledger_path) as ledger:
+                for charge_id in entry.charges:
+                    ledger.mark_released(charge_id)
+        self.m_jobs.inc(outcome=ended)
 
     def _guarded(
         self, job_id: str, action: Callable[[dict[str, Any]], None], item: dict[str, Any]
