@@ -138,8 +138,6 @@ class Site:
     def _close(self, job_id: str, state: str) -> None:
         """Journal the end of a job whose member is not running here: one that ended before
         this site joined it, or whose member ended while this site was down."""
-        from veil.privacy.dp.ledger import PrivacyLedger
-
         entry = self.journal.get(job_id)
         if entry is None or entry.state in FINAL_ENTRIES:
             return
@@ -149,7 +147,14 @@ class Site:
         ended: Entry = (
             "finished" if state == "finished" else "cancelled" if state == "cancelled" else "failed"
         )
-        self.journal.update(job_id, ended)
+        self._end(entry, ended)
+
+    def _end(self, entry: JournalEntry, ended: Entry) -> None:
+        """Journal a joined job's end; a finished job's ledger charges are marked released
+        (a failed or cancelled one's stay unreleased: the ledger cannot know what was sent)."""
+        from veil.privacy.dp.ledger import PrivacyLedger
+
+        self.journal.update(entry.job_id, ended)
         if ended == "finished":
             with PrivacyLedger(self.ledger_path) as ledger:
                 for charge_id in entry.charges:
@@ -363,8 +368,6 @@ class Site:
 
     def _reap(self) -> None:
         """Record the member processes that ended."""
-        from veil.privacy.dp.ledger import PrivacyLedger
-
         for job_id, child in list(self.children.items()):
             code = child.poll()
             if code is None:
@@ -374,16 +377,10 @@ class Site:
             if entry is None or entry.state in FINAL_ENTRIES:
                 continue
             if code == 0 and self.states.get(job_id) != "cancelled":
-                self.journal.update(job_id, "finished")
-                with PrivacyLedger(self.ledger_path) as ledger:
-                    for charge_id in entry.charges:
-                        ledger.mark_released(charge_id)
-                self.m_jobs.inc(outcome="finished")
+                self._end(entry, "finished")
                 self._report(job_id, "finished")
             elif self.states.get(job_id) in ("cancelled", "failed", "finished"):
-                ended: Entry = "cancelled" if self.states[job_id] == "cancelled" else "failed"
-                self.journal.update(job_id, ended)
-                self.m_jobs.inc(outcome=ended)
+                self._end(entry, "cancelled" if self.states[job_id] == "cancelled" else "failed")
             log_event(log, "member ended", job=job_id, code=code)
 
     # -- helpers ---------------------------------------------------------------------------
