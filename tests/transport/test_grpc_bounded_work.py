@@ -47,7 +47,13 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def start_gateway(root: Path, reference: dict[str, np.ndarray]) -> tuple[GrpcGateway, str]:
+def start_gateway(
+    root: Path,
+    reference: dict[str, np.ndarray],
+    *,
+    idle_s: float = IDLE_S,
+    total_s: float = TOTAL_S,
+) -> tuple[GrpcGateway, str]:
     server = pki.node_files(root, "server")
     gw = GrpcGateway(
         run_id="run-1",
@@ -56,8 +62,8 @@ def start_gateway(root: Path, reference: dict[str, np.ndarray]) -> tuple[GrpcGat
         },
         reference=reference,
         deadline_s=30.0,
-        upload_idle_s=IDLE_S,
-        upload_timeout_s=TOTAL_S,
+        upload_idle_s=idle_s,
+        upload_timeout_s=total_s,
     )
     port = gw.start(
         "127.0.0.1:0",
@@ -182,7 +188,9 @@ def test_task_polls_per_member_are_bounded(root: Path) -> None:
     member that does not read hold at most `CALL_LIMITS["poll"]` threads, a further poll is
     refused, and the stuck ones are cancelled once idle. Another member is served all along."""
     big = {"w": np.zeros((1024, 2048), np.float32)}  # 8 MiB: more than the flow-control window
-    gw, address = start_gateway(root, big)
+    # Stuck streams are cancelled only after 3 s idle, well after the third poll's one-second
+    # wait for a slot has ended in a refusal (with 1 s they raced it on a loaded machine).
+    gw, address = start_gateway(root, big, idle_s=3.0, total_s=6.0)
     try:
         with (
             open_channel(address, credentials(root, "alice")) as alice,
