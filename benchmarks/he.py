@@ -5,9 +5,11 @@ D parameters in six layers (an MLP-like layout: 78.4%, 0.1%, 20%, 0.02%, 1.48%, 
 one round is run in this run three ways:
 
 * veil: the code a federation uses. Each client's `CkksParticipant.seal` clips, weights and
-  packs the flat update [w·Δ | w | clipped | capped | 1] into N/2-value ciphertexts (N = 8192,
+  packs the flat update [w·Δ | w | clipped | capped | 1] into N-value ciphertexts (N = 8192,
   primes [60, 40], scale 2^40: one data prime, symmetric encryption, no Galois or
-  relinearisation keys) in fixed-size frames; the server's `CkksAggregator` parses and keeps
+  relinearisation keys; complex packing, N/2 values in the real and N/2 in the imaginary parts
+  of the N/2 slots; seeded, SEAL's `Serializable` ciphertext with c1 as a seed) in fixed-size
+  frames; the server's `CkksAggregator` parses and keeps
   them; every member confirms the member set and one decryptor's `handle` verifies the
   signatures, adds the ciphertexts itself, decrypts, floods and rounds the sum.
 * per_layer (the fair baseline, "FLARE's defaults"): what NVIDIA FLARE's HE filters do

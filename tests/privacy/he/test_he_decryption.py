@@ -17,8 +17,16 @@ from veil.federation.messages import FitResult, ProtocolInstruction
 from veil.federation.pipeline import AggregationFailed, RoundContext
 from veil.privacy.he import keys as he_keys
 from veil.privacy.he.aggregator import ENCRYPTED, CkksAggregator
-from veil.privacy.he.ckks import CkksError, read_frames, write_frames
+from veil.privacy.he.ckks import (
+    CkksError,
+    add_frames,
+    decrypt_frames,
+    encrypt_frames,
+    read_frames,
+    write_frames,
+)
 from veil.privacy.he.participant import CkksParticipant
+from veil.privacy.he.seal_io import save_bytes
 from veil.privacy.he.settings import CkksSettings
 from veil.privacy.he.wire import (
     CONFIRM,
@@ -106,18 +114,28 @@ class Federation:
         return {c: self.confirm(c, rnd, uploads).signature for c in uploads}
 
     def add(self, *uploads: bytes) -> bytes:
-        """What the server can compute with its public context: the sum of uploads, laid out as
-        one upload."""
+        """The sum of uploads as a well-formed upload (fresh ciphertexts of the summed values):
+        the strongest fake, which takes a key holder colluding with the server. The server
+        alone can add ciphertexts but cannot lay their sum out as an upload
+        (`test_a_sum_made_by_the_server_does_not_fit_an_upload`)."""
         packing = self.aggregator.packing
-        vectors = [
-            read_frames(self.aggregator.context, np.frombuffer(u, np.uint8), packing)
+        context = self.parts["c0"].context
+        values = sum(
+            decrypt_frames(
+                context, read_frames(context, np.frombuffer(u, np.uint8), packing), packing
+            )
             for u in uploads
-        ]
-        total = vectors[0]
-        for other in vectors[1:]:
-            for t, v in zip(total, other, strict=True):
-                t.add_(v)
-        return write_frames([t.serialize() for t in total], packing).tobytes()
+        )
+        return write_frames(encrypt_frames(context, values), packing).tobytes()  # type: ignore[arg-type]
+
+    def server_sum(self, *uploads: bytes) -> list[bytes]:
+        """What the server can compute with its public context: the sum of uploads, frame by
+        frame, serialised."""
+        packing, context = self.aggregator.packing, self.aggregator.context
+        total = read_frames(context, np.frombuffer(uploads[0], np.uint8), packing)
+        for u in uploads[1:]:
+            add_frames(context, total, read_frames(context, np.frombuffer(u, np.uint8), packing))
+        return [save_bytes(c) for c in total]  # type: ignore[arg-type]
 
     def plain(self, rnd: int, names: Sequence[str]) -> np.ndarray:
         """Σ w·Δ of the named clients' round-`rnd` updates, flattened (no clipping needed)."""
@@ -126,6 +144,19 @@ class Federation:
 
 def members(uploads: Mapping[str, bytes]) -> tuple[Member, ...]:
     return tuple(Member(n, upload_digest(uploads[n])) for n in sorted(uploads))
+
+
+def test_a_sum_made_by_the_server_does_not_fit_an_upload() -> None:
+    """Uploads are seeded ciphertexts (c1 regenerated from a seed); a sum of ciphertexts has a
+    c1 that is no PRNG output, so it serialises at full size and cannot take an upload's
+    place: the slot refuses it before any signature is checked."""
+    fed = Federation(3)
+    up = fed.seal(1)
+    packing = fed.aggregator.packing
+    for summed in (fed.server_sum(up["c0"], up["c0"]), fed.server_sum(up["c0"], up["c1"])):
+        assert all(len(f) > packing.frame_bytes for f in summed)
+        with pytest.raises(CkksError, match="exceeds its slot"):
+            write_frames(summed, packing)
 
 
 def test_a_ciphertext_added_to_itself_is_refused_and_reveals_nothing() -> None:

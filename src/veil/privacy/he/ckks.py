@@ -1,19 +1,34 @@
-"""CKKS through TenSEAL: contexts, packing of a flat vector into few ciphertexts, fixed-size
-frames for the wire, the overflow guard and the noise estimate.
+"""CKKS through TenSEAL and its SEAL binding: contexts, packing of a flat vector into few
+ciphertexts, fixed-size frames for the wire, the overflow guard and the noise estimate.
 
-CKKS (Cheon, Kim, Kim and Song 2017) encrypts a vector of N/2 real numbers as one ciphertext
+CKKS (Cheon, Kim, Kim and Song 2017) encrypts a vector of N/2 complex numbers as one ciphertext
 of two polynomials modulo q; ciphertexts add slot by slot. Aggregation only adds, so Veil uses
-the shortest modulus chain (one data prime and TenSEAL's special prime, e.g. [60, 40]), no
-Galois or relinearisation keys, and symmetric encryption: the clients hold the secret key
-anyway (they decrypt the sum), a secret-key RLWE encryption is as hard to break as a public-key
-one and cheaper, and the server receives a context with the parameters only, so it can add but
-can neither encrypt nor decrypt.
+the shortest modulus chain (one data prime and the special prime, e.g. [60, 40]), no Galois or
+relinearisation keys, and symmetric encryption: the clients hold the secret key anyway (they
+decrypt the sum), a secret-key RLWE encryption is as hard to break as a public-key one and
+cheaper, and the server receives a context with the parameters only, so it can add but can
+neither encrypt nor decrypt.
 
-A flat vector is cut into frames of N/2 values (the last one shorter), each one TenSEAL
-`CKKSVector` of one ciphertext (TenSEAL encrypts a longer vector one ciphertext after another
-anyway); every frame travels in a slot of fixed size (4-byte length, the serialised vector,
-zero padding), so an upload has one exact size that the server checks before it parses
-anything, and the transport streams it in chunks.
+Two things halve an upload each, at the same parameters (so the same 128-bit security level of
+the HE standard) and the same scale (so the same precision):
+
+* Complex packing: a slot holds a complex number, so a frame of N real values puts the first
+  N/2 in the real parts and the rest in the imaginary parts. Addition acts on both parts alike,
+  and the decryption error of an imaginary part has the distribution of a real part's.
+* Seeded ciphertexts: a symmetric ciphertext is (c0, c1) = (-a·s + e + m, a) with `a` uniform;
+  SEAL draws `a` from a seeded PRNG (SHAKE-256 or BLAKE2xb) and serialises the seed in place
+  of c1 (SEAL's `Serializable` ciphertext); the reader expands it. The security argument is
+  SEAL's: `a` is the output of a PRNG keyed by a fresh random seed.
+
+An upload is thus about 2x its float32 size (N = 8192, one 60-bit data prime: 8 bytes per
+coefficient of c0 for N values) instead of 8x for TenSEAL's real-packed, full ciphertexts.
+TenSEAL's `CKKSVector` exposes neither, so frames are made and read with `tenseal.sealapi`
+(SEAL's own objects); the contexts and keys stay TenSEAL's.
+
+A flat vector is cut into frames of N values (the last one shorter), one ciphertext each;
+every frame travels in a slot of fixed size (4-byte length, the serialised ciphertext, zero
+padding), so an upload has one exact size that the server checks before it parses anything,
+and the transport streams it in chunks.
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ import tenseal as ts
 import tenseal.sealapi  # registers SEAL's types (e.g. Modulus) with pybind
 
 from veil.errors import ConfigError, VeilError
+from veil.privacy.he.seal_io import load_ciphertext, save_bytes
 
 __all__ = [
     "CkksError",
@@ -35,6 +51,7 @@ __all__ = [
     "OverflowRisk",
     "Packing",
     "SecretKeyRefused",
+    "add_frames",
     "decrypt_frames",
     "encrypt_frames",
     "join_frames",
@@ -52,8 +69,9 @@ __all__ = [
 #: Standard deviation of the RLWE error (SEAL's default), in coefficient units.
 ERROR_STD = 3.2
 _LENGTH_BYTES = 4
-#: TenSEAL's serialisation varies by a few bytes (varints); a slot leaves this much room.
-_MARGIN = 32
+#: SEAL's serialisation (compressed when the build has zstd) varies by a few bytes; a slot leaves
+#: this much room.
+_MARGIN = 64
 
 
 class CkksError(VeilError):
@@ -79,8 +97,13 @@ class CkksParams:
 
     @property
     def slots(self) -> int:
-        """Values per ciphertext."""
+        """Complex slots per ciphertext."""
         return self.poly_modulus_degree // 2
+
+    @property
+    def values_per_ciphertext(self) -> int:
+        """Real values per ciphertext: two per complex slot (complex packing)."""
+        return self.poly_modulus_degree
 
     @property
     def scale(self) -> float:
@@ -219,12 +242,12 @@ class Packing:
     @property
     def frames(self) -> list[tuple[int, int]]:
         """(start, stop) of each frame: one ciphertext each."""
-        step = self.params.slots
+        step = self.params.values_per_ciphertext
         return [(s, min(s + step, self.length)) for s in range(0, self.length, step)]
 
     @property
     def ciphertexts(self) -> int:
-        return math.ceil(self.length / self.params.slots)
+        return math.ceil(self.length / self.params.values_per_ciphertext)
 
     @property
     def frame_bytes(self) -> int:
@@ -239,16 +262,54 @@ class Packing:
 
 @functools.lru_cache(maxsize=8)
 def _ciphertext_bytes(params: CkksParams) -> int:
-    """The size of one serialised full ciphertext, measured once per parameter set with a
-    throwaway key (random polynomials do not compress, so this is also the largest size)."""
+    """The largest size of one serialised frame, measured once per parameter set with a
+    throwaway key: random polynomials do not compress, so every frame is about this size."""
     context = new_secret_context(params)
-    return len(ts.ckks_vector(context, np.zeros(params.slots)).serialize())
+    values = np.random.default_rng().uniform(-1.0, 1.0, params.values_per_ciphertext)
+    return max(len(encrypt_frames(context, values)[0]) for _ in range(4))
+
+
+class _Seal:
+    """SEAL's objects for one TenSEAL context (its encoder, and with the secret key its
+    encryptor and decryptor)."""
+
+    def __init__(self, context: ts.Context) -> None:
+        sealapi = tenseal.sealapi
+        self.context = context.seal_context().data
+        self.encoder = sealapi.CKKSEncoder(self.context)
+        self.evaluator = sealapi.Evaluator(self.context)
+        self.scale = float(context.global_scale)
+        self.half = self.encoder.slot_count()
+        if context.has_secret_key():
+            key = context.secret_key().data
+            self.encryptor = sealapi.Encryptor(self.context, key)
+            self.decryptor = sealapi.Decryptor(self.context, key)
+
+    def encrypt(self, values: npt.NDArray[np.float64]) -> bytes:
+        """One seeded ciphertext of up to N values: the first N/2 in the real parts of the
+        slots, the rest in the imaginary parts."""
+        slots = np.zeros(self.half, np.complex128)
+        head = values[: self.half]
+        slots.real[: head.size] = head
+        tail = values[self.half :]
+        slots.imag[: tail.size] = tail
+        plain = tenseal.sealapi.Plaintext()
+        self.encoder.encode(slots.tolist(), self.scale, plain)
+        return save_bytes(self.encryptor.encrypt_symmetric(plain))
+
+    def decrypt(self, ciphertext: object, count: int) -> npt.NDArray[np.float64]:
+        plain = tenseal.sealapi.Plaintext()
+        self.decryptor.decrypt(ciphertext, plain)
+        slots = np.asarray(self.encoder.decode_complex(plain), np.complex128)
+        return np.concatenate([slots.real, slots.imag])[:count]
 
 
 def encrypt_frames(context: ts.Context, values: npt.NDArray[np.float64]) -> list[bytes]:
-    """The serialised frames of `values` (encrypted with the context's secret key)."""
+    """The serialised frames of `values` (seeded ciphertexts under the context's secret key)."""
+    seal = _Seal(context)
     packing = Packing(_params_of(context), int(values.size))
-    return [ts.ckks_vector(context, values[a:b]).serialize() for a, b in packing.frames]
+    flat = np.asarray(values, np.float64)
+    return [seal.encrypt(flat[a:b]) for a, b in packing.frames]
 
 
 def write_frames(frames: list[bytes], packing: Packing) -> npt.NDArray[np.uint8]:
@@ -271,9 +332,7 @@ def write_frames(frames: list[bytes], packing: Packing) -> npt.NDArray[np.uint8]
     return out
 
 
-def read_frames(
-    context: ts.Context, blob: npt.NDArray[np.uint8], packing: Packing
-) -> list[ts.CKKSVector]:
+def read_frames(context: ts.Context, blob: npt.NDArray[np.uint8], packing: Packing) -> list[object]:
     """Parse and check every frame of an upload; CkksError naming what is wrong (wrong total
     size, a frame of another length or scale, bytes that do not parse)."""
     if blob.dtype != np.uint8 or blob.shape != (packing.nbytes,):
@@ -292,33 +351,49 @@ def read_frames(
     return parse_frames(context, frames, packing)
 
 
-def parse_frames(context: ts.Context, frames: list[bytes], packing: Packing) -> list[ts.CKKSVector]:
-    """The CKKS vectors of serialised frames, each checked: one fresh ciphertext at the
-    context's scale holding the frame's number of values."""
+def parse_frames(context: ts.Context, frames: list[bytes], packing: Packing) -> list[object]:
+    """SEAL's ciphertexts of serialised frames, each checked by SEAL's own loader (header,
+    parameters, reduced coefficients) and then here: one fresh ciphertext of two polynomials at
+    the context's first data level and scale."""
     if len(frames) != packing.ciphertexts:
         raise CkksError(f"{len(frames)} frames for a vector of {packing.ciphertexts} ciphertexts")
-    vectors = []
-    for (a, b), data in zip(packing.frames, frames, strict=True):
+    seal_context = context.seal_context().data
+    level = list(seal_context.first_parms_id())
+    ciphertexts = []
+    for data in frames:
         try:
-            vector = ts.ckks_vector_from(context, data)
-        except Exception as exc:  # malformed bytes: TenSEAL raises bare exceptions
-            raise CkksError(f"a frame does not parse as a CKKS vector: {exc}") from None
-        if vector.size() != b - a:
-            raise CkksError(f"a frame holds {vector.size()} values, expected {b - a}")
-        ciphertext = vector.ciphertext()
-        if len(ciphertext) != 1 or ciphertext[0].size() != 2:
-            raise CkksError("a frame must hold one ciphertext of two polynomials")
-        if not math.isclose(ciphertext[0].scale, context.global_scale, rel_tol=1e-9):
+            ciphertext = load_ciphertext(seal_context, data)
+        except Exception as exc:  # SEAL raises bare ValueError/RuntimeError on bad bytes
+            raise CkksError(f"a frame does not parse as a CKKS ciphertext: {exc}") from None
+        if ciphertext.size() != 2 or not ciphertext.is_ntt_form():
+            raise CkksError("a frame must hold one fresh ciphertext of two polynomials")
+        if list(ciphertext.parms_id()) != level:
+            raise CkksError("a frame is at another level of the modulus chain")
+        if not math.isclose(ciphertext.scale, context.global_scale, rel_tol=1e-9):
             raise CkksError(
-                f"a frame has scale {ciphertext[0].scale:.6g}, expected 2^{_log2(context)}"
+                f"a frame has scale {ciphertext.scale:.6g}, expected 2^{_log2(context)}"
             )
-        vectors.append(vector)
-    return vectors
+        ciphertexts.append(ciphertext)
+    return ciphertexts
 
 
-def decrypt_frames(vectors: list[ts.CKKSVector]) -> npt.NDArray[np.float64]:
+def add_frames(context: ts.Context, total: list[object], frames: list[object]) -> None:
+    """Add the ciphertexts of `frames` into `total`, frame by frame (in place)."""
+    evaluator = tenseal.sealapi.Evaluator(context.seal_context().data)
+    for t, f in zip(total, frames, strict=True):
+        evaluator.add_inplace(t, f)
+
+
+def decrypt_frames(
+    context: ts.Context, ciphertexts: list[object], packing: Packing
+) -> npt.NDArray[np.float64]:
     """The decrypted values of every frame, in order (the context must hold the secret key)."""
-    return np.concatenate([np.asarray(v.decrypt(), np.float64) for v in vectors])
+    if not context.has_secret_key():
+        raise CkksError("this context holds no secret key")
+    seal = _Seal(context)
+    return np.concatenate(
+        [seal.decrypt(c, b - a) for c, (a, b) in zip(ciphertexts, packing.frames, strict=True)]
+    )
 
 
 def join_frames(frames: list[bytes]) -> bytes:

@@ -43,6 +43,7 @@ from veil.privacy.he.aggregator import ENCRYPTED
 from veil.privacy.he.ckks import (
     CkksError,
     Packing,
+    add_frames,
     decrypt_frames,
     encrypt_frames,
     load_secret_context,
@@ -217,14 +218,13 @@ class CkksParticipant:
                 raise CkksError(f"refusing to decrypt: member {member.name!r}: {exc}") from None
         total = None
         for upload in uploads:
-            vectors = read_frames(self.context, np.frombuffer(upload, np.uint8), self.packing)
+            frames = read_frames(self.context, np.frombuffer(upload, np.uint8), self.packing)
             if total is None:
-                total = vectors
+                total = frames
             else:
-                for t, v in zip(total, vectors, strict=True):
-                    t.add_(v)
+                add_frames(self.context, total, frames)
         assert total is not None  # _check_set: at least the quorum (>= 2) of members
-        values = decrypt_frames(total)
+        values = decrypt_frames(self.context, total, self.packing)
         count = len(members)
         if abs(float(values[-1]) - count) >= 0.5:
             raise CkksError(
