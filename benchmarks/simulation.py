@@ -8,7 +8,10 @@ under 3 s on 2 cores.
 
 Peer: with `--flower-python PATH` (the interpreter of a separate venv holding Flower, see
 benchmarks/peers/README.md) the same setup runs on Flower's simulation engine in the same
-benchmark run, and the ratio Flower/Veil per round is reported.
+benchmark run, with two Flower clients at each size: `flower_typical` (the client Flower's docs
+show: DataLoader, torch.optim) and `flower_same_work` (exactly the per-client work of the
+`numpy_loop` floor below, in numpy, on the same data). Each is reported with its ratio
+Flower/Veil per round (Veil: the vectorised round's median of the same run).
 
 Floors (issue 26): in the same run and on the same data, the same round (one epoch of the same
 mini-batch SGD per client, then the FedAvg mean) as a plain per-client numpy loop and vectorised
@@ -54,6 +57,12 @@ EXAMPLES_PER_CLIENT = 50
 FEATURES = 20
 PLAN = TrainingPlan(epochs=1, batch_size=32, learning_rate=0.1)
 PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "flower_simulation.py"
+# Flower clients compared, by result label: the peer script's `--client` choice.
+FLOWER_CLIENTS = {"flower_typical": "torch", "flower_same_work": "numpy"}
+FLOWER_NOTES = {
+    "flower_typical": "Flower's docs' client: nn.Linear, DataLoader, torch.optim.SGD, loss.item()",
+    "flower_same_work": "the numpy_loop floor's per-client SGD in numpy, on the same data",
+}
 
 
 def veil_rounds(
@@ -270,10 +279,14 @@ def _loadavg() -> str:
         return " ".join(f.read().split()[:3])
 
 
-def flower_rounds(python: str, n_clients: int, rounds: int) -> dict[str, object]:
-    """Run the Flower peer script in its own venv; its last stdout line is JSON."""
+def flower_rounds(
+    python: str, n_clients: int, rounds: int, client: str = "torch"
+) -> dict[str, object]:
+    """Run the Flower peer script in its own venv with its `client` ("torch": the typical
+    Flower client, "numpy": the floor's same work); its last stdout line is JSON."""
+    cmd = [python, str(PEER_SCRIPT), "--clients", str(n_clients), "--rounds", str(rounds)]
     proc = subprocess.run(
-        [python, str(PEER_SCRIPT), "--clients", str(n_clients), "--rounds", str(rounds)],
+        [*cmd, "--client", client],
         capture_output=True,
         text=True,
         timeout=1800,
@@ -281,6 +294,40 @@ def flower_rounds(python: str, n_clients: int, rounds: int) -> dict[str, object]
     )
     result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
+
+
+def flower_columns(python: str, n_clients: int, veil_median: float) -> dict[str, object]:
+    """Both Flower clients for `n_clients` (3 rounds each): per label of `FLOWER_CLIENTS`, the
+    median round `<label>_round_s_median` and `<label>_over_veil` (that median over
+    `veil_median`), and the Flower version."""
+    columns: dict[str, object] = {}
+    for label, client in FLOWER_CLIENTS.items():
+        peer = flower_rounds(python, n_clients, 3, client)
+        median = float(peer["round_s_median"])  # type: ignore[arg-type]
+        columns[f"{label}_round_s_median"] = median
+        columns[f"{label}_over_veil"] = round(median / veil_median, 1)
+        columns["flower_version"] = peer.get("flower_version")
+    return columns
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    """The rows as a plain-text table: seconds per round (medians) and the ratios; the Flower
+    columns only where the rows have them."""
+    kinds = ["veil", "veil_loop", "numpy_loop", "numpy_floor"]
+    flower = [label for label in FLOWER_CLIENTS if f"{label}_round_s_median" in rows[0]]
+    head = ["clients", *kinds, "veil/floor"]
+    for label in flower:
+        head += [label, f"{label}/veil"]
+    lines = [" | ".join(head)]
+    for row in rows:
+        cells = [str(row["clients"])]
+        cells += [f"{float(row[f'{kind}_round_s_median']):.4g} s" for kind in kinds]  # type: ignore[arg-type]
+        cells.append(f"{row['veil_over_numpy_floor']}x")
+        for label in flower:
+            cells.append(f"{float(row[f'{label}_round_s_median']):.4g} s")  # type: ignore[arg-type]
+            cells.append(f"{row[f'{label}_over_veil']}x")
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,11 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         row = compare_round(n, rounds)
         times = row.pop("veil_times")
         if args.flower_python:
-            peer = flower_rounds(args.flower_python, n, 3)
-            flower_median = float(peer["round_s_median"])  # type: ignore[arg-type]
-            row["flower_round_s_median"] = flower_median
-            row["flower_version"] = peer.get("flower_version")
-            row["flower_over_veil"] = round(flower_median / statistics.median(times), 1)  # type: ignore[arg-type]
+            row.update(flower_columns(args.flower_python, n, statistics.median(times)))  # type: ignore[arg-type]
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     largest = rows[-1]
@@ -350,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
             and float(largest["veil_over_numpy_floor"]) <= 2.0  # type: ignore[arg-type]
         ),
     }
+    if args.flower_python:
+        summary["flower_clients"] = FLOWER_NOTES
+    print(format_table(rows))
     print(json.dumps(summary))
     return 0
 
