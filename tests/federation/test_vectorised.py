@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -17,8 +19,14 @@ from veil.federation import (
     TrainingPlan,
     UpdatePipeline,
 )
+from veil.federation import vectorised as vectorised_module
 from veil.federation.compression import CompressionStage, Int8Compressor
-from veil.federation.vectorised import VectorisedTrainer, derive_seeds, vectorisable
+from veil.federation.vectorised import (
+    VectorisedTrainer,
+    derive_seeds,
+    randperms,
+    vectorisable,
+)
 from veil.models import MLP, LinearRegression, LogisticRegression, SmallCNN, get_parameters
 from veil.seeding import Purpose, derive_seed
 from veil.transport import LocalTransport
@@ -41,7 +49,7 @@ def _clients(sizes: list[int], classes: int = 2) -> dict[str, ClientData]:
 def _server(
     data: dict[str, ClientData],
     plan: TrainingPlan,
-    make_model,  # type: ignore[no-untyped-def]
+    make_model: Callable[[], torch.nn.Module],
     *,
     vectorised: bool,
     classes: int = 2,
@@ -109,12 +117,20 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("batch_draws_from", [1, vectorised_module.BATCH_DRAWS_FROM])
 @pytest.mark.parametrize(
     ("label", "sizes", "plan", "mlp_classes"), CONFIGS, ids=[c[0] for c in CONFIGS]
 )
 def test_batched_rounds_equal_the_loop(
-    label: str, sizes: list[int], plan: TrainingPlan, mlp_classes: int | None
+    label: str,
+    sizes: list[int],
+    plan: TrainingPlan,
+    mlp_classes: int | None,
+    batch_draws_from: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """With the permutations drawn by `randperms` (from 1 client-epoch) or by torch."""
+    monkeypatch.setattr(vectorised_module, "BATCH_DRAWS_FROM", batch_draws_from)
     classes = mlp_classes or 2
     data = _clients(sizes, classes)
 
@@ -200,3 +216,34 @@ def test_unsupported_models_and_trainers_are_not_vectorised() -> None:
     assert "dp-sgd" in (vectorisable(LogisticRegression(FEATURES, 2), runners) or "")
     with pytest.raises(ValueError, match="cannot vectorise"):
         VectorisedTrainer(LogisticRegression(FEATURES, 2), {r.name: r for r in runners}, data)
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3])
+def test_randperms_draws_what_torch_randperm_draws_client_by_client(epochs: int) -> None:
+    rng = np.random.default_rng(epochs)
+    sizes = np.concatenate([[1, 2, 3], rng.integers(1, 70, size=60)])
+    seeds = [int(s) for s in rng.integers(0, 2**63 - 1, size=len(sizes), dtype=np.int64)]
+    seeds[:3] = [0, 2**32 + 1, 2**63 - 1]  # low words 0 and 1: the seed's high bits unused
+    drawn = randperms(seeds, sizes, epochs)
+    assert drawn is not None and len(drawn) == epochs
+    generator = torch.Generator()
+    for c, (seed, size) in enumerate(zip(seeds, sizes.tolist(), strict=True)):
+        generator.manual_seed(seed)
+        for epoch in range(epochs):
+            expected = torch.randperm(size, generator=generator).numpy()
+            np.testing.assert_array_equal(drawn[epoch][c, :size], expected)
+            assert (drawn[epoch][c, size:] == 0).all()  # padded with row 0, as pad_sequence
+
+
+def test_clients_too_large_for_one_batch_of_draws_train_from_torch_randperm() -> None:
+    """Past one mt19937 twist `randperms` declines, and torch draws: the same results."""
+    assert randperms([1, 2], np.array([120, 5]), 2) is None
+    data = _clients([120, 5, 60, 118])
+    plan = TrainingPlan(epochs=2, batch_size=32, learning_rate=0.1)
+
+    def make_model() -> torch.nn.Module:
+        return LogisticRegression(FEATURES, 2)
+
+    loop = _server(data, plan, make_model, vectorised=False)
+    batched = _server(data, plan, make_model, vectorised=True)
+    _assert_same_rounds(loop, batched, rounds=2)

@@ -6,7 +6,9 @@
 
 Privacy mechanisms plug in as stages or as a different aggregator; strategies never see which ones
 ran. The aggregator accumulates updates one at a time, so the server holds one running sum rather
-than one copy of the model per client.
+than one copy of the model per client. Plain aggregation can also be told of updates that arrive
+stacked (`StackedUpdates`, clients trained together in simulation): it then checks a stack with
+the same rules in one vectorised pass and sums it with one weighted product per parameter.
 """
 
 from __future__ import annotations
@@ -199,23 +201,91 @@ class Aggregator(Protocol):
     ) -> Accumulator: ...
 
 
+@dataclass(frozen=True)
+class StackedUpdates:
+    """Many clients' plaintext updates of one round, held stacked (e.g. trained together by
+    `veil.federation.vectorised`): row i of each array is `results[i]`'s update, weight and
+    summed scalars. The results' own `update` arrays may be views of those rows; neither may be
+    changed once the stack is built."""
+
+    results: tuple[FitResult, ...]
+    #: Per parameter, the updates with a leading client axis: (clients, *shape).
+    update: NamedArrays
+    #: (clients,) the aggregation weights.
+    weights: np.ndarray
+    #: Per `FitResult.sums` key, (clients,) the scalars.
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def of_one(cls, result: FitResult) -> StackedUpdates:
+        """`result` as a stack of one row (views of its arrays)."""
+        return cls(
+            results=(result,),
+            update={name: np.asarray(arr)[np.newaxis] for name, arr in result.update.items()},
+            weights=np.asarray([result.weight], dtype=np.float64),
+            sums={key: np.asarray([v], dtype=np.float64) for key, v in result.sums.items()},
+        )
+
+
+def _incompatibility(reference: NamedArrays, update: Mapping[str, np.ndarray]) -> str | None:
+    """Why `update` does not have the names, shapes and dtype of `reference`, or None."""
+    try:
+        check_compatible(reference, update)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def update_problems(reference: NamedArrays, stack: StackedUpdates) -> list[str | None]:
+    """For each row of `stack`, why the server cannot use it, or None: the names, shapes and
+    float32 dtype of `reference`, then a positive weight of at most `MAX_WEIGHT`, then finite
+    values (the first non-finite parameter is named), then finite summed scalars. Checked in
+    one vectorised pass over the client axis; `check_update` applies the same rules to one
+    update, so a row is rejected exactly when, and for the reason, it would be alone."""
+    count = len(stack.results)
+    if count == 0:
+        return []
+    shape = _incompatibility(reference, {name: arr[0] for name, arr in stack.update.items()})
+    if shape is not None:
+        return [shape] * count
+    weights = stack.weights
+    weight_ok = np.isfinite(weights) & (weights > 0) & (weights <= MAX_WEIGHT)
+    finite: dict[str, np.ndarray] = {
+        name: np.logical_and.reduce(np.isfinite(arr.reshape(count, -1)), axis=1)
+        for name, arr in stack.update.items()
+    }
+    sums_ok = np.ones(count, dtype=bool)
+    for values in stack.sums.values():
+        sums_ok &= np.isfinite(values)
+    good = weight_ok & sums_ok
+    for row_ok in finite.values():
+        good &= row_ok
+    problems: list[str | None] = [None] * count
+    for i in np.flatnonzero(~good).tolist():
+        if not weight_ok[i]:
+            weight = stack.results[i].weight
+            problems[i] = (
+                f"weight must be a positive number of at most {MAX_WEIGHT:g}, got {weight}"
+            )
+        else:
+            bad = next((name for name, ok in finite.items() if not ok[i]), None)
+            problems[i] = (
+                f"parameter '{bad}' contains NaN or Inf"
+                if bad is not None
+                else "a summed scalar is NaN or Inf"
+            )
+    return problems
+
+
 def check_update(reference: NamedArrays, result: FitResult) -> None:
     """Raise `UpdateRejected` unless `result` is a plaintext update the server can use: the
     names, shapes and float32 dtype of `reference`, finite values, a positive weight of at most
-    `MAX_WEIGHT` and finite summed scalars."""
-    try:
-        check_compatible(reference, result.update)
-    except ValueError as exc:
-        raise UpdateRejected(str(exc)) from None
-    if not (np.isfinite(result.weight) and 0 < result.weight <= MAX_WEIGHT):
-        raise UpdateRejected(
-            f"weight must be a positive number of at most {MAX_WEIGHT:g}, got {result.weight}"
-        )
-    for name, arr in result.update.items():
-        if not np.isfinite(arr).all():
-            raise UpdateRejected(f"parameter '{name}' contains NaN or Inf")
-    if not all(np.isfinite(v) for v in result.sums.values()):
-        raise UpdateRejected("a summed scalar is NaN or Inf")
+    `MAX_WEIGHT` and finite summed scalars (the rules of `update_problems`)."""
+    problem = _incompatibility(reference, result.update)
+    if problem is None:
+        problem = update_problems(reference, StackedUpdates.of_one(result))[0]
+    if problem is not None:
+        raise UpdateRejected(problem)
 
 
 class WeightedSum:
@@ -235,6 +305,15 @@ class WeightedSum:
         return _WeightedSumAccumulator(reference, list(context.clients))
 
 
+@dataclass
+class _ExpectedStack:
+    """A stack announced to an accumulator: its rows' verdicts and the rows `add` accepted."""
+
+    stack: StackedUpdates
+    problems: list[str | None]
+    accepted: list[int] = field(default_factory=list)
+
+
 class _WeightedSumAccumulator:
     def __init__(self, reference: NamedArrays, participants: list[str]) -> None:
         self.participants = participants
@@ -243,8 +322,28 @@ class _WeightedSumAccumulator:
         self._weight = 0.0
         self._count = 0
         self._sums: dict[str, float] = {}
+        self._expected: dict[str, tuple[_ExpectedStack, int]] = {}
+        self._stacks: list[_ExpectedStack] = []
+
+    def expect(self, stack: StackedUpdates) -> None:
+        """Check every row of `stack` now, in one vectorised pass (`update_problems`): `add` of
+        one of its results (the very object) then raises the row's `UpdateRejected` or records
+        the row, and `finish` sums the recorded rows with one weighted reduction per parameter.
+        The outcome is that of adding each result alone, to float32 rounding."""
+        expected = _ExpectedStack(stack, update_problems(self._reference, stack))
+        self._stacks.append(expected)
+        for row, result in enumerate(stack.results):
+            self._expected[result.client] = (expected, row)
 
     def add(self, result: FitResult) -> None:
+        announced = self._expected.pop(result.client, None)
+        if announced is not None and announced[0].stack.results[announced[1]] is result:
+            expected, row = announced
+            problem = expected.problems[row]
+            if problem is not None:
+                raise UpdateRejected(problem)
+            expected.accepted.append(row)
+            return
         check_update(self._reference, result)
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught in finish
             add_scaled_(self._total, result.update, result.weight)
@@ -254,7 +353,29 @@ class _WeightedSumAccumulator:
             self._sums[key] = self._sums.get(key, 0.0) + value
 
     def finish(self) -> Aggregate:
+        for expected in self._stacks:
+            self._add_rows(expected.stack, expected.accepted)
+        self._stacks, self._expected = [], {}
         return Aggregate(total=self._total, weight=self._weight, count=self._count, sums=self._sums)
+
+    def _add_rows(self, stack: StackedUpdates, rows: list[int]) -> None:
+        """Σ wᵢ·Δᵢ over `rows` of `stack` into the total, as one float32 product per parameter
+        (weights cast to float32, as `add_scaled_` scales)."""
+        if not rows:
+            return
+        every = len(rows) == len(stack.results)  # rows are distinct: each client adds once
+        index = np.asarray(rows)
+        weights = stack.weights if every else stack.weights[index]
+        scale = weights.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught in finish
+            for name, total in self._total.items():
+                stacked = stack.update[name] if every else stack.update[name][index]
+                total += (scale @ stacked.reshape(len(rows), -1)).reshape(total.shape)
+        self._weight += float(weights.sum())
+        self._count += len(rows)
+        for key, values in stack.sums.items():
+            picked = values if every else values[index]
+            self._sums[key] = self._sums.get(key, 0.0) + float(picked.sum())
 
 
 @dataclass

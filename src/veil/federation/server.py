@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from veil.federation.pipeline import (
     Aggregate,
     AggregationFailed,
     RoundContext,
+    StackedUpdates,
     UpdatePipeline,
     UpdateRejected,
     check_aggregate,
@@ -58,6 +59,16 @@ class ClientGateway(Protocol):
     def exchange(
         self, instructions: Mapping[str, ProtocolInstruction]
     ) -> Iterator[ProtocolReply | ClientFailure]: ...
+
+
+@runtime_checkable
+class StackingGateway(Protocol):
+    """A `ClientGateway` that trains some clients together and can hand their updates over
+    stacked (`LocalTransport` with a `VectorisedTrainer`)."""
+
+    def fit_stacked(
+        self, clients: Sequence[str], instruction: FitInstruction
+    ) -> tuple[list[StackedUpdates], Iterator[FitResult | ClientFailure]]: ...
 
 
 class _RoundChannel:
@@ -262,7 +273,7 @@ class FederatedServer:
         """Send `instruction` to `training` and add each valid reply to `accumulator`, counting
         bytes, training loss and failures in `tally`; at most one reply counts per client."""
         pending = set(training)
-        for reply in self.gateway.fit(training, instruction) if training else ():
+        for reply in self._fit_replies(training, instruction, accumulator):
             if reply.client not in pending:
                 # Not selected, or a second reply: never let one client count twice.
                 reason = "reply from a client that was not selected or has already replied"
@@ -290,6 +301,28 @@ class FederatedServer:
                         tally.train_weight += reply.num_examples
             for obs in self.observers:
                 obs.on_client_done(rnd, reply.client)
+
+    def _fit_replies(
+        self, training: list[str], instruction: FitInstruction, accumulator: Accumulator
+    ) -> Iterable[FitResult | ClientFailure]:
+        """The gateway's fit replies to `instruction`. Where the gateway hands over the updates
+        it trained together as stacks (`StackingGateway`) and the round sums in the clear with
+        no server stage (the accumulator can `expect` a stack: `WeightedSum`, unwrapped), the
+        accumulator is told of the stacks first, to check and sum each in one pass; every
+        reply still goes through `_collect_fits`, so each client is counted or rejected as it
+        would be alone."""
+        if not training:
+            return ()
+        expect = getattr(accumulator, "expect", None)
+        gateway = self.gateway
+        if expect is None or self.pipeline.server_stages:
+            return gateway.fit(training, instruction)
+        if not isinstance(gateway, StackingGateway):
+            return gateway.fit(training, instruction)
+        stacks, replies = gateway.fit_stacked(training, instruction)
+        for stack in stacks:
+            expect(stack)
+        return replies
 
     def _apply_aggregate(
         self, aggregate: Aggregate, context: RoundContext

@@ -8,11 +8,14 @@ runs each local step for all of them at once (`torch.bmm`), with the forward and
 written out. It does exactly what `ClientRunner.fit` does client by client:
 
 - the same per-client shuffling: each client's `torch.randperm` from its own generator, seeded as
-  `ClientRunner` seeds it (the seeds of all clients derived at once by `derive_seeds`);
+  `ClientRunner` seeds it (the seeds of all clients derived at once by `derive_seeds`, and for
+  small clients the permutations drawn at once too, by `randperms`);
 - the same batches and SGD steps (momentum, weight decay and FedProx's proximal term included);
   clients of different sizes take different numbers of steps of different sizes: each step's
   rows are padded and masked, and a client with no rows left in a step is not updated by it;
-- the same update (local minus global parameters, in float32), weight and `train_loss`.
+- the same update (local minus global parameters, in float32), weight and `train_loss`; the
+  updates also come as one `StackedUpdates` per chunk, which plain aggregation checks and sums
+  in one pass (`fit_stacked`).
 
 The results equal the per-client loop's to float32 rounding (tests: 1e-6). Anything else (another
 model, a DP-SGD or attacking trainer, another loss, a frozen base, a client stage, secure or
@@ -34,7 +37,7 @@ from veil.data import ClientData
 from veil.federation.client import ClientRunner
 from veil.federation.messages import FitInstruction, FitResult, TrainingPlan
 from veil.federation.objective import CROSS_ENTROPY
-from veil.federation.pipeline import WeightedSum
+from veil.federation.pipeline import StackedUpdates, WeightedSum
 from veil.federation.training import SGDTrainer
 from veil.models.tabular import MLP, LogisticRegression
 from veil.seeding import Purpose
@@ -114,6 +117,109 @@ def _mixed_pool(entropy: list[np.ndarray]) -> list[np.ndarray]:
         for dst in range(_POOL):
             pool[dst] = mix(pool[dst], hashmix(entropy[src]))
     return pool
+
+
+# mt19937, as torch's CPU generator runs it (seeded with the seed's low 32 bits).
+_MT_M, _MT_INIT = 397, np.uint32(1812433253)
+#: Outputs of one twist that read only the seeded state (624 - 397).
+_MT_ONE_TWIST = 227
+#: Fewest client-epochs whose permutations `randperms` draws: its cost is mostly ~450 sequential
+#: array steps whatever the number of clients, and torch draws one client-epoch in about the
+#: time of one step.
+BATCH_DRAWS_FROM = 512
+_MT_MATRIX, _MT_UPPER, _MT_LOWER = (
+    np.uint32(0x9908B0DF),
+    np.uint32(0x80000000),
+    np.uint32(0x7FFFFFFF),
+)
+
+
+def randperms(seeds: Sequence[int], sizes: np.ndarray, epochs: int) -> list[np.ndarray] | None:
+    """Per epoch, (clients, max size) int64: row c is the `epochs` successive draws of
+    `torch.randperm(sizes[c], generator=g)` after `g.manual_seed(seeds[c])`, padded with 0;
+    computed for all clients at once. torch's CPU `randperm` of n is a Fisher-Yates shuffle
+    taking n - 1 mt19937 outputs, output % (n - i) at step i; this writes that out on arrays
+    for the first `_MT_ONE_TWIST` outputs. None when a client needs more, or when this torch
+    draws otherwise (checked once per process): then `torch_randperms` draws them."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    steps = np.maximum(sizes - 1, 0)
+    total = epochs * int(steps.max(initial=0))
+    if total > _MT_ONE_TWIST or not _matches_torch():
+        return None
+    outputs = _mt_outputs(np.asarray([s & _MASK32 for s in seeds], dtype=np.uint32), total)
+    width, count = int(sizes.max(initial=0)), len(sizes)
+    step = np.arange(max(width - 1, 0), dtype=np.int64)[:, None]
+    clients = np.arange(count, dtype=np.int64)
+    # Clients with fewer steps draw nothing more: modulus 1, a swap with itself.
+    modulus = np.maximum(sizes[None, :] - step, 1).astype(np.uint32)
+    orders = []
+    for epoch in range(epochs):
+        drawn = outputs[np.minimum(epoch * steps[None, :] + step, max(total - 1, 0)), clients]
+        # Flat (position, client) indices of each step's swap partner.
+        partner = (step + drawn % modulus) * count + clients
+        flat = np.repeat(np.arange(width, dtype=np.int64), count)
+        for i in range(width - 1):
+            here = slice(i * count, (i + 1) * count)
+            moved = flat.take(partner[i])
+            flat[partner[i]] = flat[here]
+            flat[here] = moved
+        order = np.ascontiguousarray(flat.reshape(width, count).T)
+        order[np.arange(width)[None, :] >= sizes[:, None]] = 0
+        orders.append(order)
+    return orders
+
+
+def _mt_outputs(seeds: np.ndarray, count: int) -> np.ndarray:
+    """(count, clients): each uint32 seed's first `count` (<= `_MT_ONE_TWIST`) mt19937
+    outputs."""
+    last = _MT_M + count  # state words the first `count` outputs read
+    state = np.empty((last, len(seeds)), dtype=np.uint32)
+    state[0] = seeds
+    scratch = np.empty(len(seeds), dtype=np.uint32)
+    words = list(state)  # row views made once: the loop is ufunc-call bound
+    for j in range(1, last):
+        previous, word = words[j - 1], words[j]
+        np.right_shift(previous, 30, out=scratch)
+        np.bitwise_xor(scratch, previous, out=scratch)
+        np.multiply(scratch, _MT_INIT, out=word)
+        np.add(word, j, out=word)
+    y = (state[:count] & _MT_UPPER) | (state[1 : count + 1] & _MT_LOWER)
+    y = state[_MT_M : _MT_M + count] ^ (y >> 1) ^ ((y & 1) * _MT_MATRIX)
+    y ^= y >> 11
+    y ^= (y << 7) & np.uint32(0x9D2C5680)
+    y ^= (y << 15) & np.uint32(0xEFC60000)
+    y ^= y >> 18
+    return y
+
+
+def torch_randperms(seeds: Sequence[int], sizes: Sequence[int], epochs: int) -> list[torch.Tensor]:
+    """Per epoch, (clients, max size): each client's `epochs` successive `torch.randperm`
+    draws from a generator seeded with its seed (what `train_epochs` draws), padded with 0."""
+    per_epoch: list[list[torch.Tensor]] = [[] for _ in range(epochs)]
+    generator = torch.Generator()
+    for seed, size in zip(seeds, sizes, strict=True):
+        generator.manual_seed(seed)
+        for epoch in range(epochs):
+            per_epoch[epoch].append(torch.randperm(size, generator=generator))
+    if len(set(sizes)) == 1:
+        return [torch.stack(perms) for perms in per_epoch]  # much faster than padding
+    return [pad_sequence(perms, batch_first=True) for perms in per_epoch]
+
+
+_TORCH_MATCH: list[bool] = []
+
+
+def _matches_torch() -> bool:
+    """Whether `randperms` draws what this torch's `randperm` does (checked once)."""
+    if not _TORCH_MATCH:
+        _TORCH_MATCH.append(True)  # lets `randperms` run for the check
+        seeds, sizes, epochs = [0, 7, 2**40 + 3, 2**63 - 5], [1, 2, 33, 50], 3
+        ours = randperms(seeds, np.asarray(sizes), epochs)
+        theirs = torch_randperms(seeds, sizes, epochs)
+        _TORCH_MATCH[0] = ours is not None and all(
+            torch.equal(torch.from_numpy(a), b) for a, b in zip(ours, theirs, strict=True)
+        )
+    return _TORCH_MATCH[0]
 
 
 def linear_chain(model: nn.Module) -> list[tuple[str, nn.Linear]] | None:
@@ -213,13 +319,25 @@ class VectorisedTrainer:
     def fit(self, names: Sequence[str], instruction: FitInstruction) -> dict[str, FitResult]:
         """Each named client's `FitResult` (what `ClientRunner.fit` returns), all trained
         together; names must be `eligible`."""
-        order = sorted(names, key=lambda n: self._size[n])  # similar sizes pad little
-        results: dict[str, FitResult] = {}
-        for at in range(0, len(order), CHUNK_CLIENTS):
-            results.update(self._fit_chunk(order[at : at + CHUNK_CLIENTS], instruction))
-        return results
+        return {
+            result.client: result
+            for stack in self.fit_stacked(names, instruction)
+            for result in stack.results
+        }
 
-    def _fit_chunk(self, names: list[str], instruction: FitInstruction) -> dict[str, FitResult]:
+    def fit_stacked(
+        self, names: Sequence[str], instruction: FitInstruction
+    ) -> list[StackedUpdates]:
+        """`fit`'s results as stacks (one per chunk of at most `CHUNK_CLIENTS` clients): each
+        result's update arrays are views of its row, so a plain aggregator can check and sum
+        a stack at once (`StackedUpdates`)."""
+        order = sorted(names, key=lambda n: self._size[n])  # similar sizes pad little
+        return [
+            self._fit_chunk(order[at : at + CHUNK_CLIENTS], instruction)
+            for at in range(0, len(order), CHUNK_CLIENTS)
+        ]
+
+    def _fit_chunk(self, names: list[str], instruction: FitInstruction) -> StackedUpdates:
         chunk = self._stack(names, instruction.parameters)
         orders = self._orders(chunk, instruction)
         losses = _train_chunk(chunk, self._x, self._y, orders, instruction.plan)
@@ -250,37 +368,36 @@ class VectorisedTrainer:
         seeds = derive_seeds(
             [self.runners[n].seed for n in chunk.names], Purpose.LOCAL_TRAINING, instruction.round
         )
-        per_epoch: list[list[torch.Tensor]] = [[] for _ in range(epochs)]
-        generator = torch.Generator()
-        for name, seed in zip(chunk.names, seeds, strict=True):
-            generator.manual_seed(seed)
-            size = self._size[name]
-            for epoch in range(epochs):
-                per_epoch[epoch].append(torch.randperm(size, generator=generator))
-        if len({self._size[name] for name in chunk.names}) == 1:
-            return [torch.stack(perms) for perms in per_epoch]  # much faster than padding
-        return [pad_sequence(perms, batch_first=True) for perms in per_epoch]
+        drawn = None
+        if len(seeds) * epochs >= BATCH_DRAWS_FROM:
+            drawn = randperms(seeds, chunk.sizes.numpy(), epochs)
+        if drawn is not None:
+            return [torch.from_numpy(order) for order in drawn]
+        return torch_randperms(seeds, [self._size[name] for name in chunk.names], epochs)
 
     def _results(
         self, chunk: _Chunk, instruction: FitInstruction, losses: list[float]
-    ) -> dict[str, FitResult]:
+    ) -> StackedUpdates:
         updates: dict[str, np.ndarray] = {}
         for layer, weight, bias in zip(self.layers, chunk.weights, chunk.biases, strict=True):
             for suffix, stacked in (("weight", weight), ("bias", bias)):
                 name = f"{layer}.{suffix}"
                 updates[name] = stacked.numpy() - instruction.parameters[name]
-        results = {}
-        for i, name in enumerate(chunk.names):
-            size = self._size[name]
-            results[name] = FitResult(
+        sizes = [self._size[name] for name in chunk.names]
+        keys = list(updates)
+        rows = zip(*(list(stacked) for stacked in updates.values()), strict=True)  # row views
+        results = tuple(
+            FitResult(
                 client=name,
                 round=instruction.round,
-                update={key: value[i] for key, value in updates.items()},
+                update=dict(zip(keys, row, strict=True)),
                 weight=float(size),
                 num_examples=size,
-                metrics={"train_loss": losses[i]},
+                metrics={"train_loss": loss},
             )
-        return results
+            for name, size, loss, row in zip(chunk.names, sizes, losses, rows, strict=True)
+        )
+        return StackedUpdates(results, updates, np.asarray(sizes, dtype=np.float64))
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from veil.federation.messages import (
     ProtocolInstruction,
     ProtocolReply,
 )
+from veil.federation.pipeline import StackedUpdates
 from veil.federation.vectorised import VectorisedTrainer
 from veil.transport.simulated import SimulatedFaults, Stragglers
 
@@ -59,24 +60,46 @@ class LocalTransport:
     def fit(
         self, clients: Sequence[str], instruction: FitInstruction
     ) -> Iterator[FitResult | ClientFailure]:
+        yield from self.fit_stacked(clients, instruction)[1]
+
+    def fit_stacked(
+        self, clients: Sequence[str], instruction: FitInstruction
+    ) -> tuple[list[StackedUpdates], Iterator[FitResult | ClientFailure]]:
+        """`fit`, with the clients trained together also handed over as stacks: (the stacks,
+        the replies as `fit` yields them, in `clients` order). A stacked client's reply is its
+        stack's result object itself, so a plain aggregator told of the stacks first
+        (`Accumulator.expect`) can check and sum them at once. The vectorised training runs
+        at this call; the others train as the replies are read."""
         epochs = instruction.plan.epochs
-        runners = [self._runner(name) for name in clients]
+        for name in clients:
+            self._runner(name)  # ValueError for an unknown client, before any training
         reasons = [self.faults.failure(name, instruction.round, epochs=epochs) for name in clients]
-        trained: dict[str, FitResult] = {}
+        stacks: list[StackedUpdates] = []
         if self.vectorised is not None:
             together = [
                 name
                 for name, reason in zip(clients, reasons, strict=True)
                 if reason is None and self.vectorised.eligible(name, instruction)
             ]
-            trained = self.vectorised.fit(together, instruction)
-        for name, runner, reason in zip(clients, runners, reasons, strict=True):
+            stacks = self.vectorised.fit_stacked(together, instruction) if together else []
+        trained = {result.client: result for stack in stacks for result in stack.results}
+        return stacks, self._replies(clients, reasons, trained, instruction)
+
+    def _replies(
+        self,
+        clients: Sequence[str],
+        reasons: list[str | None],
+        trained: Mapping[str, FitResult],
+        instruction: FitInstruction,
+    ) -> Iterator[FitResult | ClientFailure]:
+        """Each client's reply in order: its failure, its batched result, or its own fit."""
+        for name, reason in zip(clients, reasons, strict=True):
             if reason is not None:
                 yield ClientFailure(name, instruction.round, reason)
                 continue
             try:
                 done = trained.get(name)
-                yield runner.fit(self._model, instruction) if done is None else done
+                yield self.runners[name].fit(self._model, instruction) if done is None else done
             except VeilError as exc:
                 _log.warning("client %s refused to train: %s", name, exc)
                 yield ClientFailure(name, instruction.round, f"refused fit: {exc}")
