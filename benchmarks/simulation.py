@@ -34,6 +34,7 @@ The last stdout line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -108,6 +109,7 @@ def veil_rounds(
         seed=seed,
     )
     server.run_round(0, evaluate=False)  # warm-up: first-call costs inside torch
+    gc.collect()  # the set-up's garbage is not a round's cost (as timeit does for its loops)
     times = []
     for rnd in range(1, rounds + 1):
         start = time.perf_counter()
@@ -180,6 +182,7 @@ def numpy_rounds(n_clients: int, rounds: int, vectorised: bool) -> list[float]:
     rng = np.random.default_rng(0)
     round_fn = numpy_floor_round if vectorised else numpy_loop_round
     round_fn(x, y, rng)
+    gc.collect()
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
@@ -248,10 +251,12 @@ def backend_rows(
 
 def compare_round(n: int, rounds: int) -> dict[str, object]:
     """Veil's round (vectorised and per-client) and the two numpy floors for `n` clients,
-    interleaved: each kind's timed rounds are spread over `rounds` passes of all kinds. The row
+    interleaved: each kind's timed rounds are spread over `rounds` passes of all kinds (3 rounds
+    a pass for Veil's vectorised round and the floors, 1 for the per-client loop), each pass
+    after a warm-up round and a `gc.collect()`, so that no pass pays for another's garbage. The row
     keeps Veil's vectorised times under "veil_times" (the caller pops them)."""
     kinds = {
-        "veil": lambda: veil_rounds(n, 1),
+        "veil": lambda: veil_rounds(n, 3),
         "veil_loop": lambda: veil_rounds(n, 1, vectorised=False),
         "numpy_loop": lambda: numpy_rounds(n, 3, vectorised=False),
         "numpy_floor": lambda: numpy_rounds(n, 3, vectorised=True),
