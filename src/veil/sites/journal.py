@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from veil.database import open_database
+
 Entry = Literal["accepted", "refused", "running", "finished", "failed", "cancelled"]
 FINAL_ENTRIES: frozenset[str] = frozenset({"refused", "finished", "failed", "cancelled"})
 
@@ -61,11 +63,7 @@ class Journal:
     """The site's journal in one SQLite file."""
 
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_database(path, _SCHEMA, what="site journal")
 
     def close(self) -> None:
         self._db.close()

@@ -22,7 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from veil.atomic import disk_error, writing
+from veil.atomic import writing
+from veil.database import open_database
 from veil.errors import StoreError
 
 DB_NAME = "veil.db"
@@ -89,21 +90,9 @@ class RunStore:
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise StoreError(f"no run store at '{self.path}'; pass a run folder or a veil.db file")
-        with writing(self.path):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
-            _migrate(self._db)
-        except sqlite3.DatabaseError as exc:
-            self._db.close()
-            named = disk_error(exc, self.path)
-            if named is not None:
-                raise named from None
-            raise StoreError(f"'{self.path}' is not a Veil run store ({exc})") from None
+        self._db = open_database(
+            self.path, _SCHEMA, what="run store", autocommit=False, migrate=_migrate
+        )
 
     @classmethod
     def locate(cls, where: str | Path) -> RunStore:

@@ -29,7 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from veil.atomic import disk_error, writing
+from veil.atomic import writing
+from veil.database import open_database
 from veil.errors import StoreError, UserError
 
 #: Slack for floating-point sums: a request exceeding the limit by less than this is allowed.
@@ -139,23 +140,9 @@ class PrivacyLedger:
                 f"no privacy ledger at '{self.path}'; create one with "
                 f"`veil budget set DATASET --epsilon E --delta D --ledger {self.path}`"
             )
-        with writing(self.path):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: no implicit transactions; every write below opens its own.
-            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk (WAL fsynced) before `COMMIT` returns.
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            self._db.close()
-            named = disk_error(exc, self.path)
-            if named is not None:
-                raise named from None
-            raise StoreError(f"'{self.path}' is not a Veil privacy ledger ({exc})") from None
+        # Autocommit: every write below opens its own transaction; FULL: a commit is on disk
+        # (WAL fsynced) before `COMMIT` returns.
+        self._db = open_database(self.path, _SCHEMA, what="privacy ledger")
 
     def close(self) -> None:
         self._db.close()
