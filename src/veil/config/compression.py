@@ -27,7 +27,10 @@ class CompressionConfig(Section):
 
     @model_validator(mode="after")
     def _fraction_is_for_topk(self) -> CompressionConfig:
-        if self.kind != "topk" and "fraction" in self.model_fields_set:
+        # Compared with the default, not with the keys written: a config dumped with
+        # `RunConfig.to_dict` (every field) must be accepted again.
+        default = type(self).model_fields["fraction"].default
+        if self.kind != "topk" and self.fraction != default:
             raise ValueError("fraction applies to kind = 'topk'; remove it")
         return self
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from veil.config.data import TEXT_DATASETS
 from veil.config.sections import Section
@@ -86,7 +86,7 @@ class TreesConfig(Section):
                 "gradient_boosting bins each feature over its declared bounds: set [data] "
                 "scaling = 'none' (or 'bounds')"
             )
-        if run.secagg is not None and {"clip_range", "max_weight"} & run.secagg.model_fields_set:
+        if run.secagg is not None and _changed(run.secagg, ("clip_range", "max_weight")):
             raise ValueError(
                 "gradient_boosting sets [secagg] clip_range and max_weight itself (from the "
                 "gradient clip and the members' row counts); remove them"
@@ -95,3 +95,11 @@ class TreesConfig(Section):
             raise ValueError("gradient_boosting needs tabular features, not a text data set")
         if run.federation.simulated_dropout:
             raise ValueError("gradient_boosting does not simulate dropouts; remove it")
+
+
+def _changed(section: BaseModel, names: tuple[str, ...]) -> bool:
+    """Whether any of `names` differs from its default in `section` (compared with the default,
+    not with the keys written, so that a config dumped whole by `RunConfig.to_dict` is accepted
+    again)."""
+    fields = type(section).model_fields
+    return any(getattr(section, name) != fields[name].default for name in names)
