@@ -16,7 +16,9 @@ from veil.privacy.he.ckks import (
     add_frames,
     decrypt_frames,
     encrypt_frames,
+    load_public_context,
     new_secret_context,
+    public_context_bytes,
     read_frames,
     write_frames,
 )
@@ -97,3 +99,14 @@ def test_frames_of_other_parameters_or_scales_are_refused() -> None:
             read_frames(CONTEXT, write_frames([bad], packing), packing)
     with pytest.raises(CkksError, match=r"takes .* bytes"):
         read_frames(CONTEXT, write_frames([good, good], Packing(PARAMS, N + 1)), packing)
+
+
+def test_the_servers_context_can_neither_encrypt_nor_decrypt() -> None:
+    server = load_public_context(public_context_bytes(CONTEXT), PARAMS)
+    blob = write_frames(encrypt_frames(CONTEXT, np.ones(10)), Packing(PARAMS, 10))
+    frames = read_frames(server, blob, Packing(PARAMS, 10))  # it can parse and add ...
+    add_frames(server, frames, read_frames(server, blob, Packing(PARAMS, 10)))
+    with pytest.raises(CkksError, match="no secret key"):  # ... but not read
+        decrypt_frames(server, frames, Packing(PARAMS, 10))
+    with pytest.raises(CkksError, match="no secret key"):
+        encrypt_frames(server, np.ones(10))

@@ -265,25 +265,25 @@ def _ciphertext_bytes(params: CkksParams) -> int:
     """The largest size of one serialised frame, measured once per parameter set with a
     throwaway key: random polynomials do not compress, so every frame is about this size."""
     context = new_secret_context(params)
-    values = np.random.default_rng().uniform(-1.0, 1.0, params.values_per_ciphertext)
+    values = np.zeros(params.values_per_ciphertext)  # c0 is uniform whatever the message
     return max(len(encrypt_frames(context, values)[0]) for _ in range(4))
 
 
 class _Seal:
-    """SEAL's objects for one TenSEAL context (its encoder, and with the secret key its
-    encryptor and decryptor)."""
+    """SEAL's encoder, encryptor and decryptor for a TenSEAL context holding the secret key
+    (CkksError for one without: the server's)."""
 
     def __init__(self, context: ts.Context) -> None:
         sealapi = tenseal.sealapi
         self.context = context.seal_context().data
         self.encoder = sealapi.CKKSEncoder(self.context)
-        self.evaluator = sealapi.Evaluator(self.context)
         self.scale = float(context.global_scale)
         self.half = self.encoder.slot_count()
-        if context.has_secret_key():
-            key = context.secret_key().data
-            self.encryptor = sealapi.Encryptor(self.context, key)
-            self.decryptor = sealapi.Decryptor(self.context, key)
+        if not context.has_secret_key():
+            raise CkksError("this context holds no secret key: it can neither encrypt nor decrypt")
+        key = context.secret_key().data
+        self.encryptor = sealapi.Encryptor(self.context, key)
+        self.decryptor = sealapi.Decryptor(self.context, key)
 
     def encrypt(self, values: npt.NDArray[np.float64]) -> bytes:
         """One seeded ciphertext of up to N values: the first N/2 in the real parts of the
@@ -388,8 +388,6 @@ def decrypt_frames(
     context: ts.Context, ciphertexts: list[object], packing: Packing
 ) -> npt.NDArray[np.float64]:
     """The decrypted values of every frame, in order (the context must hold the secret key)."""
-    if not context.has_secret_key():
-        raise CkksError("this context holds no secret key")
     seal = _Seal(context)
     return np.concatenate(
         [seal.decrypt(c, b - a) for c, (a, b) in zip(ciphertexts, packing.frames, strict=True)]
